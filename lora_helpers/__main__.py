@@ -1,0 +1,3 @@
+from lora_helpers.cli import main
+
+raise SystemExit(main())

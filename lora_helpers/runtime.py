@@ -1,0 +1,197 @@
+"""The machine we run on: device, dtype, freeing memory, and a report for people."""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+from pathlib import Path
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "default_device",
+    "default_dtype",
+    "free_memory",
+    "MachineReport",
+    "machine_report",
+    "package_report",
+    "in_colab",
+    "mount_drive",
+    "workspace_dir",
+]
+
+WORKSPACE_ENV = "LORA_HELPERS_WORKSPACE"
+DRIVE_ROOT = Path("/content/drive/MyDrive")
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU (never a hard-coded "cuda")."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """fp16 on CUDA (a T4 has no bf16), fp32 on CPU where fp16 kernels are slow or missing."""
+    device = torch.device(device) if device is not None else default_device()
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def free_memory() -> None:
+    """Collect garbage and return cached GPU memory, after a model is dropped.
+
+    Callers must drop their own references first (``del model``); this only makes
+    the freed memory visible to the next big allocation.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
+
+
+@dataclass
+class MachineReport:
+    """What this machine offers for training SDXL LoRAs."""
+
+    device: str
+    gpu_name: str | None
+    gpu_memory_gb: float | None
+    fp16: bool
+    bf16: bool
+    host_memory_gb: float | None
+    cpu_count: int
+    in_colab: bool
+    torch_version: str
+    preset: str
+    advice: str
+
+    def __str__(self) -> str:
+        gpu = f"{self.gpu_name}, {self.gpu_memory_gb:.1f} GB" if self.gpu_name else "no GPU"
+        host = f"{self.host_memory_gb:.1f} GB" if self.host_memory_gb else "unknown"
+        lines = [
+            f"device:       {self.device} ({gpu})",
+            f"fp16 / bf16:  {'yes' if self.fp16 else 'no'} / {'yes' if self.bf16 else 'no'}",
+            f"host memory:  {host}, {self.cpu_count} CPU cores",
+            f"torch:        {self.torch_version}{'  (Colab)' if self.in_colab else ''}",
+            f"preset:       {self.preset}",
+            f"advice:       {self.advice}",
+        ]
+        return "\n".join(lines)
+
+
+def _host_memory_gb() -> float | None:
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES")
+        size = os.sysconf("SC_PAGE_SIZE")
+        return pages * size / 1e9
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
+def machine_report() -> MachineReport:
+    """Inspect the machine and say which training preset fits it.
+
+    Returns:
+        A :class:`MachineReport`; ``str()`` of it is a short table for people.
+    """
+    in_colab = "COLAB_RELEASE_TAG" in os.environ or "COLAB_GPU" in os.environ
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        mem = props.total_memory / 1e9
+        bf16 = torch.cuda.is_bf16_supported()
+        if mem >= 30:
+            preset, advice = "a100", "plenty of GPU memory: 1024 px, larger batch and rank"
+        elif mem >= 7.5:
+            preset, advice = "t4-8gb", "fp16 with cached latents and text embeddings, 8-bit AdamW, 1024 px in an 8 GB budget"
+        else:
+            preset, advice = "t4-8gb", f"only {mem:.1f} GB: use the 8-bit UNet option and 768 px"
+        return MachineReport(
+            device="cuda", gpu_name=props.name, gpu_memory_gb=mem, fp16=True, bf16=bf16,
+            host_memory_gb=_host_memory_gb(), cpu_count=os.cpu_count() or 1, in_colab=in_colab,
+            torch_version=torch.__version__, preset=preset, advice=advice,
+        )
+    return MachineReport(
+        device="cpu", gpu_name=None, gpu_memory_gb=None, fp16=False, bf16=False,
+        host_memory_gb=_host_memory_gb(), cpu_count=os.cpu_count() or 1, in_colab=in_colab,
+        torch_version=torch.__version__, preset="cpu-smoke",
+        advice="no GPU: only the tiny smoke models are practical here (in Colab: Runtime > Change runtime type > T4 GPU)"
+        + f" [{platform.processor() or platform.machine()}]",
+    )
+
+
+# What each stage needs; `import name` -> pip package to install when it is missing.
+_PACKAGES = {
+    "torch": "torch", "diffusers": "diffusers", "transformers": "transformers", "peft": "peft",
+    "accelerate": "accelerate", "safetensors": "safetensors", "PIL": "pillow", "cv2": "opencv-python-headless<5",
+    "dlib": "dlib-bin", "face_recognition_models": "face-recognition-models", "ipywidgets": "ipywidgets",
+    "matplotlib": "matplotlib", "bitsandbytes": "bitsandbytes",
+}
+
+
+def package_report() -> list[tuple[str, str | None, str]]:
+    """Versions of the packages the stages use.
+
+    Returns:
+        Rows of (import name, version or None when missing, pip name to install it).
+        ``bitsandbytes`` is only needed for 8-bit AdamW on CUDA.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    rows = []
+    for module, pip_name in _PACKAGES.items():
+        spec = importlib.util.find_spec(module)
+        version = None
+        if spec is not None:
+            dist = pip_name.split("<")[0].split("=")[0]
+            for candidate in (dist, module):
+                try:
+                    version = importlib.metadata.version(candidate)
+                    break
+                except importlib.metadata.PackageNotFoundError:
+                    continue
+            version = version or "installed"
+        rows.append((module, version, pip_name))
+    return rows
+
+
+def in_colab() -> bool:
+    """True inside Google Colab."""
+    return "COLAB_RELEASE_TAG" in os.environ or "COLAB_GPU" in os.environ
+
+
+def mount_drive() -> Path:
+    """Mount Google Drive in Colab so dataset/ and run/ survive a disconnect.
+
+    Returns:
+        The workspace folder on Drive.
+
+    Raises:
+        RuntimeError: outside Colab.
+    """
+    if not in_colab():
+        raise RuntimeError("Google Drive can only be mounted inside Colab; outputs stay in the local workspace")
+    from google.colab import drive  # type: ignore
+
+    drive.mount(str(DRIVE_ROOT.parent))
+    return workspace_dir()
+
+
+def workspace_dir() -> Path:
+    """The folder where every stage keeps its folders (dataset/, run/, generated/).
+
+    ``LORA_HELPERS_WORKSPACE`` wins; in Colab with Drive mounted it is
+    ``MyDrive/lora_helpers`` (nothing lost on a disconnect); in a checkout of this
+    repository it is ``outputs/`` at the repository root (also from ``notebooks/``);
+    elsewhere ``./outputs``.
+    """
+    if os.environ.get(WORKSPACE_ENV):
+        path = Path(os.environ[WORKSPACE_ENV])
+    elif DRIVE_ROOT.is_dir():
+        path = DRIVE_ROOT / "lora_helpers"
+    else:
+        cwd = Path.cwd()
+        root = cwd.parent if cwd.name == "notebooks" and (cwd.parent / "lora_helpers").is_dir() else cwd
+        path = root / "outputs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,42 @@
+"""Shared fixtures: offline hub, tiny models built once per machine, real sample photos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Without these a hub id waits ~200 s before failing; tests must never reach the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO / "sample_data"
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> Path:
+    """Folder with sdxl/, blip/, clip/ tiny models (built on first use, cached by version)."""
+    from lora_helpers.config import tiny_models_dir
+
+    return tiny_models_dir()
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    return SAMPLE_DATA
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """A second Accelerator with other settings raises; start each test clean."""
+    yield
+    try:
+        from accelerate.state import AcceleratorState, PartialState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._reset_state()
+    except Exception:
+        pass
