@@ -1,0 +1,236 @@
+"""Training on the tiny SDXL (CPU, fp32): it learns, saves, reloads, resumes exactly, and fails well."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import image_diff, make_dataset, max_diff
+
+from lora_helpers.train import TrainConfig, TrainingDivergedError, train
+
+
+def _config(tiny_models, **overrides) -> TrainConfig:
+    base = dict(model=str(tiny_models / "sdxl"), checkpointing_steps=1000, validation_steps=0,
+                validation_prompts=(), progress=False)
+    return TrainConfig.from_preset("cpu-smoke", **{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("dataset"))
+
+
+@pytest.fixture(scope="module")
+def learned(dataset, tiny_models, tmp_path_factory):
+    """An over-fitting run (fixed noise and timesteps) with the in-memory validation images captured."""
+    captured = {}
+
+    def hook(step, images, run_dir):
+        captured[step] = images
+        return {"n_images": len(images)}
+
+    cfg = _config(tiny_models, max_train_steps=48, learning_rate=1e-2, lr_scheduler="constant", fixed_noise=True,
+                  validation_prompts=("a photo of {subject}",), validation_seeds=(3,), snr_gamma=None)
+    run_dir = tmp_path_factory.mktemp("learned")
+    result = train(dataset, run_dir, config=cfg, validation_hook=hook)
+    return result, captured, cfg
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_lora_learns_the_training_images(learned):
+    result, _, cfg = learned
+    rows = _rows(result.run_dir)
+    assert len(rows) == cfg.max_train_steps and all(r["loss"] is not None for r in rows)
+    # With fixed noise and timesteps, each epoch (every image once, batch 1) evaluates the same
+    # loss function at newer weights: its mean must fall.
+    epochs: dict[int, list[float]] = {}
+    for r in rows:
+        epochs.setdefault(r["epoch"], []).append(r["loss"])
+    assert all(len(v) == 6 for v in epochs.values()) and len(epochs) == 8
+    means = [sum(v) / len(v) for _, v in sorted(epochs.items())]
+    assert means[-1] < 0.85 * means[0], f"loss did not fall: epoch means {means}"
+    assert sum(b < a for a, b in zip(means, means[1:])) >= 5, f"loss is not falling steadily: {means}"
+
+
+def test_run_folder_contract(learned, dataset):
+    result, captured, _ = learned
+    run_dir = result.run_dir
+    config = json.loads(result.config_path.read_text())
+    assert config["trigger"] == "TOK person" and config["resolution"] == 64 and config["lora_rank"] == 4
+    assert config["base_model"].endswith("sdxl") and config["status"] == "finished"
+    assert len(config["dataset"]["images"]) == 6 and all(len(i["sha256"]) == 64 for i in config["dataset"]["images"])
+    assert config["versions"]["diffusers"] and config["config"]["fixed_noise"] is True
+    # the final step is checkpointed with a loadable diffusers file
+    assert (run_dir / "checkpoints" / "checkpoint-48" / "pytorch_lora_weights.safetensors").is_file()
+    card = (run_dir / "README.md").read_text()
+    assert "TOK person" in card and "samples/step-000048.png" in card
+    assert (run_dir / "samples" / "step-000048.png").is_file() and (run_dir / "training_curves.png").is_file()
+    # the hook saw the in-memory images and its values went into log.jsonl
+    assert list(captured) == [48]
+    assert _rows(run_dir)[-1]["n_images"] == 1
+    # offline, the Hub upload is skipped with a message
+    from lora_helpers.runs import push_to_hub
+
+    assert push_to_hub(run_dir, "someone/tok-person-lora") is None
+    # both aspect buckets were trained
+    cache = json.loads((run_dir / "cache" / "cache.json").read_text())
+    assert sorted({tuple(s) for s in cache["sizes"]}) == [(56, 72), (64, 64)]
+
+
+def test_saved_lora_reloads_and_reproduces_the_in_memory_output(learned, tiny_models):
+    from diffusers import StableDiffusionXLPipeline
+
+    result, captured, cfg = learned
+    in_memory = captured[48][0]
+    kwargs = dict(prompt="a photo of TOK person", num_inference_steps=cfg.validation_inference_steps,
+                  guidance_scale=cfg.validation_guidance_scale, height=64, width=64)
+
+    def render(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(**kwargs, generator=torch.Generator().manual_seed(3)).images[0]
+
+    base = render(StableDiffusionXLPipeline.from_pretrained(tiny_models / "sdxl"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models / "sdxl")
+    pipe.load_lora_weights(result.run_dir)
+    reloaded = render(pipe)
+    kohya_pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models / "sdxl")
+    kohya_pipe.load_lora_weights(str(result.kohya_path))
+    kohya = render(kohya_pipe)
+    assert image_diff(base, in_memory) > 2, "the LoRA should change the picture"
+    assert max_diff(reloaded, in_memory) <= 1, "the saved LoRA must reproduce the in-memory one"
+    assert max_diff(kohya, reloaded) <= 1, "the kohya file must give the same picture"
+
+
+def test_resume_repeats_an_uninterrupted_run(dataset, tiny_models, tmp_path):
+    # batch 2 over two buckets, accumulation, cosine schedule with warm-up, noise offset, min-SNR
+    cfg = _config(tiny_models, max_train_steps=6, checkpointing_steps=3, train_batch_size=2,
+                  gradient_accumulation_steps=2, lr_scheduler="cosine", lr_warmup_steps=2, noise_offset=0.05,
+                  validation_steps=3, validation_prompts=("a photo of {subject}",))
+    straight = train(dataset, tmp_path / "straight", config=cfg)
+
+    def disconnect(step, images, run_dir):
+        if step == 3:
+            raise KeyboardInterrupt  # a Colab disconnect right after checkpoint-3
+        return None
+
+    with pytest.raises(KeyboardInterrupt):
+        train(dataset, tmp_path / "resumed", config=cfg, validation_hook=disconnect)
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-3").is_dir()
+    with pytest.raises(FileExistsError, match="resume"):
+        train(dataset, tmp_path / "resumed", config=cfg)  # never overwrite a run by accident
+    resumed = train(dataset, tmp_path / "resumed", config=cfg, resume="latest")
+
+    a, b = load_file(straight.lora_path), load_file(resumed.lora_path)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    rows_a, rows_b = _rows(straight.run_dir), _rows(resumed.run_dir)
+    assert [r["step"] for r in rows_b] == list(range(1, 7))
+    assert [r["loss"] for r in rows_a] == pytest.approx([r["loss"] for r in rows_b], rel=1e-5)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora.up" in k)  # training moved the weights
+
+
+def test_nonfinite_loss_is_skipped_counted_and_stops_the_run_when_repeated(dataset, tiny_models, tmp_path,
+                                                                           monkeypatch):
+    from lora_helpers import train_loop
+
+    real = train_loop._diffusion_loss
+    calls = {"n": 0}
+
+    def nan_at_steps_2_3_and_from_6(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in (2, 3) or calls["n"] >= 6 else loss
+
+    monkeypatch.setattr(train_loop, "_diffusion_loss", nan_at_steps_2_3_and_from_6)
+    cfg = _config(tiny_models, max_train_steps=20, checkpointing_steps=4, max_nonfinite_in_a_row=3)
+    with pytest.raises(TrainingDivergedError, match="learning rate") as info:
+        train(dataset, tmp_path / "run", config=cfg)
+    assert "fp16-fix VAE" in str(info.value) and "checkpoint-4" in str(info.value)
+    rows = _rows(tmp_path / "run")
+    assert [r["skipped"] for r in rows] == [False, True, True, False, False, True, True, True]
+    assert rows[1]["loss"] is None and rows[-1]["nonfinite_total"] == 5
+    # the steps in between trained normally, and what was saved is finite
+    saved = load_file(tmp_path / "run" / "checkpoints" / "checkpoint-4" / "pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_out_of_memory_is_reported_with_advice(dataset, tiny_models, tmp_path, monkeypatch):
+    from lora_helpers import train_loop
+    from lora_helpers.train import TrainingOutOfMemoryError
+
+    def oom(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(train_loop._Run, "prepare_data", oom)
+    with pytest.raises(TrainingOutOfMemoryError, match="resolution") as info:
+        train(dataset, tmp_path / "run", config=_config(tiny_models))
+    assert "lora_rank" in str(info.value) and "unet_8bit" in str(info.value)
+
+
+def test_buckets_keep_prepared_sizes_and_batches_never_mix_them():
+    from lora_helpers.latents import batch_plan, bucket_size
+
+    assert bucket_size(832, 1216, 1024) == (832, 1216)  # an SDXL bucket from the prepare stage stays
+    w, h = bucket_size(3000, 4000, 1024)  # a phone photo goes to a 3:4 bucket of about 1024^2 px
+    assert w % 64 == 0 and h % 64 == 0 and abs(w * h / 1024**2 - 1) < 0.1 and abs(w / h - 0.75) < 0.05
+    sizes = [(64, 64)] * 5 + [(56, 72)] * 3
+    plan = batch_plan(sizes, 2, seed=0, epoch=0)
+    assert sorted(i for b in plan for i in b) == list(range(8))  # every image once per epoch
+    assert all(len({sizes[i] for i in b}) == 1 for b in plan)  # one size per batch
+    assert plan == batch_plan(sizes, 2, seed=0, epoch=0)  # a function of (seed, epoch) alone
+    assert plan != batch_plan(sizes, 2, seed=0, epoch=1)
+
+
+def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
+    from lora_helpers.latents import read_training_images
+
+    folder = make_dataset(tmp_path / "dataset")
+    (folder / "images" / "astronaut_01.png").write_bytes(b"not a png")
+    (folder / "masks" / "astronaut_02.png").write_bytes(b"\x89PNG broken")
+    with pytest.warns(UserWarning) as caught:
+        images = read_training_images(folder)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "images/astronaut_01.png" in messages and "skipped" in messages
+    assert "without its face mask" in messages
+    assert len(images) == 5 and all(im.file_name != "images/astronaut_01.png" for im in images)
+    assert next(im for im in images if im.file_name == "images/astronaut_02.png").mask_path is None
+    assert images[0].original_size == (200, 200) and images[0].crop_top_left == (20, 120)
+
+
+def test_over_budget_plan_is_refused_before_loading(dataset, tiny_models, tmp_path):
+    from lora_helpers.memory import MemoryBudgetError
+
+    with pytest.raises(MemoryBudgetError, match="GB"):
+        train(dataset, tmp_path / "run", config=_config(tiny_models, memory_budget_gb=0.001))
+    assert not (tmp_path / "run" / "cache").exists()
+
+
+def test_cli_trains_with_prior_preservation(dataset, tiny_models, tmp_path, capsys):
+    from lora_helpers.cli import main
+
+    run = tmp_path / "run"
+    code = main(["train", str(dataset), str(run), "--model", str(tiny_models / "sdxl"), "--preset", "cpu-smoke",
+                 "--steps", "3", "--rank", "2", "--validate-every", "0", "--checkpoint-every", "1",
+                 "--keep-checkpoints", "1", "--output-name", "astronaut", "--prior-preservation",
+                 "--num-class-images", "2", "--prior-weight", "0.5"])
+    assert code == 0, capsys.readouterr().err
+    assert "done: 3 steps" in capsys.readouterr().out
+    assert (run / "astronaut_kohya.safetensors").is_file()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-3"]  # only the last one kept
+    config = json.loads((run / "config.json").read_text())
+    assert config["lora_rank"] == 2 and config["config"]["class_prompt"] == "a photo of a person"
+    # class images generated with the base model, and a prior loss term in every step
+    assert len(list((run / "class_images").glob("*.png"))) == 2
+    rows = _rows(run)
+    assert all(r["prior_loss"] > 0 and r["instance_loss"] > 0 for r in rows)
+    assert rows[0]["loss"] == pytest.approx(rows[0]["instance_loss"] + 0.5 * rows[0]["prior_loss"], rel=1e-5)
+    assert main(["train", str(dataset), str(run), "--model", str(tiny_models / "sdxl"), "--plan-only",
+                 "--preset", "t4-8gb", "--budget-gb", "0.0001"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
