@@ -1,0 +1,192 @@
+"""Evaluation: identity likeness on real photos, CLIP scores, checkpoint choice, CLI, hook."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+from lora_helpers import evaluate as ev
+from lora_helpers.images import load_image
+
+
+@pytest.fixture(scope="module")
+def person(sample_data):
+    return sorted((sample_data / "person").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def refs(person):
+    # The first four photos are the references; the others are held out as "generated".
+    return ev.reference_embeddings(person[:4], progress=False)
+
+
+def _derived(path) -> list[Image.Image]:
+    """Crops, rotations, a mirror, a small and a grey copy of one astronaut photo."""
+    im = load_image(path)
+    w, h = im.size
+    return [
+        im.rotate(12, resample=Image.BICUBIC, expand=True, fillcolor=(128, 128, 128)),
+        im.crop((w // 8, 0, w - w // 8, int(h * 0.7))),
+        ImageOps.mirror(im),
+        im.resize((w // 3, h // 3), Image.LANCZOS),
+        ImageOps.grayscale(im).convert("RGB"),
+    ]
+
+
+def test_astronaut_scores_high_and_above_grace_hopper(refs, person, sample_data):
+    assert len(refs.names) == 4 and len(refs.leave_one_out) == 4
+    assert refs.upper_bound > refs.threshold
+    same = list(person[4:]) + _derived(person[0])
+    others = sorted((sample_data / "other_person").glob("*.jpg"))
+    same_scores = ev.identity_scores(same, refs, progress=False)
+    other_scores = ev.identity_scores(others, refs, progress=False)
+    assert all(s.face_found for s in same_scores + other_scores)
+    assert all(s.passed for s in same_scores), [round(s.similarity, 3) for s in same_scores]
+    assert not any(s.passed for s in other_scores)
+    # A clear margin, not a coin flip at the threshold.
+    assert min(s.similarity for s in same_scores) - max(s.similarity for s in other_scores) > 0.05
+
+
+def test_no_face_counts_as_zero(refs, person, sample_data):
+    scores = ev.identity_scores([person[5], sample_data / "problems" / "no_face.jpg",
+                                 sample_data / "problems" / "not_an_image.jpg"], refs, progress=False)
+    assert scores[0].passed and scores[0].face_found
+    assert scores[1].similarity == 0.0 and not scores[1].face_found and not scores[1].passed
+    assert scores[2].similarity == 0.0 and scores[2].error  # unreadable: scored 0, named, batch goes on
+    stats = ev.identity_summary(scores)
+    assert stats["faces_found"] == pytest.approx(1 / 3)
+    assert stats["identity_pass_rate"] == pytest.approx(1 / 3)
+    assert stats["identity_mean"] == pytest.approx(scores[0].similarity / 3)
+
+
+def test_remove_identifier():
+    assert ev.remove_identifier("a photo of TOK person, smiling", "TOK") == "a photo of person, smiling"
+    assert ev.remove_identifier("TOK, on the beach", "TOK") == "on the beach"
+    assert ev.remove_identifier("a TOKEN of TOK person", "TOK") == "a TOKEN of person"
+
+
+def test_clip_t_runs_with_tiny_clip_and_removes_identifier(tiny_models, person):
+    clip = ev.load_clip(tiny_models / "clip")
+    images = [load_image(person[0]), load_image(person[1])]
+    prompts = ["a photo of TOK person on the beach", "TOK person in the snow"]
+    removed = ev.clip_scores(images, prompts, clip_model=clip, subject_phrase_to_remove="TOK")
+    cleaned = ev.clip_scores(images, ["a photo of person on the beach", "person in the snow"], clip_model=clip)
+    kept = ev.clip_scores(images, prompts, clip_model=clip)
+    assert all(math.isfinite(v) and -1 <= v <= 1 for v in removed)
+    assert removed == pytest.approx(cleaned, abs=1e-5)
+    assert not np.allclose(removed, kept, atol=1e-5), "the identifier must change what CLIP sees"
+    # CLIP-I of a reference against itself is the highest possible; diversity of copies is 0.
+    ci = ev.clip_image_scores(images[:1], images[:1], clip_model=clip)
+    assert ci[0] == pytest.approx(1.0, abs=1e-4)
+    emb = clip.image_embeddings([images[0], images[0], images[1]])
+    assert ev.diversity(emb[:2]) == pytest.approx(0.0, abs=1e-5)
+    assert ev.diversity(emb) > 0
+
+
+def _rows(ckpt, step, scale, identity, clip_t, n=3, no_face=0):
+    rows = []
+    for seed in range(n):
+        found = seed >= no_face
+        rows.append({"checkpoint": ckpt, "step": step, "scale": scale, "seed": seed, "face_found": found,
+                     "identity": identity if found else 0.0, "identity_pass": found and identity >= 0.91,
+                     "clip_t": clip_t, "clip_i": 0.8})
+    return rows
+
+
+def test_best_checkpoint_picks_best_combined_score():
+    rows = (_rows("base", 0, 0.0, 0.80, 0.30)
+            + _rows("checkpoint-100", 100, 1.0, 0.90, 0.29)
+            + _rows("checkpoint-200", 200, 0.5, 0.95, 0.28)
+            + _rows("checkpoint-200", 200, 1.0, 0.97, 0.20)  # likeness at the cost of the prompt: overfit
+            + _rows("checkpoint-300", 300, 1.0, 0.99, 0.29, no_face=2))  # faces missing count as 0
+    choice = ev.best_checkpoint(rows)
+    assert (choice.checkpoint, choice.scale) == ("checkpoint-200", 0.5)
+    assert "dropped below" in choice.reason and "0.950" in choice.reason
+    # Without the prompt floor, identity alone picks the overfitted one; prompt alone the earliest.
+    only_identity = ev.best_checkpoint(rows, identity_weight=1.0, min_adherence_vs_base=None)
+    assert (only_identity.checkpoint, only_identity.scale) == ("checkpoint-200", 1.0)
+    only_prompt = ev.best_checkpoint(rows, identity_weight=0.0)
+    assert (only_prompt.checkpoint, only_prompt.scale) == ("checkpoint-100", 1.0)
+    with pytest.raises(ValueError, match="base model"):
+        ev.best_checkpoint(_rows("base", 0, 0.0, 0.8, 0.3))
+
+
+def test_cli_scores_plain_folder(tmp_path, tiny_models, person, sample_data, capsys):
+    from lora_helpers.cli import main
+
+    refs_dir, images = tmp_path / "refs", tmp_path / "made_elsewhere"
+    refs_dir.mkdir(), images.mkdir()
+    for p in person[:3]:
+        load_image(p).resize((384, 384)).save(refs_dir / f"{p.stem}.jpg")
+    meta = PngInfo()
+    meta.add_text("prompt", "a photo of TOK person on the beach")
+    load_image(person[6]).save(images / "a.png", pnginfo=meta)
+    load_image(sample_data / "problems" / "no_face.jpg").save(images / "b.png")
+    rc = main(["evaluate", str(images), "--references", str(refs_dir), "--clip-model", str(tiny_models / "clip")])
+    assert rc == 0
+    with open(images / "evaluation" / "scores.csv", newline="") as f:
+        rows = {r["image"]: r for r in csv.DictReader(f)}
+    assert rows["a.png"]["face_found"] == "True" and float(rows["a.png"]["identity"]) > 0.91
+    assert rows["b.png"]["face_found"] == "False" and float(rows["b.png"]["identity"]) == 0.0
+    assert rows["a.png"]["clip_t"] and not rows["b.png"]["clip_t"]  # CLIP-T only where a prompt is known
+    assert rows["b.png"]["clip_i"]
+    assert "leave-one-out" in capsys.readouterr().out
+    assert ev.read_scores_csv(images / "evaluation" / "scores.csv")[0]["identity"] > 0.91
+
+
+def test_validation_hook_returns_identity_keys(tmp_path, refs, person, sample_data):
+    hook = ev.identity_validation_hook(refs)
+    images = [load_image(person[4]), load_image(sample_data / "problems" / "no_face.jpg")]
+    stats = hook(20, images, tmp_path)
+    assert set(stats) >= {"identity_mean", "identity_pass_rate", "faces_found"}
+    assert stats["faces_found"] == 0.5 and stats["identity_pass_rate"] == 0.5
+    assert 0.91 / 2 < stats["identity_mean"] < 0.5
+    assert (tmp_path / "identity-000020.json").exists()
+
+
+def test_evaluate_run_generates_scores_plots_and_resumes(tmp_path, tiny_models, refs, monkeypatch):
+    from lora_helpers import generate
+    from lora_helpers.cli import main
+
+    run = generate.make_random_lora(tmp_path / "run", tiny_models / "sdxl", checkpoint_steps=(1, 2))
+    config = ev.EvaluateConfig(categories=("portrait",), prompts_per_category=1, seeds=(0, 1),
+                               scales=(0.0, 1.0), clip_model=str(tiny_models / "clip"), resolution=64,
+                               num_inference_steps=2)
+    result = ev.evaluate_run(run, references=refs, config=config, progress=False)
+    # checkpoint-2 holds the final weights: scored once, as "final".
+    assert {(s["checkpoint"], s["scale"]) for s in result.summary} == {("base", 0.0), ("checkpoint-1", 1.0), ("final", 1.0)}
+    assert len(result.rows) == 3 * 1 * 2
+    for r in result.rows:
+        assert (result.out_dir / r["image"]).is_file()
+        assert "TOK" not in ev.remove_identifier(r["prompt"], "TOK") and "TOK person" in r["prompt"]
+        assert r["face_found"] is False and r["identity"] == 0.0  # random weights draw no face: counted as 0
+        assert -1 <= r["clip_t"] <= 1 and r["diversity"] is not None
+    assert result.choice is not None and result.choice.checkpoint in ("checkpoint-1", "final")
+    for name in ("scores", "summary", "plot", "report"):
+        assert result.files[name].is_file() and result.files[name].stat().st_size > 0
+    assert ev.read_scores_csv(result.files["scores"]) [0]["checkpoint"] == "base"
+
+    # The same images scored as a plain folder keep their checkpoint and scale (PNG text).
+    folder_rows = ev.evaluate_images(result.out_dir / "images" / "checkpoint-1" / "scale-1", references=refs,
+                                     config=config, progress=False)
+    assert {(r["checkpoint"], r["scale"]) for r in folder_rows} == {("checkpoint-1", 1.0)}
+
+    # A second run (here through the CLI) reuses every image instead of generating again.
+    def no_generation(*a, **k):
+        raise AssertionError("images on disk must be reused")
+
+    monkeypatch.setattr(generate, "generate_images", no_generation)
+    refs_dir = tmp_path / "refs"
+    refs_dir.mkdir()
+    for name in refs.names[:2]:
+        load_image(next(p for p in refs.images if p.name == name)).resize((320, 400)).save(refs_dir / name)
+    args = ["evaluate", str(run), "--scales", "0", "1", "--seeds", "0", "1", "--categories", "portrait",
+            "--prompts-per-category", "1", "--clip-model", str(tiny_models / "clip"), "--resolution", "64", "--steps", "2"]
+    assert main(args + ["--references", str(refs_dir)]) == 0
+    assert ev.read_scores_csv(run / "evaluation" / "scores.csv") != []
+    assert main(args + ["--references", str(tmp_path / "missing")]) == 1  # a message, not a traceback
