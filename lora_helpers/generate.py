@@ -93,12 +93,12 @@ class GenerateConfig:
 def resolve_size(size: int | None = None, *, smoke: bool | None = None) -> int:
     """Pixel size to generate at: ``size``, or the default; in smoke mode always the tiny model's size."""
     smoke = smoke_mode() if smoke is None else smoke
+    # A bad size is reported in smoke mode too, so a notebook fails in CI as it would in Colab.
+    if size is not None and (int(size) < 64 or int(size) % 8):
+        raise ValueError(f"size must be a multiple of 8 and at least 64 (SDXL: 512 or 1024), got {size}")
     if size is None or smoke:
         return default_resolution(smoke)
-    size = int(size)
-    if size < 64 or size % 8:
-        raise ValueError(f"size must be a multiple of 8 and at least 64 (SDXL: 512 or 1024), got {size}")
-    return size
+    return int(size)
 
 
 def resolve_steps(steps: int | None = None, *, smoke: bool | None = None) -> int:

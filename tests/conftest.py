@@ -10,6 +10,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny models are overhead-bound: one thread is as fast on a quiet machine and many
+# times faster on a busy one (OpenMP threads spin-wait for each other). Notebook kernels
+# started by nbval inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
