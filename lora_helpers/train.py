@@ -190,6 +190,15 @@ class TrainConfig:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        differing = {k: v for k, v in PRESETS[self.preset].items() if v != defaults[k]}
+        if differing and all(getattr(self, k) == defaults[k] for k in differing):
+            # TrainConfig(preset="cpu-smoke") alone only names the preset; silently training
+            # at 1024 px on a CPU would take hours.
+            raise ValueError(f"TrainConfig(preset={self.preset!r}) does not apply the preset's values; "
+                             f"use TrainConfig.from_preset({self.preset!r}, ...)")
         for key in ("target_modules", "validation_prompts", "validation_seeds"):
             setattr(self, key, tuple(getattr(self, key)))
         if self.mixed_precision not in ("fp16", "bf16", "no", "auto"):

@@ -234,3 +234,13 @@ def test_cli_trains_with_prior_preservation(dataset, tiny_models, tmp_path, caps
     assert main(["train", str(dataset), str(run), "--model", str(tiny_models / "sdxl"), "--plan-only",
                  "--preset", "t4-8gb", "--budget-gb", "0.0001"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_naming_a_preset_without_applying_it_is_refused():
+    from lora_helpers.train import TrainConfig
+
+    with pytest.raises(ValueError, match="from_preset"):
+        TrainConfig(preset="cpu-smoke")
+    smoke = TrainConfig.from_preset("cpu-smoke", max_train_steps=7)
+    assert smoke.resolution == 64 and smoke.max_train_steps == 7
+    assert TrainConfig().resolution == 1024
