@@ -124,8 +124,21 @@ def fill_subject(prompt: str, subject: str | None) -> str:
     return prompt.replace("{subject}", subject)
 
 
+class _PngResult:
+    """Shared by results that hold ``image`` and ``metadata()``: PNG saving and notebook display."""
+
+    def save(self, path: str | Path) -> Path:
+        """Write a PNG with the parameters as text metadata (atomic)."""
+        return save_png_with_metadata(path, self.image, self.metadata())
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
 @dataclass
-class GeneratedImage:
+class GeneratedImage(_PngResult):
     """One generated picture with everything needed to make it again.
 
     Attributes:
@@ -160,14 +173,6 @@ class GeneratedImage:
                  f"Size: {p['width']}x{p['height']}, Model: {p['base_model']}{lora}")
         return {**p, "parameters": a1111}
 
-    def save(self, path: str | Path) -> Path:
-        """Write a PNG with the parameters as text (atomic)."""
-        return save_png_with_metadata(path, self.image, self.metadata())
-
-    def _repr_png_(self) -> bytes:
-        buffer = io.BytesIO()
-        self.image.save(buffer, format="PNG")
-        return buffer.getvalue()
 
 
 def _scheduler_for(pipe, name: str | None):
@@ -366,7 +371,7 @@ def save_images(items: Sequence[GeneratedImage | None], out_dir: str | Path, *, 
 
 
 @dataclass
-class GridResult:
+class GridResult(_PngResult):
     """A labelled grid and the images in it (row-major; None for a cell that failed).
 
     Shows inline as the last expression of a notebook cell; ``save(path)`` writes a PNG
@@ -399,14 +404,6 @@ class GridResult:
                 "images": [it.params if it is not None else None for it in self.items],
                 "software": f"lora_helpers {__version__}"}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the grid PNG with all parameters as text (atomic)."""
-        return save_png_with_metadata(path, self.image, self.metadata())
-
-    def _repr_png_(self) -> bytes:
-        buffer = io.BytesIO()
-        self.image.save(buffer, format="PNG")
-        return buffer.getvalue()
 
 
 def _grid(kind: str, items: list[GeneratedImage | None], row_labels: list[str], col_labels: list[str],

@@ -34,7 +34,6 @@ __all__ = [
     "TrainImage",
     "TrainCache",
     "read_training_images",
-    "read_caption_config",
     "bucket_size",
     "batch_plan",
     "load_component",
@@ -79,16 +78,6 @@ def _captions(dataset_dir: Path) -> dict[str, str]:
     from lora_helpers.caption import load_captions
 
     return load_captions(dataset_dir)
-
-
-def read_caption_config(dataset_dir: str | os.PathLike) -> dict:
-    """The caption stage's ``caption_config.json`` (trigger, class noun), or {} when absent."""
-    path = Path(dataset_dir) / "caption_config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        warnings.warn(f"{path}: not valid JSON; ignored (the trigger comes from the training config)")
-        return {}
 
 
 def _unreadable(path: Path) -> str | None:

@@ -337,7 +337,7 @@ def _make_accelerator(mixed_precision: str, cpu: bool):
 
 
 def _trigger(config: TrainConfig, dataset_dir: Path) -> tuple[str, str | None]:
-    from lora_helpers.latents import read_caption_config
+    from lora_helpers.caption import read_caption_config
 
     caption_cfg = read_caption_config(dataset_dir)
     trigger = config.trigger or caption_cfg.get("trigger") or caption_cfg.get("subject") or "TOK person"

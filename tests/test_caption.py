@@ -6,7 +6,6 @@ import argparse
 import json
 import random
 
-import numpy as np
 import pytest
 from PIL import Image
 
