@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_helpers import fileio
+from lora_helpers.align import AlignSpec
 from lora_helpers.images import IMAGE_SUFFIXES, ImageLoadError, list_images
 from lora_helpers.lazy_photo import open_photo
 
@@ -102,10 +103,11 @@ class PrepareConfig:
 
     resolution: int = 1024
     square_only: bool = False
-    eye_y: float = 0.4
-    face_fraction: float = 0.35
-    max_upscale: float = 2.0
-    max_zoom: float = 1.6
+    # Alignment defaults live in AlignSpec, so both stay the same.
+    eye_y: float = AlignSpec.eye_y
+    face_fraction: float = AlignSpec.face_fraction
+    max_upscale: float = AlignSpec.max_upscale
+    max_zoom: float = AlignSpec.max_zoom
     padding: str = "blur"
     ideal_short_side: int = 1024
     min_short_side: int = 512
@@ -314,9 +316,7 @@ def _thumbnail(image, side: int = 256, *, reduce_by: int | None = None):
 
 
 def _align_spec(config: PrepareConfig):
-    from lora_helpers.align import AlignSpec
-
-    return AlignSpec(eye_x=0.5, eye_y=config.eye_y, face_fraction=config.face_fraction,
+    return AlignSpec( eye_y=config.eye_y, face_fraction=config.face_fraction,
                      max_upscale=config.max_upscale, max_zoom=config.max_zoom)
 
 
