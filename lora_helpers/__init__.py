@@ -4,6 +4,12 @@ Stages (each a module, a notebook and a CLI subcommand):
 prepare -> caption -> train -> generate/inspect -> evaluate.
 """
 
-__version__ = "0.1.0"
+from importlib import metadata as _metadata
+
+try:
+    # One source of truth: the version pyproject.toml gave the installed distribution.
+    __version__ = _metadata.version("lora_helpers")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 __all__ = ["__version__"]

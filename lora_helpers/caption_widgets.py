@@ -109,4 +109,6 @@ def caption_editor(dataset_dir: str | Path, *, identifier: str | None = None, to
             button.click()
 
     save_all.on_click(on_save_all)
-    return w.VBox([save_all, *boxes])
+    header = w.HTML("<b>Edit, press Save, then run the next cell.</b> Under <i>Run all</i> the next cell "
+                    "has already checked the captions as they were: run it again after editing.")
+    return w.VBox([header, save_all, *boxes])

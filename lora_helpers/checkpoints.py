@@ -10,7 +10,9 @@ A checkpoint folder ``checkpoints/checkpoint-<step>/`` holds
 * ``training_state.json``: the step, loss and time, for people.
 
 The folder is built under a temporary name and renamed, so a run killed mid-save
-leaves the previous checkpoints intact. Only the newest ``keep`` are kept.
+leaves the previous checkpoints intact. Every checkpoint keeps its LoRA weights (a few
+tens of MB, so later stages can compare the whole run); only the newest ``keep`` keep the
+optimizer and training state needed to resume (hundreds of MB each at full size).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from lora_helpers.fileio import atomic_dir, atomic_path, write_json
 
 __all__ = [
     "CHECKPOINTS_DIR",
+    "LORA_WEIGHTS",
     "checkpoint_dir",
     "list_checkpoints",
     "find_checkpoint",
@@ -40,6 +43,9 @@ __all__ = [
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+# What resuming needs beyond the weights; pruned from older checkpoints.
+_TRAINING_STATE = ("training_state.pt", "optimizer.pt")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -48,15 +54,23 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / f"checkpoint-{step}"
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first (half-written temp folders are ignored)."""
+def list_checkpoints(run_dir: str | os.PathLike, *, resumable: bool = True) -> list[Path]:
+    """Checkpoint folders of a run, oldest first (half-written temp folders are ignored).
+
+    Args:
+        run_dir: the run folder.
+        resumable: only those that still hold the state to resume from (the newest few);
+            False lists every checkpoint that holds LoRA weights.
+    """
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = _NAME.match(p.name)
-        if m and p.is_dir() and (p / "training_state.pt").is_file():
+        if not (m and p.is_dir()):
+            continue
+        if (p / "training_state.pt").is_file() or (not resumable and (p / LORA_WEIGHTS).is_file()):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -76,7 +90,9 @@ def find_checkpoint(run_dir: str | os.PathLike, which: str | os.PathLike) -> Pat
     path = checkpoint_dir(run_dir, int(which)) if str(which).isdigit() else Path(which)
     if not (path / "training_state.pt").is_file():
         have = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (checkpoints in {run_dir}: {have})")
+        why = ("its training state was pruned (only the newest checkpoints keep it; its LoRA weights are kept)"
+               if (path / LORA_WEIGHTS).is_file() else "not a complete checkpoint")
+        raise FileNotFoundError(f"{path}: {why}; checkpoints to resume from in {run_dir}: {have}")
     return path
 
 
@@ -153,10 +169,13 @@ def load_training_state(folder: str | os.PathLike, *, process_index: int = 0) ->
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int | None) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (None or <= 0 keeps all), and half-written ones.
+    """Drop the training state of all but the newest ``keep`` checkpoints (None or <= 0 keeps all).
+
+    The LoRA weights and ``training_state.json`` of every checkpoint stay, so generation and
+    evaluation can compare the whole run; half-written temporary folders are deleted.
 
     Returns:
-        The deleted folders.
+        The checkpoint folders whose training state was removed.
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
     if root.is_dir():  # temporary folders of a save that was killed half-way
@@ -166,6 +185,11 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int | None) -> list[Path
         return []
     found = list_checkpoints(run_dir)
     old = found[: max(0, len(found) - keep)]
-    for p in old:
-        shutil.rmtree(p, ignore_errors=True)
+    for folder in old:
+        # training_state.pt first: it marks a resumable checkpoint, so a prune cut short
+        # never leaves a folder that looks resumable but is not.
+        for name in _TRAINING_STATE:
+            (folder / name).unlink(missing_ok=True)
+        for rng in folder.glob("rng_state_*.pt"):
+            rng.unlink(missing_ok=True)
     return old

@@ -509,15 +509,22 @@ def _evenly(items: list, k: int) -> list:
 def _run_checkpoints(run_dir: Path, which: str | Sequence[str | int], max_count: int | None = None,
                      ) -> list[tuple[str, int | None, Path]]:
     """(name, step, weights file) of the run's checkpoints, in step order, final last."""
-    from lora_helpers.fileio import sha256_file
     from lora_helpers.generate import LORA_FILE_NAME, find_checkpoints
+    from lora_helpers.lora_io import weights_digest
 
     found = [(f"checkpoint-{step}", step, path) for step, path in find_checkpoints(run_dir)]
     final = run_dir / LORA_FILE_NAME
     if final.is_file():
-        # The trainer may also keep a checkpoint at the last step: score those weights once.
-        digest = sha256_file(final)
-        same = [c for c in found if sha256_file(c[2]) == digest]
+        # The trainer also keeps a checkpoint at the last step: score those weights once.
+        # Compare tensors, not file bytes: two saves of one LoRA may order their header differently.
+        def digest(path: Path) -> str | None:
+            try:
+                return weights_digest(path)
+            except Exception:  # damaged: reported when it is loaded
+                return None
+
+        final_digest = digest(final)
+        same = [c for c in found if final_digest and digest(c[2]) == final_digest]
         step = same[-1][1] if same else None
         found = [c for c in found if c not in same] + [("final", step, final)]
     if not found:

@@ -492,7 +492,20 @@ def checkpoint_progress(pipe, run_dir: str | Path, prompts: str | Sequence[str],
     columns: list[tuple[str, Path]] = [(f"step {step}", path) for step, path in
                                        _pick_evenly(find_checkpoints(run_dir), max(2, max_checkpoints))]
     if include_final and (run_dir / LORA_FILE_NAME).is_file():
-        columns.append(("final", run_dir / LORA_FILE_NAME))
+        from lora_helpers.lora_io import weights_digest
+
+        def digest(path: Path) -> str | None:
+            try:
+                return weights_digest(path)
+            except Exception:  # a damaged file gets its grey column below, with the reason
+                return None
+
+        final = digest(run_dir / LORA_FILE_NAME)
+        # the checkpoint at the last step holds the final weights: one column, named for both
+        columns = [(f"{label} (final)", path) if final and digest(path) == final else (label, path)
+                   for label, path in columns]
+        if not any(label.endswith("(final)") for label, _ in columns):
+            columns.append(("final", run_dir / LORA_FILE_NAME))
     if not columns:
         raise LoraNotFoundError(run_dir, "no checkpoints/checkpoint-<step>/ folders with LoRA weights and no final LoRA; "
                                          "train with checkpointing on, or pass the run folder")

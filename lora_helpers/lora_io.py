@@ -28,6 +28,7 @@ __all__ = [
     "lora_state_dicts",
     "save_lora",
     "save_kohya",
+    "weights_digest",
     "read_lora_file",
     "load_lora_into_models",
     "add_text_encoder_lora",
@@ -208,6 +209,25 @@ def save_kohya(diffusers_file: str | os.PathLike, out_path: str | os.PathLike, *
     with atomic_path(out_path) as tmp:
         save_file(kohya, str(tmp), metadata=meta)
     return out_path
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """A hash of a LoRA file's tensors (names, dtypes, shapes, values), not of its bytes.
+
+    Two saves of the same weights can differ in header order or metadata; this tells
+    whether they hold the same LoRA (e.g. the final file and the last checkpoint).
+    """
+    import hashlib
+
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        for key in sorted(f.keys()):
+            tensor = f.get_tensor(key).contiguous()
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def read_lora_file(path: str | os.PathLike, *, check_finite: bool = True) -> LoraFileInfo:

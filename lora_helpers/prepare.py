@@ -24,6 +24,7 @@ halo artefacts. The face masks let the trainer down-weight the background instea
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -192,6 +193,10 @@ class PrepareResult:
     out_dir: Path
     records: list[PhotoRecord]
     config: PrepareConfig
+    # name -> (what the photo's processing depended on, the record before set-level checks):
+    # lets a re-run after an override redo only the photos that changed.
+    processed: dict = field(default_factory=dict, repr=False)
+    reused: int = 0
 
     @property
     def accepted(self) -> list[PhotoRecord]:
@@ -214,7 +219,8 @@ class PrepareResult:
 
     def summary(self) -> str:
         """One line per photo: verdict, file and reasons."""
-        lines = [f"{len(self.accepted)} of {len(self.records)} files accepted -> {self.out_dir}"]
+        lines = [f"{len(self.accepted)} of {len(self.records)} files accepted -> {self.out_dir}"
+                 + (f" ({len(self.records) - self.reused} photos redone, {self.reused} unchanged)" if self.reused else "")]
         for r in self.records:
             why = "; ".join(r.reasons)
             lines.append(f"  {r.verdict:6s} {r.file}" + (f"  ({why})" if why else ""))
@@ -617,6 +623,7 @@ def prepare_photos(
     overrides: dict[str, str] | None = None,
     progress: bool = True,
     backend=None,
+    previous: PrepareResult | None = None,
 ) -> PrepareResult:
     """Check every photo and write the training crops, masks, metadata and report.
 
@@ -631,6 +638,9 @@ def prepare_photos(
             in ``out_dir`` (what the notebook widgets save).
         progress: show a progress bar.
         backend: a face backend; default ``get_backend(config.backend)``.
+        previous: the result of an earlier run on the same photos: photos whose file,
+            settings and override are unchanged are not processed again (applying an
+            override redoes only that photo; the set-level checks are always redone).
 
     Returns:
         :class:`PrepareResult` with one :class:`PhotoRecord` per input file.
@@ -659,26 +669,42 @@ def prepare_photos(
     names = [p.name for p in files]
     if len(set(names)) < len(names):
         names = [f"{p.parent.name}/{p.name}" for p in files]
+    processed, reused = {}, 0
     for path, name in tqdm(list(zip(files, names)), desc="preparing photos", unit="photo", disable=not progress):
         override = merged.get(name) or merged.get(path.name)
-        try:
-            rec = _process_photo(path, name, config, backend, override)
-        except Exception as exc:  # one bad photo never stops the batch
-            log.exception("unexpected error while preparing %s", path)
-            rec = PhotoRecord(file=name, path=path, override=override)
-            rec.add("reject", f"unexpected error while processing ({type(exc).__name__}: {exc})")
+        key = _photo_key(path, config, override)
+        earlier = previous.processed.get(name) if previous is not None else None
+        if earlier is not None and earlier[0] == key:
+            rec, reused = copy.deepcopy(earlier[1]), reused + 1
+        else:
+            try:
+                rec = _process_photo(path, name, config, backend, override)
+            except Exception as exc:  # one bad photo never stops the batch
+                log.exception("unexpected error while preparing %s", path)
+                rec = PhotoRecord(file=name, path=path, override=override)
+                rec.add("reject", f"unexpected error while processing ({type(exc).__name__}: {exc})")
+        processed[name] = (key, copy.deepcopy(rec))  # before _judge_set adds set-level findings
         records.append(rec)
 
     _judge_set(records, config)
     for rec in records:
         _finalise(rec)
     _output_names(records)
-    result = PrepareResult(out_dir=out_dir, records=records, config=config)
+    result = PrepareResult(out_dir=out_dir, records=records, config=config, processed=processed, reused=reused)
     _write_outputs(result)
     prepare_report.write_report(result)
     if not result.accepted:
         raise NoPhotosAcceptedError(result)
     return result
+
+
+def _photo_key(path: Path, config: PrepareConfig, override: str | None) -> tuple:
+    try:
+        stat = path.stat()
+        stamp = (stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        stamp = None
+    return (str(path.resolve()), stamp, repr(config), override)
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:

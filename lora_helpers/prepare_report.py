@@ -221,7 +221,7 @@ def override_widgets(result):
             else:
                 current[name] = change["new"]
             write_overrides(result.out_dir, current)
-            status.value = f"saved {len(current)} override(s) to overrides.json; re-run the prepare cell"
+            status.value = f"saved {len(current)} override(s) to overrides.json; now run the next cell"
         return handler
 
     for r in result.records:
@@ -231,4 +231,8 @@ def override_widgets(result):
         label = widgets.HTML(f"<b style='color:rgb{VERDICT_COLOURS[r.verdict]}'>{r.verdict}</b> {r.file}"
                              f"<br><small>{'; '.join(r.reasons)}</small>", layout=widgets.Layout(width="620px"))
         rows.append(widgets.HBox([dropdown, label]))
-    return widgets.VBox(rows + [status])
+    # Under "Run all" the next cell runs before anyone can choose: say so, it is not a bug.
+    header = widgets.HTML("<b>Choose accept or reject for any photo, then run the next cell.</b> "
+                          "Choices are saved at once; under <i>Run all</i> the next cell has already used "
+                          "the earlier ones, so run it again after choosing.")
+    return widgets.VBox([header] + rows + [status])

@@ -27,6 +27,7 @@ __all__ = [
     "write_run_config",
     "plot_training",
     "write_model_card",
+    "check_hub_access",
     "push_to_hub",
 ]
 
@@ -247,6 +248,42 @@ def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, 
     return write_text(run_dir / "README.md", text)
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def check_hub_access(repo_id: str, *, private: bool = True, token: str | None = None) -> str | None:
+    """Make sure the finished run can be pushed to ``repo_id``, before an hour of training.
+
+    Checks that a token is there and that it may write the repository (creating it, as the
+    push would). Offline, says that the push will be skipped.
+
+    Returns:
+        The user name the token belongs to, or None offline.
+
+    Raises:
+        PermissionError: no token, or the token cannot write ``repo_id``; says what to do.
+    """
+    if _hub_offline():
+        print(f"note: offline (HF_HUB_OFFLINE=1), so the finished run will not be pushed to {repo_id}")
+        return None
+    from huggingface_hub import HfApi, get_token
+
+    token = token or get_token()
+    if not token:
+        raise PermissionError(
+            f"pushing to {repo_id} needs a Hugging Face token with write access: in Colab add HF_TOKEN under "
+            "Secrets (the key icon), elsewhere run `huggingface-cli login`; or leave the Hub repo empty")
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()["name"]
+        api.create_repo(repo_id, private=private, exist_ok=True)
+    except Exception as exc:  # HTTP errors, a read-only token, a repo of someone else
+        raise PermissionError(f"cannot write to the Hub repo {repo_id}: {type(exc).__name__}: {exc}. Check the "
+                              "name (your-user/your-repo) and that the token has write access") from None
+    return user
+
+
 def push_to_hub(run_dir: str | os.PathLike, repo_id: str, *, private: bool = True, token: str | None = None) -> str | None:
     """Upload the finished run (LoRA files, card, config, samples) to the Hugging Face Hub.
 
@@ -256,7 +293,7 @@ def push_to_hub(run_dir: str | os.PathLike, repo_id: str, *, private: bool = Tru
     Returns:
         The repo URL, or None when skipped.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+    if _hub_offline():
         print(f"push to the Hub skipped: offline (HF_HUB_OFFLINE=1); upload {run_dir} later to {repo_id}")
         return None
     from huggingface_hub import HfApi

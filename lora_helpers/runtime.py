@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import platform
+import sys
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -18,12 +20,12 @@ __all__ = [
     "machine_report",
     "package_report",
     "in_colab",
-    "mount_drive",
+    "drive_mount_point",
     "workspace_dir",
 ]
 
 WORKSPACE_ENV = "LORA_HELPERS_WORKSPACE"
-DRIVE_ROOT = Path("/content/drive/MyDrive")
+DRIVE_ENV = "LORA_HELPERS_DRIVE"
 
 
 def default_device() -> torch.device:
@@ -94,7 +96,7 @@ def machine_report() -> MachineReport:
     Returns:
         A :class:`MachineReport`; ``str()`` of it is a short table for people.
     """
-    in_colab = "COLAB_RELEASE_TAG" in os.environ or "COLAB_GPU" in os.environ
+    colab = in_colab()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         mem = props.total_memory / 1e9
@@ -107,12 +109,12 @@ def machine_report() -> MachineReport:
             preset, advice = "t4-8gb", f"only {mem:.1f} GB: use the 8-bit UNet option and 768 px"
         return MachineReport(
             device="cuda", gpu_name=props.name, gpu_memory_gb=mem, fp16=True, bf16=bf16,
-            host_memory_gb=_host_memory_gb(), cpu_count=os.cpu_count() or 1, in_colab=in_colab,
+            host_memory_gb=_host_memory_gb(), cpu_count=os.cpu_count() or 1, in_colab=colab,
             torch_version=torch.__version__, preset=preset, advice=advice,
         )
     return MachineReport(
         device="cpu", gpu_name=None, gpu_memory_gb=None, fp16=False, bf16=False,
-        host_memory_gb=_host_memory_gb(), cpu_count=os.cpu_count() or 1, in_colab=in_colab,
+        host_memory_gb=_host_memory_gb(), cpu_count=os.cpu_count() or 1, in_colab=colab,
         torch_version=torch.__version__, preset="cpu-smoke",
         advice="no GPU: only the tiny smoke models are practical here (in Colab: Runtime > Change runtime type > T4 GPU)"
         + f" [{platform.processor() or platform.machine()}]",
@@ -156,39 +158,35 @@ def package_report() -> list[tuple[str, str | None, str]]:
 
 
 def in_colab() -> bool:
-    """True inside Google Colab."""
-    return "COLAB_RELEASE_TAG" in os.environ or "COLAB_GPU" in os.environ
+    """True inside Google Colab (its ``google.colab`` module is importable there)."""
+    if "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ:
+        return True
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except (ImportError, ValueError):  # no `google` package at all
+        return False
 
 
-def mount_drive() -> Path:
-    """Mount Google Drive in Colab so dataset/ and run/ survive a disconnect.
-
-    Returns:
-        The workspace folder on Drive.
-
-    Raises:
-        RuntimeError: outside Colab.
-    """
-    if not in_colab():
-        raise RuntimeError("Google Drive can only be mounted inside Colab; outputs stay in the local workspace")
-    from google.colab import drive  # type: ignore
-
-    drive.mount(str(DRIVE_ROOT.parent))
-    return workspace_dir()
+def drive_mount_point() -> Path:
+    """Where Google Drive is mounted: ``/content/drive`` in Colab, or ``LORA_HELPERS_DRIVE``."""
+    return Path(os.environ.get(DRIVE_ENV) or "/content/drive")
 
 
 def workspace_dir() -> Path:
-    """The folder where every stage keeps its folders (dataset/, run/, generated/).
+    """The folder where every stage keeps its folders (photos/, dataset/, run/, generated/).
 
-    ``LORA_HELPERS_WORKSPACE`` wins; in Colab with Drive mounted it is
-    ``MyDrive/lora_helpers`` (nothing lost on a disconnect); in a checkout of this
-    repository it is ``outputs/`` at the repository root (also from ``notebooks/``);
-    elsewhere ``./outputs``.
+    ``LORA_HELPERS_WORKSPACE`` wins; with Google Drive mounted it is ``MyDrive/lora_helpers``
+    (nothing lost on a disconnect; ``MyDrive/lora_helpers/outputs`` when that folder is a copy
+    of this repository); in a checkout of this repository it is ``outputs/`` at the repository
+    root (also from ``notebooks/``); elsewhere ``./outputs``.
     """
+    drive = drive_mount_point() / "MyDrive"
     if os.environ.get(WORKSPACE_ENV):
         path = Path(os.environ[WORKSPACE_ENV])
-    elif DRIVE_ROOT.is_dir():
-        path = DRIVE_ROOT / "lora_helpers"
+    elif drive.is_dir():
+        path = drive / "lora_helpers"
+        if (path / "pyproject.toml").is_file():  # the repository itself lives there
+            path = path / "outputs"
     else:
         cwd = Path.cwd()
         root = cwd.parent if cwd.name == "notebooks" and (cwd.parent / "lora_helpers").is_dir() else cwd

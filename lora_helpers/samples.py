@@ -15,7 +15,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["load_validation_vae", "render_validation", "save_validation", "generate_class_images"]
+__all__ = ["load_validation_vae", "render_validation", "save_validation", "validation_grid_path", "show_validation",
+           "generate_class_images"]
 
 
 def load_validation_vae(model: str, vae: str | None, *, dtype: torch.dtype, device: torch.device, resolution: int):
@@ -79,6 +80,19 @@ def render_validation(jobs: Sequence[tuple[dict, int]], *, unet, vae, model: str
     return images
 
 
+def validation_grid_path(run_dir: str | Path, step: int) -> Path:
+    """Where the validation grid of ``step`` is saved."""
+    return Path(run_dir) / "samples" / f"step-{step:06d}.png"
+
+
+def show_validation(step: int, images: list, run_dir: str | Path) -> None:
+    """A ``validation_hook`` for notebooks: show each validation grid as soon as it is made."""
+    from IPython.display import Image, display
+
+    print(f"step {step}:")
+    display(Image(filename=str(validation_grid_path(run_dir, step))))
+
+
 def save_validation(run_dir: Path, step: int, images: list, prompts: Sequence[str], seeds: Sequence[int],
                     params: dict) -> Path:
     """Save ``samples/step-<step>/promptI-seedS.png`` and the grid ``samples/step-<step>.png``.
@@ -90,15 +104,15 @@ def save_validation(run_dir: Path, step: int, images: list, prompts: Sequence[st
     """
     from lora_helpers.grids import make_grid, save_png_with_metadata
 
-    name = f"step-{step:06d}"
-    folder = Path(run_dir) / "samples"
+    grid_path = validation_grid_path(run_dir, step)
+    name, folder = grid_path.stem, grid_path.parent
     for i, prompt in enumerate(prompts):
         for j, seed in enumerate(seeds):
             save_png_with_metadata(folder / name / f"prompt{i}-seed{seed}.png", images[i * len(seeds) + j],
                                    {**params, "prompt": prompt, "seed": seed})
     grid = make_grid(images, rows=len(prompts), cols=len(seeds), row_labels=list(prompts),
                      col_labels=[f"seed {s}" for s in seeds], title=f"step {step}")
-    return save_png_with_metadata(folder / f"{name}.png", grid, {**params, "prompts": list(prompts)})
+    return save_png_with_metadata(grid_path, grid, {**params, "prompts": list(prompts)})
 
 
 def generate_class_images(model: str, folder: Path, *, prompt: str, start: int, count: int, resolution: int,

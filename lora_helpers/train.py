@@ -25,9 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -38,6 +39,7 @@ __all__ = [
     "TrainingDivergedError",
     "TrainingOutOfMemoryError",
     "auto_steps",
+    "bitsandbytes_problem",
     "plan_memory",
     "train",
     "add_cli_arguments",
@@ -101,7 +103,8 @@ class TrainConfig:
         seed: seeds the LoRA init, data order, noise and timesteps.
         fixed_noise: each image gets the same noise and timestep at every step (an
             over-fitting check: the loss must fall).
-        checkpointing_steps, checkpoints_total_limit: checkpoint every N steps; keep the last K.
+        checkpointing_steps, checkpoints_total_limit: checkpoint every N steps; the last K keep the
+            state to resume from, every checkpoint keeps its LoRA weights.
         validation_steps, validation_prompts, validation_negative_prompt, validation_seeds,
         validation_inference_steps, validation_guidance_scale: sample images every N steps
             (0/None: only at the end; prompts use ``{subject}`` for the trigger).
@@ -295,11 +298,33 @@ def _resolve(config: TrainConfig, device_type: str) -> TrainConfig:
     optimizer = config.optimizer
     if optimizer == "auto":
         optimizer = "adamw8bit" if device_type == "cuda" else "adamw"
+    if optimizer == "adamw8bit" and (problem := bitsandbytes_problem()):
+        # Colab images without bitsandbytes, or a build without this GPU's kernels: train anyway,
+        # with 6 more bytes of optimizer state per LoRA weight (the plan below counts them).
+        _say_once(f"8-bit AdamW is not available ({problem}); using AdamW instead")
+        optimizer = "adamw"
     return dataclasses.replace(
         config, model=config.model or models.sdxl, vae=vae, mixed_precision=mixed, optimizer=optimizer,
         lora_alpha=config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank),
         device=device_type,
     )
+
+
+@functools.cache
+def bitsandbytes_problem() -> str | None:
+    """Why 8-bit AdamW cannot be used here, or None when bitsandbytes imports and has the optimizer."""
+    try:
+        import bitsandbytes as bnb
+
+        bnb.optim.AdamW8bit  # noqa: B018 - raises when the build has no optimizer kernels
+    except Exception as exc:  # ImportError, or a RuntimeError from a build without CUDA kernels
+        return f"bitsandbytes: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unusable'}"
+    return None
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    print(message)
 
 
 def plan_memory(config: TrainConfig, *, device_type: str | None = None):
@@ -362,7 +387,8 @@ def _memory_budget(budget_gb: float | None, device: torch.device):
 
 def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig | None = None,
           resume: str | Path | None = None,
-          validation_hook: Callable[[int, list, Path], dict | None] | None = None) -> TrainResult:
+          validation_hook: Callable[[int, list, Path], dict | None]
+          | Sequence[Callable[[int, list, Path], dict | None]] | None = None) -> TrainResult:
     """Train a LoRA on a prepared, captioned dataset and write the run folder.
 
     Args:
@@ -374,7 +400,8 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
             checkpoints is refused, so nothing is overwritten by accident.
         validation_hook: called as ``hook(step, images, run_dir)`` after each validation with
             the list of PIL images (prompts x seeds, row-major); a dict it returns is written
-            into that step's ``log.jsonl`` row (e.g. identity scores).
+            into that step's ``log.jsonl`` row (e.g. identity scores). A list of hooks runs
+            each in turn (e.g. scoring, then showing the grid in a notebook).
 
     Returns:
         A :class:`TrainResult`.
@@ -407,6 +434,10 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
     plan = plan_memory(cfg, device_type=device_type)
     if cfg.memory_budget_gb:
         plan = check_budget(plan, cfg.memory_budget_gb)
+    if cfg.hub_repo_id:  # a push that cannot work must fail now, not after an hour of training
+        from lora_helpers.runs import check_hub_access
+
+        check_hub_access(cfg.hub_repo_id, private=cfg.hub_private)
     accelerator = _make_accelerator(cfg.mixed_precision, cpu=device_type == "cpu")
     trigger, class_noun = _trigger(cfg, dataset_dir)
     with _memory_budget(cfg.memory_budget_gb, accelerator.device):
@@ -467,7 +498,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-offset", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--checkpoint-every", dest="checkpointing_steps", type=int, default=None)
-    parser.add_argument("--keep-checkpoints", dest="checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--keep-checkpoints", dest="checkpoints_total_limit", type=int, default=None,
+                        help="how many checkpoints keep the state to resume from (every one keeps its LoRA)")
     parser.add_argument("--validate-every", dest="validation_steps", type=int, default=None)
     parser.add_argument("--validation-prompt", dest="validation_prompts", action="append", default=None,
                         help="repeatable; use {subject} for the trigger")

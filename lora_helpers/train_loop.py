@@ -413,9 +413,10 @@ class _Run:
                                             cfg.validation_seeds, params)
         self.samples.append(grid_path)
         record = {"step": self.step, "samples": grid_path.relative_to(self.run_dir).as_posix()}
-        if self.hook is not None:
+        hooks = [] if self.hook is None else list(self.hook) if isinstance(self.hook, (list, tuple)) else [self.hook]
+        for hook in hooks:
             try:
-                values = self.hook(self.step, images, self.run_dir)
+                values = hook(self.step, images, self.run_dir)
             except Exception as exc:  # a failing score must not end an hour of training
                 warnings.warn(f"validation hook failed at step {self.step}: {type(exc).__name__}: {exc}")
                 values = {"hook_error": f"{type(exc).__name__}: {exc}"}

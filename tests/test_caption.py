@@ -324,7 +324,7 @@ def test_caption_editor_saves_edits(dataset, config, clip_tokenizer):
 
     caption_dataset(dataset, config=config, tokenizer=clip_tokenizer, progress=False)
     editor = caption_editor(dataset, tokenizer=clip_tokenizer)
-    first_row = editor.children[1]
+    first_row = editor.children[2]  # after the header and the Save-all button
     area = first_row.children[1].children[1]
     save = first_row.children[1].children[2].children[0]
     status = first_row.children[1].children[2].children[1]

@@ -259,13 +259,13 @@ def test_checkpoint_progress_grid_skips_a_broken_checkpoint(pipe, run_dir, lora,
     before = _adapters(pipe)
     with pytest.warns(UserWarning, match="step 2"):
         grid = checkpoint_progress(pipe, run, [PROMPT, "{subject}, oil painting"], seeds=[0], config=CFG)
-    assert (grid.rows, grid.cols) == (2, 3)
-    assert grid.col_labels == ["step 2 (unreadable)", "step 4", "final"]
+    # checkpoint-4 is the last checkpoint and holds the final LoRA's weights: one column, not two
+    assert (grid.rows, grid.cols) == (2, 2)
+    assert grid.col_labels == ["step 2 (unreadable)", "step 4 (final)"]
     assert grid.row_labels == ["a photo of TOK person", "TOK person, oil painting"] and "seed 0" in grid.title
     assert grid.items[0] is None and "damaged" in grid.notes[0]
-    # checkpoint-4 is the last checkpoint: the same weights as the final LoRA
-    assert np.array_equal(_cell(grid, 0, 1), _cell(grid, 0, 2))
-    assert np.array_equal(_cell(grid, 1, 2), np.asarray(grid.items[5].image, dtype=np.int16))
+    assert grid.items[1].params["lora"].endswith("checkpoint-4/pytorch_lora_weights.safetensors")
+    assert np.array_equal(_cell(grid, 1, 1), np.asarray(grid.items[3].image, dtype=np.int16))
     assert _adapters(pipe) == before, "checkpoint adapters must be removed again"
     meta = read_png_metadata(grid.save(tmp_path / "progress.png"))
     assert meta["grid"] == "checkpoints" and "step 4" in meta["col_labels"]

@@ -223,7 +223,11 @@ def test_cli_trains_with_prior_preservation(dataset, tiny_models, tmp_path, caps
     assert code == 0, capsys.readouterr().err
     assert "done: 3 steps" in capsys.readouterr().out
     assert (run / "astronaut_kohya.safetensors").is_file()
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-3"]  # only the last one kept
+    # every checkpoint keeps its LoRA; only the last keeps what resuming needs
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert [p.name for p in (run / "checkpoints").iterdir() if (p / "training_state.pt").is_file()] == ["checkpoint-3"]
+    assert all((p / "pytorch_lora_weights.safetensors").is_file() for p in (run / "checkpoints").iterdir())
+    assert not (run / "checkpoints" / "checkpoint-2" / "optimizer.pt").exists()
     config = json.loads((run / "config.json").read_text())
     assert config["lora_rank"] == 2 and config["config"]["class_prompt"] == "a photo of a person"
     # class images generated with the base model, and a prior loss term in every step
