@@ -119,13 +119,27 @@ def save_lora(folder: str | os.PathLike, *, unet: torch.nn.Module, text_encoder:
     layers = lora_state_dicts(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
     kwargs = {}
     for name, sd in layers.items():
-        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(sd)
+        sd = convert_state_dict_to_diffusers(sd)
+        if name == "unet":
+            sd = _uniform_diffusers_names(sd)
+        kwargs[f"{name}_lora_layers"] = sd
         model = getattr(models[name], "module", models[name])
         kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
     path = Path(folder) / weight_name
     with atomic_path(path) as tmp:
         StableDiffusionXLPipeline.save_lora_weights(save_directory=tmp.parent, weight_name=tmp.name, **kwargs)
     return path
+
+
+def _uniform_diffusers_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Give every UNet LoRA tensor the diffusers ``lora.down``/``lora.up`` name.
+
+    ``convert_state_dict_to_diffusers`` renames attention projections only and leaves other
+    layers (``proj_in``, ``ff.net.2``, convolutions) in peft naming. diffusers' loader judges the
+    whole file by its first key: when that is a peft name (``...attentions.0.proj_in.lora_A``
+    sorts first), it skips conversion and silently drops every attention LoRA.
+    """
+    return {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in state.items()}
 
 
 def _adapter_metadata(metadata: dict | None) -> dict[str, dict]:

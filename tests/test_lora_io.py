@@ -15,16 +15,18 @@ from lora_helpers.lora_io import (
     save_lora,
 )
 
+ATTENTION_BLOCK_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
-def _unet(tiny_models, *, rank: int = 4, alpha: float = 8.0, seed: int = 0):
+
+def _unet(tiny_models, *, rank: int = 4, alpha: float = 8.0, seed: int = 0,
+          targets: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
     unet = UNet2DConditionModel.from_pretrained(tiny_models / "sdxl", subfolder="unet")
     unet.requires_grad_(False)
     torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)))
     for name, p in unet.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.1)  # a trained-looking LoRA (B starts at zero)
@@ -71,6 +73,20 @@ def test_kohya_file_carries_our_alpha(tiny_models, tmp_path):
     info = read_lora_file(kohya)
     assert (info.format, info.rank, info.alpha) == ("kohya", 4, 8.0)
     assert info.metadata["ss_network_dim"] == "4" and info.metadata["ss_base_model_version"].startswith("sdxl")
+
+
+def test_diffusers_file_loads_every_layer_of_the_attention_blocks(tiny_models, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    unet = _unet(tiny_models, targets=tuple(ATTENTION_BLOCK_TARGETS))
+    path = save_lora(tmp_path, unet=unet)
+    trained = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+               for k, v in _lora_state(unet).items()}
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models / "sdxl")
+    pipe.load_lora_weights(str(path), adapter_name="d")
+    loaded = {k.replace(".d.", "."): v for k, v in pipe.unet.state_dict().items() if ".lora_" in k}
+    # a file whose first key is proj_in's used to lose every attention projection on loading
+    assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in trained)
 
 
 def test_resume_loads_weights_exactly_and_refuses_other_shapes(tiny_models, tmp_path):
