@@ -244,3 +244,14 @@ def test_naming_a_preset_without_applying_it_is_refused():
     smoke = TrainConfig.from_preset("cpu-smoke", max_train_steps=7)
     assert smoke.resolution == 64 and smoke.max_train_steps == 7
     assert TrainConfig().resolution == 1024
+
+
+def test_model_card_tells_each_tool_how_to_load_the_kohya_file(tmp_path):
+    from lora_helpers.runs import write_model_card
+
+    card = write_model_card(tmp_path, config={"model": "stabilityai/stable-diffusion-xl-base-1.0", "resolution": 1024},
+                            trigger="TOK person", n_images=8, steps=800, kohya_path=tmp_path / "tok_kohya.safetensors",
+                            sample_grid=None, estimated_gb=7.1, measured_gb=None, seconds_per_step=None).read_text()
+    assert "ComfyUI/models/loras/" in card and "Load LoRA" in card  # ComfyUI has no <lora:...> prompt syntax
+    assert "<lora:tok_kohya:1> a photo of TOK person" in card and "Forge" in card
+    assert "sdxl_merge_lora.py" in card and "--models tok_kohya.safetensors" in card
