@@ -709,12 +709,12 @@ def make_random_lora(
     import tempfile
 
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    from lora_helpers.fileio import atomic_path, write_json
+    from lora_helpers.fileio import write_json
+    from lora_helpers.lora_io import save_kohya
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -748,10 +748,8 @@ def make_random_lora(
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         write_diffusers(run_dir / "checkpoints" / f"checkpoint-{step}", step / last)
     write_diffusers(run_dir, 1.0)
-    kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, state in states.items() for k, v in state.items()})
-    with atomic_path(run_dir / f"{run_dir.name}_kohya.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in kohya.items()}, str(tmp),
-                  metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_network_dim": str(rank)})
+    save_kohya(run_dir / LORA_FILE_NAME, run_dir / f"{run_dir.name}_kohya.safetensors", output_name=run_dir.name,
+               layers_per_block=unet.config.layers_per_block, trigger=trigger)
     write_json(run_dir / "config.json", {
         "trigger": trigger,
         "base_model": str(base_model),

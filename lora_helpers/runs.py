@@ -191,9 +191,18 @@ pipe.load_lora_weights("{run_name}")  # this folder, or the Hub repo it was push
 image = pipe("a photo of {trigger} in a garden", num_inference_steps=30).images[0]
 ```
 
-## Use with AUTOMATIC1111 / ComfyUI
+## Use with ComfyUI, AUTOMATIC1111 / Forge or kohya sd-scripts
 
-Copy `{kohya_name}` into `models/Lora/` and write `<lora:{kohya_stem}:1> a photo of {trigger}`.
+`{kohya_name}` holds the same LoRA under the original SDXL layer names these tools read.
+
+- **ComfyUI**: put the file in `ComfyUI/models/loras/`, add a **Load LoRA** node between
+  the checkpoint loader and the sampler, choose `{kohya_name}` in it, and write
+  `a photo of {trigger}` in the prompt.
+- **AUTOMATIC1111 / Forge**: put the file in `models/Lora/` and write
+  `<lora:{kohya_stem}:1> a photo of {trigger}` in the prompt.
+- **kohya sd-scripts**: merge it into the base model with
+  `python networks/sdxl_merge_lora.py --sd_model sd_xl_base_1.0.safetensors --models {kohya_name} --ratios 1 --save_to merged.safetensors`,
+  or train on from it with `--network_weights {kohya_name}`.
 
 ## Training
 

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -208,12 +209,39 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be fp16, bf16, no or auto, not {self.mixed_precision!r}")
         if self.optimizer not in ("auto", "adamw8bit", "adamw"):
             raise ValueError(f"optimizer must be auto, adamw8bit or adamw, not {self.optimizer!r}")
-        if self.lora_rank < 1 or self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("lora_rank, train_batch_size and gradient_accumulation_steps must be at least 1")
-        if self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8 (SDXL: 1024, 768, 512), not {self.resolution}")
+        self._check_numbers()
         if not 0.0 <= self.background_weight <= 1.0:
             raise ValueError(f"background_weight must be in [0, 1], not {self.background_weight}")
+
+    def _check_numbers(self) -> None:
+        """Refuse values that would train nothing, or fail only after the models are loaded.
+
+        Checked here because 0 is falsy: ``max_train_steps=0`` would silently train the automatic
+        number of steps, and ``lora_alpha=0`` would train a LoRA that changes nothing.
+        """
+        def positive(value) -> bool:
+            return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ValueError(f"max_train_steps must be at least 1 (or None for {self.steps_per_image} steps per "
+                             f"photo), not {self.max_train_steps}")
+        for name, example in (("lora_rank", 16), ("train_batch_size", 1), ("gradient_accumulation_steps", 1)):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (e.g. {example}), not {getattr(self, name)}")
+        if self.lora_alpha is not None and not positive(self.lora_alpha):
+            raise ValueError(f"lora_alpha must be above 0 (or None for the rank, {self.lora_rank}), "
+                             f"not {self.lora_alpha}")
+        for name, example in (("learning_rate", "1e-4"), ("text_encoder_lr", "5e-5")):
+            if not positive(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number above 0 (e.g. {example}), not {getattr(self, name)}")
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ValueError(f"resolution must be a positive multiple of 8 (SDXL: 1024, 768 or 512), "
+                             f"not {self.resolution}")
+        for name, hint in (("checkpointing_steps", "0: only at the end"), ("validation_steps", "0: only at the end"),
+                           ("lr_warmup_steps", "None: 5 % of the steps")):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be 0 or more ({hint}), not {value}")
 
 
 @dataclass
@@ -526,12 +554,16 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """Train from the command line; exit 1 with a message on a refused or failed run."""
+    """Train from the command line; exit 2 naming a setting out of range, 1 on a refused or failed run."""
     import sys
 
     from lora_helpers.memory import MemoryBudgetError
 
-    config = _config_from_args(args)
+    try:
+        config = _config_from_args(args)
+    except ValueError as exc:  # a setting out of range: name it, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.plan_only:
         plan = plan_memory(config)
         print(plan)

@@ -571,7 +571,8 @@ def run_training(dataset_dir: Path, run_dir: Path, *, cfg, accelerator, plan, tr
     hub_url = None
     if run.main:
         run.save_lora(run_dir)
-        save_kohya(lora_path, kohya_path, output_name=cfg.output_name)
+        save_kohya(lora_path, kohya_path, output_name=cfg.output_name, trigger=trigger, resolution=cfg.resolution,
+                   layers_per_block=run._unwrapped()[0].config.layers_per_block)
         runs.plot_training(run.rows, run_dir / runs.CURVES_FILE)
         extra = {"steps": run.step, "final_loss": final_loss, "nonfinite_steps": run.nonfinite_total,
                  "scaler_skipped_steps": run.scaler_skips, "seconds_per_step": s_per_step,

@@ -248,3 +248,52 @@ def test_naming_a_preset_without_applying_it_is_refused():
     smoke = TrainConfig.from_preset("cpu-smoke", max_train_steps=7)
     assert smoke.resolution == 64 and smoke.max_train_steps == 7
     assert TrainConfig().resolution == 1024
+
+
+def test_model_card_tells_each_tool_how_to_load_the_kohya_file(tmp_path):
+    from lora_helpers.runs import write_model_card
+
+    card = write_model_card(tmp_path, config={"model": "stabilityai/stable-diffusion-xl-base-1.0", "resolution": 1024},
+                            trigger="TOK person", n_images=8, steps=800, kohya_path=tmp_path / "tok_kohya.safetensors",
+                            sample_grid=None, estimated_gb=7.1, measured_gb=None, seconds_per_step=None).read_text()
+    assert "ComfyUI/models/loras/" in card and "Load LoRA" in card  # ComfyUI has no <lora:...> prompt syntax
+    assert "<lora:tok_kohya:1> a photo of TOK person" in card and "Forge" in card
+    assert "sdxl_merge_lora.py" in card and "--models tok_kohya.safetensors" in card
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("max_train_steps", 0), ("max_train_steps", -3), ("lora_alpha", 0), ("lora_alpha", -4.0),
+    ("lora_alpha", float("nan")), ("lora_rank", 0), ("train_batch_size", 0), ("gradient_accumulation_steps", 0),
+    ("learning_rate", 0.0), ("learning_rate", float("nan")), ("learning_rate", float("inf")),
+    ("text_encoder_lr", -1e-5), ("resolution", 0), ("resolution", -64), ("resolution", 100),
+    ("checkpointing_steps", -1), ("validation_steps", -5), ("lr_warmup_steps", -1),
+])
+def test_settings_out_of_range_are_refused_naming_the_setting(setting, value):
+    with pytest.raises(ValueError, match=rf"^{setting} must ") as info:
+        TrainConfig.from_preset("cpu-smoke", **{setting: value})
+    assert "\n" not in str(info.value) and str(value) in str(info.value)
+
+
+def test_settings_at_the_edge_of_their_range_are_accepted():
+    cfg = TrainConfig.from_preset("cpu-smoke", max_train_steps=1, lora_alpha=0.5, lora_rank=1, resolution=8,
+                                  checkpointing_steps=0, validation_steps=0, lr_warmup_steps=0)
+    assert (cfg.max_train_steps, cfg.lora_alpha, cfg.resolution) == (1, 0.5, 8)
+    with pytest.raises(ValueError) as info:
+        TrainConfig.from_preset("cpu-smoke", max_train_steps=0)
+    assert str(info.value) == "max_train_steps must be at least 1 (or None for 100 steps per photo), not 0"
+
+
+def test_cli_names_a_bad_setting_in_one_line_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "lora_helpers", "train", str(tmp_path / "dataset"),
+                           str(tmp_path / "run"), "--steps", "0"], cwd=repo, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # (import warnings of other packages may come first)
+    assert last == "error: max_train_steps must be at least 1 (or None for 100 steps per photo), not 0"
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
