@@ -50,9 +50,10 @@ def _venv_without_package(root: Path) -> Path:
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
     Path(purelib, "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     found = subprocess.run([str(python), "-c", "import importlib.util as u; "
                             "print(getattr(u.find_spec('lora_helpers'), 'origin', None))"],
-                           capture_output=True, text=True, cwd=root)
+                           capture_output=True, text=True, cwd=root, env=env)
     assert found.stdout.strip() == "None", "lora_helpers must not be installed before the notebooks run"
     return python
 
