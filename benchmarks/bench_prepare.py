@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import cv2  # noqa: E402
 
-from lora_helpers.faces import get_backend  # noqa: E402
-from lora_helpers.prepare import PrepareConfig, prepare_photos  # noqa: E402
+from lora_helpers.prepare.faces import get_backend  # noqa: E402
+from lora_helpers.prepare.stage import PrepareConfig, prepare_photos  # noqa: E402
 
 DEFAULT_PHOTO = ROOT / "sample_data" / "person" / "astronaut_08_phone_exif_rotated.jpg"
 

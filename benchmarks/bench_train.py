@@ -6,7 +6,7 @@ Three measurements:
   fraction of the width): the cpu-smoke path, each model in its own process so the peak
   host memory (RSS) belongs to it alone.
 * GPU (``--gpu``): the full-size SDXL (2.6 B-parameter UNet, random weights, written once by
-  ``lora_helpers.testing.build_full_sdxl``) at 1024 px in the ``t4-8gb`` preset: fp16 UNet,
+  ``lora_helpers.core.tiny_models.build_full_sdxl``) at 1024 px in the ``t4-8gb`` preset: fp16 UNet,
   fp32 LoRA, GradScaler, gradient checkpointing, 8-bit AdamW, 8 GB budget enforced. Reports
   ``torch.cuda.max_memory_allocated`` beside the planner's estimate; the goal is at most 7 GB.
 * ``--trace``: the full SDXL UNet's training step traced on CPU with fake tensors (no GPU, no
@@ -48,7 +48,7 @@ def _dataset(folder: Path, size: int, n: int = 6) -> Path:
     from PIL import Image, ImageDraw
     from skimage import data
 
-    from lora_helpers.fileio import write_jsonl
+    from lora_helpers.core.fileio import write_jsonl
 
     astronaut = Image.fromarray(data.astronaut()[..., :3])
     boxes = [(120, 20, 320, 220), (140, 50, 300, 210), (100, 0, 360, 260), (160, 70, 290, 200),
@@ -69,8 +69,8 @@ def _dataset(folder: Path, size: int, n: int = 6) -> Path:
 
 
 def _model_folder(name: str, cache: Path) -> Path:
-    from lora_helpers.config import tiny_models_dir
-    from lora_helpers.testing import build_full_sdxl, build_tiny_models
+    from lora_helpers.core.config import tiny_models_dir
+    from lora_helpers.core.tiny_models import build_full_sdxl, build_tiny_models
 
     if name == "tiny":
         return tiny_models_dir() / "sdxl"
@@ -89,8 +89,8 @@ def run_one(name: str, steps: int, work: Path, cache: Path) -> dict:
 
     import torch
 
-    from lora_helpers.runs import read_log
-    from lora_helpers.train import TrainConfig, plan_memory, train
+    from lora_helpers.train.outputs import read_log
+    from lora_helpers.train.stage import TrainConfig, plan_memory, train
 
     size = _SIZES[name]
     model = _model_folder(name, cache)
@@ -124,8 +124,8 @@ def run_one(name: str, steps: int, work: Path, cache: Path) -> dict:
 
 
 def _trace() -> None:
-    from lora_helpers.memory import estimate_peak_memory, trace_training_memory
-    from lora_helpers.testing import SDXL_UNET_CONFIG
+    from lora_helpers.train.memory import estimate_peak_memory, trace_training_memory
+    from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
 
     for resolution in (512, 1024):
         start = time.perf_counter()
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lora_helpers.config import cache_dir
+    from lora_helpers.core.config import cache_dir
 
     cache = args.cache or cache_dir()
     if args.one:

@@ -16,12 +16,12 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 # name -> (module, one-line help). Modules are imported lazily: `--help` stays fast
 # and one stage's heavy imports do not slow down another's.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "tiny-models": ("lora_helpers.testing", "build the tiny offline models (tests, smoke mode) into a folder"),
-    "prepare": ("lora_helpers.prepare", "check photos and write face-centred aligned crops, masks and a report"),
-    "caption": ("lora_helpers.caption", "caption prepared photos with BLIP and an identifier such as 'TOK person'"),
-    "train": ("lora_helpers.train", "train an SDXL LoRA (DreamBooth) on a captioned dataset"),
-    "generate": ("lora_helpers.generate", "generate images and grids with a trained LoRA"),
-    "evaluate": ("lora_helpers.evaluate", "score identity likeness and prompt adherence of generated images"),
+    "tiny-models": ("lora_helpers.core.tiny_models", "build the tiny offline models (tests, smoke mode) into a folder"),
+    "prepare": ("lora_helpers.prepare.stage", "check photos and write face-centred aligned crops, masks and a report"),
+    "caption": ("lora_helpers.caption.stage", "caption prepared photos with BLIP and an identifier such as 'TOK person'"),
+    "train": ("lora_helpers.train.stage", "train an SDXL LoRA (DreamBooth) on a captioned dataset"),
+    "generate": ("lora_helpers.generate.images", "generate images and grids with a trained LoRA"),
+    "evaluate": ("lora_helpers.evaluate.scoring", "score identity likeness and prompt adherence of generated images"),
     "demo": ("lora_helpers.demo", "run the whole pipeline on sample_data/ (tiny models on CPU, or real SDXL)"),
 }
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Sequence
 
 from lora_helpers import __version__
-from lora_helpers.config import smoke_mode
-from lora_helpers.fileio import write_bytes
-from lora_helpers.images import IMAGE_SUFFIXES, list_images
-from lora_helpers.runtime import drive_mount_point, in_colab, workspace_dir
+from lora_helpers.core.config import smoke_mode
+from lora_helpers.core.fileio import write_bytes
+from lora_helpers.core.images import IMAGE_SUFFIXES, list_images
+from lora_helpers.core.runtime import drive_mount_point, in_colab, workspace_dir
 
 __all__ = [
     "GPURequiredError",

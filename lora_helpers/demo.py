@@ -55,7 +55,7 @@ class DemoResult:
 def _use_smoke(model: str | None) -> bool:
     import torch
 
-    from lora_helpers.config import smoke_mode
+    from lora_helpers.core.config import smoke_mode
 
     if model is not None:
         return False
@@ -77,10 +77,10 @@ def run_demo(config: DemoConfig | None = None, *, log=print) -> DemoResult:
     if smoke:
         # The stages read the switch from the environment: the same cells a notebook runs.
         os.environ["LORA_HELPERS_SMOKE"] = "1"
-    from lora_helpers.caption import CaptionConfig, caption_dataset
-    from lora_helpers.config import default_resolution, resolve_models
-    from lora_helpers.prepare import PrepareConfig, prepare_photos
-    from lora_helpers.train import TrainConfig, train
+    from lora_helpers.caption.stage import CaptionConfig, caption_dataset
+    from lora_helpers.core.config import default_resolution, resolve_models
+    from lora_helpers.prepare.stage import PrepareConfig, prepare_photos
+    from lora_helpers.train.stage import TrainConfig, train
 
     models = resolve_models(smoke=smoke, sdxl=config.model)
     out = Path(config.out_dir)
@@ -116,7 +116,7 @@ def run_demo(config: DemoConfig | None = None, *, log=print) -> DemoResult:
     log(f"generate grids -> {generated}")
 
     if config.evaluate:
-        from lora_helpers.evaluate import EvaluateConfig, evaluate_run, format_summary
+        from lora_helpers.evaluate.scoring import EvaluateConfig, evaluate_run, format_summary
 
         t = time.perf_counter()
         # A small slice of the standard prompt set keeps the demo to minutes; 05_evaluate runs it all.
@@ -132,8 +132,8 @@ def run_demo(config: DemoConfig | None = None, *, log=print) -> DemoResult:
 
 
 def _grids(run: Path, out: Path, base_model: str) -> dict[str, Path]:
-    from lora_helpers.generate import checkpoint_progress, prompt_seed_grid, scale_sweep
-    from lora_helpers.pipeline import load_lora, load_pipeline
+    from lora_helpers.generate.images import checkpoint_progress, prompt_seed_grid, scale_sweep
+    from lora_helpers.generate.pipeline import load_lora, load_pipeline
 
     pipe = load_pipeline(base_model)
     lora = load_lora(pipe, run)
@@ -147,7 +147,7 @@ def _grids(run: Path, out: Path, base_model: str) -> dict[str, Path]:
     for name, grid in grids.items():
         paths[name] = grid.save(out / f"{name.split(':')[1]}.png")
     del pipe
-    from lora_helpers.runtime import free_memory
+    from lora_helpers.core.runtime import free_memory
 
     free_memory()
     return paths

@@ -24,7 +24,7 @@ SAMPLE_DATA = REPO / "sample_data"
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
     """Folder with sdxl/, blip/, clip/ tiny models (built on first use, cached by version)."""
-    from lora_helpers.config import tiny_models_dir
+    from lora_helpers.core.config import tiny_models_dir
 
     return tiny_models_dir()
 

@@ -9,8 +9,8 @@ import random
 import pytest
 from PIL import Image
 
-from lora_helpers import caption as cap
-from lora_helpers.caption import (
+from lora_helpers.caption import stage as cap
+from lora_helpers.caption.stage import (
     CaptionConfig,
     CaptionError,
     CaptionWarning,
@@ -22,7 +22,7 @@ from lora_helpers.caption import (
     standardise_caption,
     subject_phrase,
 )
-from lora_helpers.fileio import read_jsonl, write_jsonl
+from lora_helpers.core.fileio import read_jsonl, write_jsonl
 
 # Crops of the astronaut photo: different content per image, like a person's photo set.
 BOXES = [(120, 20, 320, 220), (160, 70, 290, 200), (80, 10, 380, 310), (0, 200, 250, 450)]
@@ -320,7 +320,7 @@ def test_save_caption_updates_both_formats(dataset, config, clip_tokenizer):
 
 def test_caption_editor_saves_edits(dataset, config, clip_tokenizer):
     pytest.importorskip("ipywidgets")
-    from lora_helpers.caption_widgets import caption_editor
+    from lora_helpers.ui.caption_editor import caption_editor
 
     caption_dataset(dataset, config=config, tokenizer=clip_tokenizer, progress=False)
     editor = caption_editor(dataset, tokenizer=clip_tokenizer)

@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from lora_helpers import colab
-from lora_helpers import checkpoints as ckpt
-from lora_helpers.runtime import in_colab, workspace_dir
+from lora_helpers.train import checkpoints as ckpt
+from lora_helpers.core.runtime import in_colab, workspace_dir
 
 FAKE_COLAB = Path(__file__).resolve().parent / "fake_colab"
 
@@ -95,7 +95,7 @@ def test_upload_takes_heic_and_leaves_out_files_that_are_not_photos(fake_colab, 
     assert [p.name for p in got] == ["IMG_0001.HEIC"]
     assert "notes.txt" in capsys.readouterr().out
 
-    from lora_helpers.images import load_image
+    from lora_helpers.core.images import load_image
 
     image = load_image(got[0])
     assert image.size == (64, 48) and abs(image.getpixel((10, 10))[0] - 200) < 20
@@ -124,7 +124,7 @@ def test_gpu_guard_stops_a_cpu_runtime_with_what_to_do(fake_colab, monkeypatch):
 
 
 def test_without_bitsandbytes_8bit_adamw_becomes_adamw_and_the_plan_counts_it(monkeypatch, capsys):
-    from lora_helpers import train as train_mod
+    from lora_helpers.train import stage as train_mod
 
     config = train_mod.TrainConfig.from_preset("t4-8gb", mixed_precision="fp16", optimizer="adamw8bit")
     with_8bit = train_mod.plan_memory(config, device_type="cuda")
@@ -147,7 +147,7 @@ def test_without_bitsandbytes_8bit_adamw_becomes_adamw_and_the_plan_counts_it(mo
 def test_a_hub_push_that_cannot_work_stops_training_before_anything_loads(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from lora_helpers.train import TrainConfig, train
+    from lora_helpers.train.stage import TrainConfig, train
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
@@ -158,7 +158,7 @@ def test_a_hub_push_that_cannot_work_stops_training_before_anything_loads(tmp_pa
 
 
 def test_offline_a_hub_push_is_announced_as_skipped_up_front(capsys, monkeypatch):
-    from lora_helpers.runs import check_hub_access
+    from lora_helpers.train.outputs import check_hub_access
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert check_hub_access("someone/tok-person") is None
@@ -187,13 +187,13 @@ def test_pruning_keeps_every_checkpoints_lora_and_only_the_newest_resume_state(t
     with pytest.raises(FileNotFoundError, match="training state was pruned.*checkpoint-30, checkpoint-40"):
         ckpt.find_checkpoint(tmp_path, 10)
 
-    from lora_helpers.generate import find_checkpoints
+    from lora_helpers.generate.images import find_checkpoints
 
     assert [step for step, _ in find_checkpoints(tmp_path)] == [10, 20, 30, 40]  # 04 and 05 see the whole run
 
 
 def test_evaluation_scores_the_final_lora_and_the_identical_last_checkpoint_once(tmp_path):
-    from lora_helpers.evaluate import _run_checkpoints
+    from lora_helpers.evaluate.scoring import _run_checkpoints
 
     for step in (10, 20):
         _fake_checkpoint(tmp_path, step)
@@ -205,7 +205,7 @@ def test_evaluation_scores_the_final_lora_and_the_identical_last_checkpoint_once
 
 
 def test_an_override_redoes_only_the_photo_it_changes(tmp_path, sample_data, monkeypatch):
-    from lora_helpers import prepare
+    from lora_helpers.prepare import stage as prepare
 
     calls = []
     real = prepare._process_photo

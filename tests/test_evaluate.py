@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from lora_helpers import evaluate as ev
-from lora_helpers.images import load_image
+from lora_helpers.evaluate import scoring as ev
+from lora_helpers.core.images import load_image
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_validation_hook_returns_identity_keys(tmp_path, refs, person, sample_da
 
 
 def test_evaluate_run_generates_scores_plots_and_resumes(tmp_path, tiny_models, refs, monkeypatch):
-    from lora_helpers import generate
+    from lora_helpers.generate import images as generate
     from lora_helpers.cli import main
 
     run = generate.make_random_lora(tmp_path / "run", tiny_models / "sdxl", checkpoint_steps=(1, 2))

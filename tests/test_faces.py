@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_helpers import faces
-from lora_helpers.faces import (
+from lora_helpers.prepare import faces
+from lora_helpers.prepare.faces import (
     SAME_PERSON_COSINE,
     Face,
     FaceBackend,
@@ -20,7 +20,7 @@ from lora_helpers.faces import (
     face_embedding,
     get_backend,
 )
-from lora_helpers.images import load_image
+from lora_helpers.core.images import load_image
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_helpers import fileio
-from lora_helpers.config import HUB_MODELS, default_resolution, resolve_models, smoke_mode
+from lora_helpers.core import fileio
+from lora_helpers.core.config import HUB_MODELS, default_resolution, resolve_models, smoke_mode
 
 
 def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from lora_helpers.generate import (
+from lora_helpers.generate.images import (
     GenerateConfig, LoraLoadError, LoraNotFoundError, base_vs_lora, checkpoint_progress, choose_base_model, fuse_lora,
     generate_images, load_lora, load_pipeline, make_random_lora, prompt_seed_grid, scale_sweep, unfuse_lora,
     unload_lora,
 )
-from lora_helpers.grids import read_png_metadata
-from lora_helpers.image_cache import ImageCache
+from lora_helpers.core.grids import read_png_metadata
+from lora_helpers.generate.cache import ImageCache
 
 CFG = GenerateConfig(size=64, steps=2)
 PROMPT = "a photo of {subject}"
@@ -311,7 +311,7 @@ def test_cli_generates_images_and_a_grid(run_dir, base_model, tmp_path, capsys):
 
 
 def test_panel_generates_shows_and_saves(pipe, lora, tmp_path, monkeypatch):
-    from lora_helpers.widgets import generation_panel
+    from lora_helpers.ui.generation_panel import generation_panel
 
     monkeypatch.setenv("LORA_HELPERS_SMOKE", "1")  # the panel's 512/1024 map to the tiny model's 64 px
     cache = ImageCache(tmp_path / "cache")

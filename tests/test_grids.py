@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_helpers.grids import grid_layout, make_grid, read_png_metadata, save_png_with_metadata
-from lora_helpers.image_cache import ImageCache, cache_key
+from lora_helpers.core.grids import grid_layout, make_grid, read_png_metadata, save_png_with_metadata
+from lora_helpers.generate.cache import ImageCache, cache_key
 
 
 def _solid(colour, size=(64, 48)) -> Image.Image:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_helpers.lora_io import (
+from lora_helpers.core.lora_files import (
     LoraFileError,
     add_text_encoder_lora,
     load_lora_into_models,

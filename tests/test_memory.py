@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from lora_helpers.memory import (
+from lora_helpers.train.memory import (
     MemoryBudgetError,
     check_budget,
     count_unet_parameters,
     estimate_peak_memory,
     trace_training_memory,
 )
-from lora_helpers.testing import SDXL_UNET_CONFIG
+from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
 
 
 def _sdxl(**kwargs):

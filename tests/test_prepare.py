@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_helpers import fileio
-from lora_helpers.align import AlignSpec, bucket_sizes, nearest_bucket, plan_alignment, transform_points
-from lora_helpers.faces import SAME_PERSON_COSINE, Face, detect_faces, get_backend
-from lora_helpers.prepare import (
+from lora_helpers.core import fileio
+from lora_helpers.prepare.align import AlignSpec, bucket_sizes, nearest_bucket, plan_alignment, transform_points
+from lora_helpers.prepare.faces import SAME_PERSON_COSINE, Face, detect_faces, get_backend
+from lora_helpers.prepare.stage import (
     NoPhotosAcceptedError,
     PrepareConfig,
     prepare_photos,
     read_overrides,
     write_overrides,
 )
-from lora_helpers.lazy_photo import LazyPhoto
-from lora_helpers.quality import hash_distance, normalise_colours, perceptual_hash, ramp
+from lora_helpers.prepare.lazy_photo import LazyPhoto
+from lora_helpers.prepare.quality import hash_distance, normalise_colours, perceptual_hash, ramp
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 MANIFEST = json.loads((SAMPLE / "manifest.json").read_text())["files"]
@@ -222,7 +222,7 @@ def test_no_usable_photo_raises_with_every_reason(tmp_path):
 
 
 def test_one_failing_photo_does_not_stop_the_batch(tmp_path, monkeypatch):
-    from lora_helpers import quality
+    from lora_helpers.prepare import quality
 
     real = quality.measure_face
 
@@ -308,7 +308,7 @@ def test_plan_alignment_levels_eyes_and_respects_limits(image_size, eyes):
 
 
 def test_lazy_photo_matches_exif_transpose():
-    from lora_helpers.align import Alignment, warp
+    from lora_helpers.prepare.align import Alignment, warp
 
     rng = np.random.default_rng(1)
     raw = Image.fromarray(rng.integers(0, 255, (31, 47, 3), dtype=np.uint8))

@@ -1,7 +1,7 @@
 """The sample photos in sample_data/ are what the pipeline's tests and notebooks rely on.
 
 These tests check that each file is what manifest.json says it is: subject photos load
-upright through ``lora_helpers.images.load_image`` with exactly one face where the
+upright through ``lora_helpers.core.images.load_image`` with exactly one face where the
 manifest expects it, and each problem file trips the loader the way it should.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_helpers.images import ImageLoadError, list_images, load_image
+from lora_helpers.core.images import ImageLoadError, list_images, load_image
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 MANIFEST = json.loads((SAMPLE / "manifest.json").read_text(encoding="utf-8"))["files"]

@@ -33,7 +33,7 @@ def test_cli_writes_loadable_folders(tmp_path):
 def test_builders_are_deterministic(tmp_path):
     from safetensors.torch import load_file
 
-    from lora_helpers.testing import build_tiny_clip
+    from lora_helpers.core.tiny_models import build_tiny_clip
 
     a = load_file(next((build_tiny_clip(tmp_path / "a", seed=3)).glob("*.safetensors")))
     b = load_file(next((build_tiny_clip(tmp_path / "b", seed=3)).glob("*.safetensors")))

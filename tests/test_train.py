@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import image_diff, make_dataset, max_diff
 
-from lora_helpers.train import TrainConfig, TrainingDivergedError, train
+from lora_helpers.train.stage import TrainConfig, TrainingDivergedError, train
 
 
 def _config(tiny_models, **overrides) -> TrainConfig:
@@ -75,7 +75,7 @@ def test_run_folder_contract(learned, dataset):
     assert list(captured) == [48]
     assert _rows(run_dir)[-1]["n_images"] == 1
     # offline, the Hub upload is skipped with a message
-    from lora_helpers.runs import push_to_hub
+    from lora_helpers.train.outputs import push_to_hub
 
     assert push_to_hub(run_dir, "someone/tok-person-lora") is None
     # both aspect buckets were trained
@@ -138,7 +138,7 @@ def test_resume_repeats_an_uninterrupted_run(dataset, tiny_models, tmp_path):
 
 def test_nonfinite_loss_is_skipped_counted_and_stops_the_run_when_repeated(dataset, tiny_models, tmp_path,
                                                                            monkeypatch):
-    from lora_helpers import train_loop
+    from lora_helpers.train import loop as train_loop
 
     real = train_loop._diffusion_loss
     calls = {"n": 0}
@@ -162,8 +162,8 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_the_run_when_repeated(datas
 
 
 def test_out_of_memory_is_reported_with_advice(dataset, tiny_models, tmp_path, monkeypatch):
-    from lora_helpers import train_loop
-    from lora_helpers.train import TrainingOutOfMemoryError
+    from lora_helpers.train import loop as train_loop
+    from lora_helpers.train.stage import TrainingOutOfMemoryError
 
     def oom(self):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
@@ -175,7 +175,7 @@ def test_out_of_memory_is_reported_with_advice(dataset, tiny_models, tmp_path, m
 
 
 def test_buckets_keep_prepared_sizes_and_batches_never_mix_them():
-    from lora_helpers.latents import batch_plan, bucket_size
+    from lora_helpers.train.latents import batch_plan, bucket_size
 
     assert bucket_size(832, 1216, 1024) == (832, 1216)  # an SDXL bucket from the prepare stage stays
     w, h = bucket_size(3000, 4000, 1024)  # a phone photo goes to a 3:4 bucket of about 1024^2 px
@@ -189,7 +189,7 @@ def test_buckets_keep_prepared_sizes_and_batches_never_mix_them():
 
 
 def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
-    from lora_helpers.latents import read_training_images
+    from lora_helpers.train.latents import read_training_images
 
     folder = make_dataset(tmp_path / "dataset")
     (folder / "images" / "astronaut_01.png").write_bytes(b"not a png")
@@ -205,7 +205,7 @@ def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
 
 
 def test_over_budget_plan_is_refused_before_loading(dataset, tiny_models, tmp_path):
-    from lora_helpers.memory import MemoryBudgetError
+    from lora_helpers.train.memory import MemoryBudgetError
 
     with pytest.raises(MemoryBudgetError, match="GB"):
         train(dataset, tmp_path / "run", config=_config(tiny_models, memory_budget_gb=0.001))
@@ -241,7 +241,7 @@ def test_cli_trains_with_prior_preservation(dataset, tiny_models, tmp_path, caps
 
 
 def test_naming_a_preset_without_applying_it_is_refused():
-    from lora_helpers.train import TrainConfig
+    from lora_helpers.train.stage import TrainConfig
 
     with pytest.raises(ValueError, match="from_preset"):
         TrainConfig(preset="cpu-smoke")
@@ -251,7 +251,7 @@ def test_naming_a_preset_without_applying_it_is_refused():
 
 
 def test_model_card_tells_each_tool_how_to_load_the_kohya_file(tmp_path):
-    from lora_helpers.runs import write_model_card
+    from lora_helpers.train.outputs import write_model_card
 
     card = write_model_card(tmp_path, config={"model": "stabilityai/stable-diffusion-xl-base-1.0", "resolution": 1024},
                             trigger="TOK person", n_images=8, steps=800, kohya_path=tmp_path / "tok_kohya.safetensors",

@@ -1,0 +1,502 @@
+"""Tiny models built from configs, saved to disk, loaded through ``from_pretrained``.
+
+Our CI and dev machines have no GPU and no model hub, so every stage runs on small
+randomly initialised models with the real architectures (SDXL UNet with the
+``text_time`` embedding, VAE, both CLIP text encoders, BLIP, CLIP). They are written to
+a folder and loaded by the same ``from_pretrained`` call Colab uses with hub ids — there
+is no test-only branch in the library.
+
+Builders are deterministic for a seed. ``build_full_sdxl`` makes the real-size SDXL with
+random weights, on a GPU, for memory and speed benchmarks only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+__all__ = [
+    "TINY_MODELS_VERSION",
+    "SDXL_UNET_CONFIG",
+    "write_clip_tokenizer",
+    "write_blip_tokenizer",
+    "build_tiny_sdxl",
+    "build_tiny_blip",
+    "build_tiny_clip",
+    "build_tiny_models",
+    "build_full_sdxl",
+    "write_sample_dataset",
+    "add_cli_arguments",
+    "run_cli",
+]
+
+# Bump when a builder changes, so cached tiny models are rebuilt.
+TINY_MODELS_VERSION = 1
+
+# Words the tiny tokenizers learn as whole tokens: what our prompts and captions use,
+# so that token counts in smoke mode look like real ones ("TOK person" -> 2 tokens).
+_CORPUS = """
+a an the of in on at with and or for to from by is are was were be it its this that
+photo photograph picture portrait close up closeup selfie headshot image painting drawing sketch
+tok sks ohwx person man woman boy girl child people face head hair eyes nose mouth smile smiling
+young old adult lady guy gentleman wearing shirt suit jacket dress hat glasses tie uniform
+standing sitting walking running holding looking posing smiling laughing front behind near next
+building street city park beach mountain forest room kitchen office table chair window wall sky
+background white black red blue green yellow orange purple pink brown gray grey dark light bright
+flag space astronaut nasa navy officer computer book cup coffee dog cat car tree grass water snow
+style oil watercolor anime cartoon cinematic lighting high quality detailed realistic professional
+blurry low worst bad deformed ugly lowres jpeg artifacts watermark text signature cropped
+in front of there is arafed arafe man's woman's long short curly straight
+astronaut suit grace hopper
+""".split()
+_SPECIAL_WEIGHT = {"tok": 50, "person": 50, "photo": 40, "a": 60, "of": 40}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to
+    # unused code points, so every byte string has a visible, reversible spelling.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _learn_bpe(words: Counter, num_merges: int) -> list[tuple[str, str]]:
+    """Learn BPE merges (CLIP style: the last symbol of a word carries ``</w>``)."""
+    split = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in words}
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter = Counter()
+        for w, freq in words.items():
+            syms = split[w]
+            for a, b in zip(syms, syms[1:]):
+                pairs[(a, b)] += freq
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        merges.append(best)
+        for w in words:
+            syms, out, i = split[w], [], 0
+            while i < len(syms):
+                if i + 1 < len(syms) and (syms[i], syms[i + 1]) == best:
+                    out.append(syms[i] + syms[i + 1])
+                    i += 2
+                else:
+                    out.append(syms[i])
+                    i += 1
+            split[w] = tuple(out)
+    return merges
+
+
+def write_clip_tokenizer(folder: str | os.PathLike, *, num_merges: int = 600, pad_token: str = "<|endoftext|>") -> Path:
+    """Write a CLIP BPE tokenizer (vocab.json, merges.txt, config) learned from a small corpus.
+
+    Args:
+        folder: output folder; load it with ``CLIPTokenizer.from_pretrained(folder)``.
+        num_merges: number of BPE merges (vocabulary size is about 512 + this).
+        pad_token: SDXL's first tokenizer pads with ``<|endoftext|>``, the second with ``!``.
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = Counter({w.lower(): _SPECIAL_WEIGHT.get(w.lower(), 5) for w in _CORPUS if re.fullmatch(r"[a-z']+", w.lower())})
+    merges = _learn_bpe(words, num_merges)
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_list = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,  # transformers v5 does not infer CLIP's limit from the vocabulary
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+        "do_lower_case": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}), encoding="utf-8"
+    )
+    return folder
+
+
+def write_blip_tokenizer(folder: str | os.PathLike) -> Path:
+    """Write a BERT WordPiece tokenizer like BLIP's (with the ``[DEC]`` start token).
+
+    Returns:
+        The folder; load it with ``AutoTokenizer.from_pretrained(folder)``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    words = list(dict.fromkeys(w.lower() for w in _CORPUS))
+    pieces = [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz.,'-")
+    (folder / "vocab.txt").write_text("\n".join(specials + words + pieces) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": True,
+        "model_max_length": 512,
+        "unk_token": "[UNK]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "mask_token": "[MASK]",
+        "bos_token": "[DEC]",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
+
+
+def _tiny_sdxl_dims(size: str) -> dict:
+    if size == "tiny":
+        return dict(blocks=(32, 64), layers=1, heads=(2, 4), tlayers=(1, 2), text_hidden=32, text_layers=2,
+                    time_dim=8, vae_blocks=(8, 16, 32, 32), vae_groups=8, sample=64)
+    if size == "small":
+        # Real SDXL topology (3 levels, deeper transformer at the bottom) at a fraction of the
+        # width: enough work per step that CPU timings mean something.
+        return dict(blocks=(64, 128, 256), layers=2, heads=(2, 4, 8), tlayers=(1, 1, 2), text_hidden=64, text_layers=2,
+                    time_dim=32, vae_blocks=(16, 32, 64, 64), vae_groups=16, sample=128)
+    raise ValueError(f"size must be 'tiny' or 'small', not {size!r}")
+
+
+def build_tiny_sdxl(folder: str | os.PathLike, *, seed: int = 0, size: str = "tiny") -> Path:
+    """Write a small random SDXL pipeline that ``StableDiffusionXLPipeline.from_pretrained`` loads.
+
+    Args:
+        folder: output folder (diffusers layout: unet/, vae/, text_encoder/, text_encoder_2/,
+            tokenizer/, tokenizer_2/, scheduler/, model_index.json).
+        seed: weights are a function of the seed alone.
+        size: "tiny" (64 px default, tests) or "small" (128 px, CPU benchmarks).
+
+    Returns:
+        The folder.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    d = _tiny_sdxl_dims(size)
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok1 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tok1"))
+        tok2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tok2", pad_token="!"))
+    text_cfg = dict(
+        vocab_size=len(tok1), hidden_size=d["text_hidden"], intermediate_size=2 * d["text_hidden"],
+        num_hidden_layers=d["text_layers"], num_attention_heads=4, max_position_embeddings=77,
+        bos_token_id=tok1.bos_token_id, eos_token_id=tok1.eos_token_id, pad_token_id=tok1.pad_token_id,
+        projection_dim=d["text_hidden"], hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+    n = len(d["blocks"])
+    unet = UNet2DConditionModel(
+        sample_size=d["sample"] // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=d["blocks"],
+        layers_per_block=d["layers"],
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        attention_head_dim=d["heads"],
+        transformer_layers_per_block=d["tlayers"],
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=d["time_dim"],
+        # 6 add-time ids (original size, crop, target size) + the pooled text embedding
+        projection_class_embeddings_input_dim=6 * d["time_dim"] + d["text_hidden"],
+        cross_attention_dim=2 * d["text_hidden"],  # both encoders' hidden states, concatenated
+        norm_num_groups=min(32, d["blocks"][0]),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=d["vae_blocks"],  # 4 levels: 8x downsampling, as SDXL's VAE
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=d["vae_groups"],
+        sample_size=d["sample"],
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tok1, tokenizer_2=tok2,
+        unet=unet, scheduler=scheduler,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_blip(folder: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a tiny BLIP captioning model and processor (``BlipForConditionalGeneration``).
+
+    Returns:
+        The folder; ``BlipForConditionalGeneration.from_pretrained(folder)`` and
+        ``BlipProcessor.from_pretrained(folder)`` load it.
+    """
+    from transformers import (
+        AutoTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor,
+    )
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(write_blip_tokenizer(Path(tmp) / "tok"))
+    dec = tokenizer.convert_tokens_to_ids("[DEC]")
+    config = BlipConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, encoder_hidden_size=32,
+            bos_token_id=dec, pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+        ),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config)
+    model.generation_config.max_new_tokens = 20
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_clip(folder: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a tiny CLIP model and processor (image and text towers, projection 32).
+
+    Returns:
+        The folder; ``CLIPModel.from_pretrained(folder)`` and ``CLIPProcessor.from_pretrained(folder)`` load it.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tok"))
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # parallel test workers build once, not N times
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_tiny_models(root: str | os.PathLike, *, seed: int = 0, small: bool = False) -> Path:
+    """Build ``root/sdxl``, ``root/blip``, ``root/clip`` (and ``root/sdxl-small`` if asked).
+
+    Safe to call from several processes: one builds, the others wait and reuse. A
+    ``complete`` marker is written last, so a half-built folder is never used.
+
+    Returns:
+        ``root``.
+    """
+    root = Path(root)
+    with _lock(root.parent / f".{root.name}.lock"):
+        if (root / "complete").exists() and (not small or (root / "sdxl-small").exists()):
+            return root
+        root.mkdir(parents=True, exist_ok=True)
+        builders = [("sdxl", lambda p: build_tiny_sdxl(p, seed=seed)), ("blip", lambda p: build_tiny_blip(p, seed=seed)),
+                    ("clip", lambda p: build_tiny_clip(p, seed=seed))]
+        if small:
+            builders.append(("sdxl-small", lambda p: build_tiny_sdxl(p, seed=seed, size="small")))
+        for name, build in builders:
+            if (root / name).exists() and (root / "complete").exists():
+                continue
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+            try:
+                build(tmp)
+                shutil.rmtree(root / name, ignore_errors=True)
+                os.replace(tmp, root / name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        (root / "complete").write_text(json.dumps({"version": TINY_MODELS_VERSION, "seed": seed}))
+    return root
+
+
+# The SDXL 1.0 base UNet (2.6 B parameters), for GPU memory/speed benchmarks.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+
+
+def build_full_sdxl(folder: str | os.PathLike, *, device: str | torch.device = "cuda", seed: int = 0) -> Path:
+    """Write a real-size SDXL pipeline with random weights in fp16 (about 7 GB on disk).
+
+    Only for GPU benchmarks of memory and speed: likeness means nothing with random
+    weights, but the memory and time of a training step are those of SDXL. Never run on
+    CPU test machines.
+
+    Args:
+        folder: output folder in diffusers layout.
+        device: where to initialise (a GPU: building 3.5 B parameters on CPU takes minutes).
+        seed: weight seed.
+
+    Returns:
+        The folder.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    device = torch.device(device)
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok1 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tok1"))
+        tok2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tok2", pad_token="!"))
+    ids = dict(bos_token_id=tok1.bos_token_id, eos_token_id=tok1.eos_token_id, pad_token_id=tok1.pad_token_id,
+               vocab_size=49408, max_position_embeddings=77)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                           num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu", **ids))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                                                         num_hidden_layers=32, projection_dim=1280, hidden_act="gelu", **ids))
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                            sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+                                     unet=unet, scheduler=scheduler)
+    pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(folder, variant="fp16")
+    return folder
+
+
+def write_sample_dataset(
+    folder: str | os.PathLike, *, photos_dir: str | os.PathLike | None = None, size: int = 64, limit: int = 6
+) -> Path:
+    """Write a small dataset folder for smoke runs of the stages after prepare.
+
+    With ``photos_dir`` and the prepare stage installed, this is
+    :func:`lora_helpers.prepare.stage.prepare_photos` at ``size`` px (face-centred crops, masks).
+    Otherwise it writes plain centre crops: ``images/<stem>.png`` (square, ``size`` px) and
+    ``metadata.jsonl`` rows with ``file_name``, ``original_size`` and ``source``.
+    Nothing is written when ``folder/images`` already exists.
+
+    Args:
+        folder: the dataset folder.
+        photos_dir: photos to use (e.g. ``sample_data/person``); None or a missing folder
+            takes crops of scikit-image's astronaut photo (public domain).
+        size: output size in pixels (the prepare stage's resolution).
+        limit: at most this many images for the plain crops.
+
+    Returns:
+        The folder.
+    """
+    from PIL import Image, ImageOps
+
+    from lora_helpers.core.fileio import atomic_dir, save_image, write_jsonl
+    from lora_helpers.core.images import ImageLoadError, list_images, load_image
+
+    folder = Path(folder)
+    if (folder / "images").is_dir():
+        return folder
+    if photos_dir is not None and Path(photos_dir).is_dir():
+        try:
+            from lora_helpers.prepare.stage import PrepareConfig, prepare_photos
+        except ImportError:  # a build without the prepare stage: plain crops below
+            pass
+        else:
+            prepare_photos(photos_dir, folder, config=PrepareConfig(resolution=size), progress=False)
+            return folder
+    sources: list[tuple[str, Image.Image]] = []
+    if photos_dir is not None and Path(photos_dir).is_dir():
+        for path in list_images(photos_dir)[:limit]:
+            try:
+                sources.append((path.name, load_image(path)))
+            except ImageLoadError:
+                continue
+    if not sources:
+        from skimage import data
+
+        astronaut = Image.fromarray(data.astronaut()[..., :3])
+        boxes = [(120, 20, 320, 220), (140, 50, 300, 210), (100, 0, 360, 260), (160, 70, 290, 200),
+                 (80, 10, 380, 310), (130, 40, 330, 240)]
+        sources = [(f"astronaut_{i:02d}.png", astronaut.crop(box)) for i, box in enumerate(boxes[:limit], 1)]
+    rows = []
+    with atomic_dir(folder / "images") as tmp:
+        for name, image in sources:
+            stem = Path(name).stem
+            square = ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
+            save_image(tmp / f"{stem}.png", square)
+            rows.append({"file_name": f"images/{stem}.png", "original_size": [image.height, image.width],
+                         "source": name})
+    write_jsonl(folder / "metadata.jsonl", rows)
+    return folder
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``python -m lora_helpers tiny-models``."""
+    parser.add_argument("out_dir", type=Path, help="folder to write sdxl/, blip/, clip/ into")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--small", action="store_true", help="also build sdxl-small/ (128 px, for CPU benchmarks)")
+    parser.add_argument("--full", action="store_true",
+                        help="also build sdxl-full/: real-size SDXL, random fp16 weights (needs a GPU, ~7 GB)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Build the requested models and print where they went."""
+    root = build_tiny_models(args.out_dir, seed=args.seed, small=args.small)
+    if args.full:
+        if not torch.cuda.is_available():
+            print("--full needs a CUDA GPU (building 3.5 B random parameters on CPU is not useful); skipped")
+        else:
+            build_full_sdxl(root / "sdxl-full", seed=args.seed)
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        size = sum(f.stat().st_size for f in sub.rglob("*") if f.is_file())
+        print(f"{sub}  ({size / 1e6:.1f} MB)")
+    return 0

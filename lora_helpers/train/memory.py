@@ -1,0 +1,444 @@
+"""GPU memory planner: how much a training run will need, before anything is loaded.
+
+The 8 GB recipe only works when every part of the budget is known: the frozen UNet in
+fp16 (~4.8 GiB for SDXL), the LoRA weights, gradients and optimizer state (small, fp32),
+and the activations kept for the backward pass (set by resolution, batch and gradient
+checkpointing). :func:`estimate_peak_memory` adds these up from the model's *config*
+(the UNet is built on the ``meta`` device: no weights, no memory) and
+:func:`check_budget` refuses a plan over budget, naming the settings that would fit.
+
+Units: "GB" here is GiB (2**30 bytes), the unit ``torch.cuda.max_memory_allocated`` and
+nvidia-smi report.
+
+How the activation figures were obtained: the UNet forward and backward pass was traced
+on CPU with fake tensors (no memory allocated) while counting the bytes of every live
+tensor, for the tiny, small and full SDXL configs at several resolutions, with and
+without gradient checkpointing. Activations grow with the sum, over the UNet's levels,
+of (latent pixels at that level) x (channels) x (resnets + transformer layers); the
+traced bytes per element of that sum are the coefficients below. On a GPU, cuDNN/cuBLAS
+workspaces, autocast copies and allocator rounding come on top; :data:`CUDA_ACTIVATION_FACTOR`
+and :data:`CUDA_OVERHEAD_GB` cover them and are to be checked against
+``benchmarks/bench_train.py`` on a real GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+__all__ = [
+    "GB",
+    "MemoryPlan",
+    "MemoryBudgetError",
+    "unet_config_for",
+    "count_unet_parameters",
+    "estimate_peak_memory",
+    "check_budget",
+    "trace_training_memory",
+]
+
+GB = 2**30
+# Traced bytes of saved activations per (level pixels x channels x units) element, per
+# byte of activation dtype: ~1.6 elements with checkpointing (block inputs + one block
+# recomputed), ~21.5 without (every intermediate of every block).
+ACTIVATION_ELEMENTS_CHECKPOINTED = 1.6
+ACTIVATION_ELEMENTS_FULL = 21.5
+INFERENCE_FRACTION = 0.37
+CUDA_ACTIVATION_FACTOR = 1.5  # fp32 GroupNorm outputs under autocast, workspaces in backward
+CUDA_OVERHEAD_GB = 0.5  # cuBLAS/cuDNN workspaces, allocator rounding and fragmentation
+HOST_BASELINE_GB = 1.5  # Python, torch, CUDA runtime in host RAM
+_SDXL_TEXT_ENCODER_PARAMS = 123_060_480 + 694_659_840  # CLIP ViT-L text + OpenCLIP bigG text
+_SDXL_VAE_PARAMS = 83_653_863
+
+
+class MemoryBudgetError(RuntimeError):
+    """A training plan that does not fit the memory budget; the message says what to change."""
+
+    def __init__(self, message: str, plan: "MemoryPlan"):
+        super().__init__(message)
+        self.plan = plan
+
+
+@dataclass
+class MemoryPlan:
+    """Estimated peak GPU memory of a training run, item by item (GiB).
+
+    Attributes:
+        items: name -> GiB for the training step's peak.
+        train_peak_gb: sum of ``items``.
+        validation_peak_gb: peak while making validation images.
+        host_peak_gb: host RAM while loading (one big model at a time).
+        budget_gb: the budget it is checked against (None: none).
+        inputs: the arguments of :func:`estimate_peak_memory` that made it.
+        notes: assumptions worth knowing.
+    """
+
+    items: dict[str, float]
+    train_peak_gb: float
+    validation_peak_gb: float
+    host_peak_gb: float
+    budget_gb: float | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_gb(self) -> float:
+        """The larger of the training and validation peaks."""
+        return max(self.train_peak_gb, self.validation_peak_gb)
+
+    @property
+    def fits(self) -> bool:
+        return self.budget_gb is None or self.peak_gb <= self.budget_gb
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peak_gb": round(self.peak_gb, 3), "train_peak_gb": round(self.train_peak_gb, 3),
+                "validation_peak_gb": round(self.validation_peak_gb, 3), "host_peak_gb": round(self.host_peak_gb, 3),
+                "budget_gb": self.budget_gb, "items": {k: round(v, 4) for k, v in self.items.items()},
+                "inputs": {k: v for k, v in self.inputs.items() if k != "unet_config"}, "notes": self.notes}
+
+    def __str__(self) -> str:
+        width = max(len(k) for k in self.items) + 2
+        lines = [f"  {k:<{width}}{v:6.2f} GB" for k, v in self.items.items()]
+        lines.append(f"  {'training step peak':<{width}}{self.train_peak_gb:6.2f} GB")
+        lines.append(f"  {'validation images peak':<{width}}{self.validation_peak_gb:6.2f} GB")
+        budget = "no budget" if self.budget_gb is None else f"budget {self.budget_gb:.2f} GB"
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        lines.append(f"  => estimated peak {self.peak_gb:.2f} GB, {budget}: {verdict}")
+        lines.append(f"  host RAM while loading: about {self.host_peak_gb:.1f} GB")
+        return "memory plan (GPU, GiB):\n" + "\n".join(lines)
+
+
+def unet_config_for(model: str) -> dict:
+    """The UNet config of a model (hub id or folder), reading only ``unet/config.json``.
+
+    Offline, the hub id of SDXL base falls back to the known SDXL config, so plans can
+    be made anywhere.
+    """
+    from diffusers import UNet2DConditionModel
+
+    try:
+        with warnings.catch_warnings():  # huggingface_hub deprecation chatter on offline lookups
+            warnings.simplefilter("ignore")
+            return dict(UNet2DConditionModel.load_config(model, subfolder="unet"))
+    except (OSError, ValueError, EnvironmentError):
+        if "stable-diffusion-xl" in str(model).lower() or "sdxl" in str(model).lower():
+            from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
+
+            return dict(SDXL_UNET_CONFIG)
+        raise
+
+
+def _matches(name: str, targets: tuple[str, ...]) -> bool:
+    # peft's rule: a target matches a module whose name is it or ends with "." + it
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+@functools.lru_cache(maxsize=16)
+def _vae_parameters(model: str | None) -> int:
+    """Parameters of the model's VAE, from its config on the meta device (SDXL's when unknown)."""
+    if model is None:
+        return _SDXL_VAE_PARAMS
+    import torch
+    from diffusers import AutoencoderKL
+
+    try:
+        config = dict(AutoencoderKL.load_config(model, subfolder="vae"))
+    except (OSError, ValueError, EnvironmentError):
+        return _SDXL_VAE_PARAMS
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    return sum(p.numel() for p in vae.parameters())
+
+
+@functools.lru_cache(maxsize=16)
+def _count(config_json: str, targets: tuple[str, ...], rank: int) -> tuple[int, int, int]:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    total = sum(p.numel() for p in unet.parameters())
+    linear = sum(m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Linear))
+    lora = 0
+    for name, module in unet.named_modules():
+        if not _matches(name, targets):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            lora += rank * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            lora += rank * (module.in_channels * k + module.out_channels)
+    return total, linear, lora
+
+
+def count_unet_parameters(unet_config: dict, *, target_modules=("to_k", "to_q", "to_v", "to_out.0"),
+                          rank: int = 16) -> dict[str, int]:
+    """Parameters of a UNet config, its Linear layers, and a LoRA on ``target_modules``.
+
+    Returns:
+        ``{"total": ..., "linear": ..., "lora": ...}``.
+    """
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet_config.items() if not k.startswith("_")}
+    total, linear, lora = _count(json.dumps(config, sort_keys=True, default=str), tuple(target_modules), rank)
+    return {"total": total, "linear": linear, "lora": lora}
+
+
+def _activation_elements(unet_config: dict, latent_h: int, latent_w: int) -> float:
+    """Sum over levels of (pixels at level) x channels x (resnets + transformer layers)."""
+    channels = list(unet_config["block_out_channels"])
+    per_block = int(unet_config.get("layers_per_block", 2))
+    tlayers = unet_config.get("transformer_layers_per_block", 1)
+    tlayers = list(tlayers) if isinstance(tlayers, (list, tuple)) else [tlayers] * len(channels)
+    down_types = list(unet_config.get("down_block_types", ["CrossAttnDownBlock2D"] * len(channels)))
+    pixels = latent_h * latent_w
+    total = 0.0
+    for level, ch in enumerate(channels):
+        units = per_block + per_block + 1  # resnets on the way down and up (+1 for the skip concat)
+        if "CrossAttn" in down_types[level]:
+            units += (2 * per_block + 1) * int(tlayers[level])
+        if level == len(channels) - 1:  # the mid block
+            units += 2 + int(tlayers[level])
+        total += pixels / 4**level * ch * units
+    return total
+
+
+def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None = None, resolution: int = 1024,
+                         batch_size: int = 1, lora_rank: int = 16,
+                         target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
+                         weight_dtype: str = "fp16", unet_8bit: bool = False, gradient_checkpointing: bool = True,
+                         optimizer: str = "adamw8bit", train_text_encoder: bool = False,
+                         text_encoder_rank: int | None = None, prior_preservation: bool = False,
+                         device_type: str = "cuda", budget_gb: float | None = None) -> MemoryPlan:
+    """Estimate the peak GPU memory of a LoRA training run without loading any weights.
+
+    Args:
+        unet_config: the UNet config dict; or ``model`` to read it from.
+        model: hub id or folder of the SDXL model.
+        resolution: training side in pixels (aspect buckets have about the same area).
+        batch_size: images per step (gradient accumulation does not add memory).
+        lora_rank: LoRA rank.
+        target_modules: the UNet layers that get LoRA weights.
+        weight_dtype: "fp16"/"bf16" (2 bytes) or "fp32" (4 bytes) for the frozen UNet.
+        unet_8bit: the frozen UNet's Linear layers stored in 8 bits (bitsandbytes).
+        gradient_checkpointing: recompute block activations in the backward pass.
+        optimizer: "adamw8bit" (2 bytes of state per LoRA parameter) or "adamw" (8 bytes).
+        train_text_encoder: both text encoders stay on the GPU with their own LoRA.
+        text_encoder_rank: their LoRA rank (default ``lora_rank``).
+        prior_preservation: a class image per step (a second forward/backward, not a larger batch).
+        device_type: "cuda" adds workspaces and allocator slack; "cpu" does not.
+        budget_gb: recorded in the plan for :func:`check_budget`.
+
+    Returns:
+        A :class:`MemoryPlan`.
+    """
+    inputs = dict(locals())
+    if unet_config is None:
+        if model is None:
+            raise ValueError("pass unet_config or model")
+        unet_config = unet_config_for(model)
+    wbytes = 4 if weight_dtype == "fp32" else 2
+    counts = count_unet_parameters(unet_config, target_modules=target_modules, rank=lora_rank)
+    n_lora = counts["lora"]
+    items: dict[str, float] = {}
+    if unet_8bit:
+        # bitsandbytes quantizes the Linear layers; convolutions and norms stay in 16 bits
+        unet_bytes = counts["linear"] * 1 + (counts["total"] - counts["linear"]) * wbytes
+        items["UNet weights (Linear in 8 bits, rest fp16)"] = unet_bytes / GB
+    else:
+        items[f"UNet weights ({weight_dtype}, frozen)"] = counts["total"] * wbytes / GB
+    state_bytes = 2 if optimizer == "adamw8bit" else 8
+    if train_text_encoder:
+        te_rank = text_encoder_rank or lora_rank
+        # q, k, v, out projections of every layer: 4 * 2 * hidden * rank per layer (768 x 12 and 1280 x 32)
+        n_te_lora = te_rank * 8 * (768 * 12 + 1280 * 32)
+        items[f"text encoders ({weight_dtype}, frozen)"] = _SDXL_TEXT_ENCODER_PARAMS * wbytes / GB
+        n_lora += n_te_lora
+    items["LoRA weights + gradients (fp32)"] = n_lora * 8 / GB
+    items[f"optimizer state ({optimizer})"] = n_lora * state_bytes / GB
+    if wbytes == 2:
+        items["autocast copies of LoRA weights"] = n_lora * 2 / GB
+    latent = resolution // 8
+    abytes = 4 if weight_dtype == "fp32" else 2
+    per_element = ACTIVATION_ELEMENTS_CHECKPOINTED if gradient_checkpointing else ACTIVATION_ELEMENTS_FULL
+    activations = per_element * abytes * batch_size * _activation_elements(unet_config, latent, latent)
+    if device_type == "cuda":
+        activations *= CUDA_ACTIVATION_FACTOR
+    label = "on" if gradient_checkpointing else "off"
+    items[f"activations (batch {batch_size}, {resolution} px, checkpointing {label})"] = activations / GB
+    cond = batch_size * (77 * unet_config.get("cross_attention_dim", 2048) * 2 + 4 * latent * latent * 4 * 3)
+    items["batch tensors (latents, noise, embeddings)"] = cond * (2 if prior_preservation else 1) / GB
+    if device_type == "cuda":
+        items["CUDA workspaces, allocator slack"] = CUDA_OVERHEAD_GB
+    train_peak = sum(items.values())
+
+    # Validation: no activations kept, gradients freed; the VAE decodes in 512-px tiles.
+    persistent = sum(v for k, v in items.items() if k.startswith(("UNet", "text encoders", "optimizer")))
+    persistent += n_lora * 4 / GB
+    vae_weights = _vae_parameters(model) * wbytes / GB
+    decode = 0.75 * (min(resolution, 512) / 512) ** 2 * (abytes / 2)
+    # a forward pass without grad holds the skip connections and one block's intermediates:
+    # traced for SDXL at 1024 px, batch 2 (classifier-free guidance), 0.37 of a checkpointed step
+    inference = INFERENCE_FRACTION * ACTIVATION_ELEMENTS_CHECKPOINTED * abytes * 2 * _activation_elements(
+        unet_config, latent, latent) / GB
+    validation_peak = persistent + vae_weights + decode + inference + (CUDA_OVERHEAD_GB if device_type == "cuda" else 0)
+
+    biggest = counts["total"] * wbytes / GB
+    if train_text_encoder:
+        biggest += _SDXL_TEXT_ENCODER_PARAMS * wbytes / GB
+    host_peak = biggest + HOST_BASELINE_GB
+    notes = ["activation figures are traced on CPU with fake tensors; the CUDA factor and overhead are assumptions "
+             "until measured on a GPU (benchmarks/bench_train.py)"]
+    if prior_preservation:
+        notes.append("prior preservation runs the class image as its own forward/backward pass: no extra activations")
+    return MemoryPlan(items=items, train_peak_gb=train_peak, validation_peak_gb=validation_peak,
+                      host_peak_gb=host_peak, budget_gb=budget_gb, inputs=inputs, notes=notes)
+
+
+_ALTERNATIVES: list[tuple[str, dict, str]] = [
+    ("gradient_checkpointing", {"gradient_checkpointing": True}, "turn on gradient checkpointing"),
+    ("optimizer", {"optimizer": "adamw8bit"}, "use 8-bit AdamW (optimizer='adamw8bit', needs CUDA + bitsandbytes)"),
+    ("batch_size", {"batch_size": 1}, "batch 1 (keep the effective batch with gradient_accumulation_steps)"),
+    ("train_text_encoder", {"train_text_encoder": False}, "train the UNet only (train_text_encoder=False)"),
+    ("weight_dtype", {"weight_dtype": "fp16"}, "keep the frozen UNet in fp16 (mixed_precision='fp16')"),
+    ("lora_rank", {"lora_rank": 8}, "a smaller LoRA (lora_rank=8)"),
+    ("unet_8bit", {"unet_8bit": True}, "store the frozen UNet in 8 bits (unet_8bit=True)"),
+    ("resolution", {"resolution": 768}, "train at 768 px (resolution=768)"),
+    ("resolution", {"resolution": 512}, "train at 512 px (resolution=512)"),
+]
+
+
+def check_budget(plan: MemoryPlan, budget_gb: float | None = None) -> MemoryPlan:
+    """Refuse a plan over budget, naming the settings that would make it fit.
+
+    Args:
+        plan: from :func:`estimate_peak_memory`.
+        budget_gb: GiB allowed (default: ``plan.budget_gb``); None accepts any plan.
+
+    Returns:
+        The plan (with the budget recorded) when it fits.
+
+    Raises:
+        MemoryBudgetError: with the estimate, the biggest items, and each single change
+            (or the cheapest combination) that brings the estimate under budget.
+    """
+    budget = plan.budget_gb if budget_gb is None else budget_gb
+    plan = replace(plan, budget_gb=budget)
+    if plan.fits:
+        return plan
+    inputs = {k: v for k, v in plan.inputs.items() if k != "budget_gb"}
+
+    def applies(change: dict, current: dict) -> bool:
+        if "resolution" in change:
+            return current.get("resolution", 0) > change["resolution"]
+        return any(current.get(k) != v for k, v in change.items())
+
+    fixes = []
+    for _, change, text in _ALTERNATIVES:
+        if applies(change, inputs):
+            trial = estimate_peak_memory(**{**inputs, **change})
+            if trial.peak_gb <= budget:
+                fixes.append(f"  - {text}: about {trial.peak_gb:.2f} GB")
+    combined, combo, combined_gb = dict(inputs), [], plan.peak_gb
+    if not fixes:  # no single change is enough: add changes in order until it fits
+        for _, change, text in _ALTERNATIVES:
+            if applies(change, combined):
+                combined.update(change)
+                combo.append(text)
+                combined_gb = estimate_peak_memory(**combined).peak_gb
+                if combined_gb <= budget:
+                    break
+    biggest = sorted(plan.items.items(), key=lambda kv: -kv[1])[:3]
+    lines = [f"training needs about {plan.peak_gb:.2f} GB of GPU memory, over the {budget:.2f} GB budget.",
+             "largest items: " + ", ".join(f"{k} {v:.2f} GB" for k, v in biggest) + "."]
+    if fixes:
+        lines.append("each of these would fit:")
+        lines += fixes
+    elif combo and combined_gb <= budget:
+        lines.append(f"together these would fit (about {combined_gb:.2f} GB): " + "; ".join(combo))
+    else:
+        lines.append("nothing in reach fits: raise the budget (memory_budget_gb) or use a GPU with more memory")
+    raise MemoryBudgetError("\n".join(lines), plan)
+
+
+def trace_training_memory(unet_config: dict, *, resolution: int = 1024, batch_size: int = 1, lora_rank: int = 16,
+                          target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
+                          gradient_checkpointing: bool = True, weight_dtype: str = "fp16") -> dict[str, float]:
+    """Trace one training step of the UNet on fake tensors and count the bytes of live tensors.
+
+    Nothing is allocated and no weights are needed (the model lives on the ``meta`` device),
+    so this measures, on any CPU, the tensors a GPU step would hold: the check behind the
+    coefficients of :func:`estimate_peak_memory`. It takes seconds for the tiny model and
+    about a minute for the full SDXL UNet. CUDA workspaces and allocator slack are not included.
+
+    Returns:
+        ``{"peak_gb", "activations_gb", "lora_grads_gb"}`` (peak over forward and backward,
+        excluding the weights themselves).
+    """
+    import weakref
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class _LiveBytes(TorchDispatchMode):
+        def __init__(self, ignore: list[torch.Tensor]):
+            super().__init__()
+            self.current = self.peak = 0
+            self.live = {id(t.untyped_storage()): 0 for t in ignore}  # weights and inputs are not counted
+
+        def _free(self, key: int) -> None:
+            self.current -= self.live.pop(key, 0)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    storage = t.untyped_storage()
+                    if id(storage) not in self.live:  # views share their base's storage
+                        self.live[id(storage)] = storage.nbytes()
+                        self.current += storage.nbytes()
+                        self.peak = max(self.peak, self.current)
+                        weakref.finalize(storage, self._free, id(storage))
+            return out
+
+    dtype = torch.float32 if weight_dtype == "fp32" else torch.float16
+    config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                target_modules=list(target_modules)))
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    latent = resolution // 8
+    text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    with FakeTensorMode():
+        for module in unet.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[name] = torch.nn.Parameter(
+                        torch.empty(p.shape, dtype=torch.float32 if p.requires_grad else dtype), requires_grad=p.requires_grad)
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+        sample = torch.randn(batch_size, 4, latent, latent, dtype=dtype)
+        context = torch.randn(batch_size, 77, config["cross_attention_dim"], dtype=dtype)
+        added = {"text_embeds": torch.randn(batch_size, text_dim, dtype=dtype),
+                 "time_ids": torch.randn(batch_size, 6, dtype=dtype)}
+        inputs = [sample, context, *added.values()]
+        tracker = _LiveBytes(list(unet.parameters()) + list(unet.buffers()) + inputs)
+        autocast = torch.autocast("cpu", dtype=torch.float16, enabled=dtype == torch.float16)
+        with tracker:
+            with autocast:
+                out = unet(sample, torch.full((batch_size,), 500), encoder_hidden_states=context,
+                           added_cond_kwargs=added).sample
+            (out.float() ** 2).mean().backward()
+        grads = sum(p.numel() * 4 for p in unet.parameters() if p.requires_grad)
+    return {"peak_gb": tracker.peak / GB, "activations_gb": max(tracker.peak - grads, 0) / GB, "lora_grads_gb": grads / GB}

@@ -1,0 +1,314 @@
+"""The files of a training run that people read: config.json, log, curves, model card, Hub upload.
+
+``config.json`` holds everything needed to reproduce the run (the full training config,
+package versions, SHA-256 of every training image and caption) plus what the later
+stages read: ``trigger``, ``base_model``, ``resolution``, ``lora_rank``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from lora_helpers.core.fileio import atomic_path, read_jsonl, sha256_file, write_json, write_text
+
+__all__ = [
+    "LOG_FILE",
+    "CONFIG_FILE",
+    "CURVES_FILE",
+    "read_log",
+    "package_versions",
+    "dataset_hashes",
+    "write_run_config",
+    "plot_training",
+    "write_model_card",
+    "check_hub_access",
+    "push_to_hub",
+]
+
+LOG_FILE = "log.jsonl"
+CONFIG_FILE = "config.json"
+CURVES_FILE = "training_curves.png"
+_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors")
+
+
+def read_log(run_dir: str | os.PathLike) -> list[dict]:
+    """Rows of ``log.jsonl`` (one per step), or [] when there is none yet."""
+    path = Path(run_dir) / LOG_FILE
+    return read_jsonl(path) if path.is_file() else []
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that shape a training run."""
+    import importlib.metadata
+
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def dataset_hashes(images: Sequence) -> list[dict[str, Any]]:
+    """SHA-256 of each training image, mask and caption (``TrainImage`` objects)."""
+    rows = []
+    for im in images:
+        rows.append({
+            "file_name": im.file_name,
+            "sha256": sha256_file(im.path),
+            "mask_sha256": sha256_file(im.mask_path) if im.mask_path else None,
+            "caption": im.caption,
+            "caption_sha256": hashlib.sha256(im.caption.encode("utf-8")).hexdigest(),
+            "original_size": im.original_size,
+            "crop_top_left": im.crop_top_left,
+        })
+    return rows
+
+
+def write_run_config(run_dir: str | os.PathLike, *, config: dict, trigger: str, class_noun: str | None,
+                     images: Sequence, dataset_dir: str | os.PathLike, status: str,
+                     extra: dict | None = None) -> Path:
+    """Write ``config.json``: what later stages read first, then everything to reproduce the run.
+
+    Args:
+        run_dir: the run folder.
+        config: the resolved training config (``dataclasses.asdict``).
+        trigger: the phrase that calls the person.
+        class_noun: "person", "man", ... when the caption stage recorded it.
+        images: the ``TrainImage`` list trained on.
+        dataset_dir: where they came from.
+        status: "training" while running, "finished" at the end.
+        extra: more facts (steps done, memory, timings).
+
+    Returns:
+        The path.
+    """
+    data = {
+        "trigger": trigger,
+        "class_noun": class_noun,
+        "base_model": config.get("model"),
+        "vae": config.get("vae"),
+        "resolution": config.get("resolution"),
+        "lora_rank": config.get("lora_rank"),
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": list(config.get("target_modules") or []),
+        "train_text_encoder": config.get("train_text_encoder"),
+        "preset": config.get("preset"),
+        "status": status,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(extra or {}),
+        "config": config,
+        "versions": package_versions(),
+        "dataset": {"dir": str(dataset_dir), "n_images": len(images), "images": dataset_hashes(images)},
+    }
+    return write_json(Path(run_dir) / CONFIG_FILE, data)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def plot_training(rows: Sequence[dict], path: str | os.PathLike | None = None, *, window: int = 10):
+    """Loss (with a moving average) and gradient norm against the step.
+
+    Drawn with matplotlib's object API (no pyplot, no global backend change), so it is
+    cheap at the end of every run and safe in any process.
+
+    Args:
+        rows: ``log.jsonl`` rows (see :func:`read_log`).
+        path: PNG to write atomically; None only returns the figure.
+        window: moving-average width.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = [r["step"] for r in rows if _finite(r.get("loss"))]
+    loss = [r["loss"] for r in rows if _finite(r.get("loss"))]
+    gsteps = [r["step"] for r in rows if _finite(r.get("grad_norm"))]
+    gnorm = [r["grad_norm"] for r in rows if _finite(r.get("grad_norm"))]
+    skipped = [r["step"] for r in rows if r.get("skipped")]
+    fig = Figure(figsize=(10, 3.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(steps, loss, lw=0.8, alpha=0.5, label="loss")
+    if len(loss) >= window:
+        avg = [sum(loss[i - window + 1:i + 1]) / window for i in range(window - 1, len(loss))]
+        ax1.plot(steps[window - 1:], avg, lw=2, label=f"mean of {window}")
+    for s in skipped:
+        ax1.axvline(s, color="red", lw=0.8, alpha=0.6)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.set_title("training loss" + (f" ({len(skipped)} non-finite steps in red)" if skipped else ""))
+    ax1.legend(loc="upper right")
+    ax2.plot(gsteps, gnorm, lw=0.8, color="tab:green")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("gradient norm (before clipping)")
+    ax2.set_title("gradient norm")
+    if path is not None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=90)
+    return fig
+
+
+_CARD = """---
+base_model: {base_model}
+library_name: diffusers
+license: openrail++
+tags:
+- text-to-image
+- stable-diffusion-xl
+- lora
+- diffusers
+- dreambooth
+instance_prompt: {trigger}
+---
+
+# {title}
+
+An SDXL LoRA (DreamBooth) of one person. Write **`{trigger}`** in a prompt to call them,
+e.g. `a photo of {trigger} hiking in the mountains`.
+
+{samples}
+
+## Use with diffusers
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+pipe = StableDiffusionXLPipeline.from_pretrained("{base_model}", dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("{run_name}")  # this folder, or the Hub repo it was pushed to
+image = pipe("a photo of {trigger} in a garden", num_inference_steps=30).images[0]
+```
+
+## Use with ComfyUI, AUTOMATIC1111 / Forge or kohya sd-scripts
+
+`{kohya_name}` holds the same LoRA under the original SDXL layer names these tools read.
+
+- **ComfyUI**: put the file in `ComfyUI/models/loras/`, add a **Load LoRA** node between
+  the checkpoint loader and the sampler, choose `{kohya_name}` in it, and write
+  `a photo of {trigger}` in the prompt.
+- **AUTOMATIC1111 / Forge**: put the file in `models/Lora/` and write
+  `<lora:{kohya_stem}:1> a photo of {trigger}` in the prompt.
+- **kohya sd-scripts**: merge it into the base model with
+  `python networks/sdxl_merge_lora.py --sd_model sd_xl_base_1.0.safetensors --models {kohya_name} --ratios 1 --save_to merged.safetensors`,
+  or train on from it with `--network_weights {kohya_name}`.
+
+## Training
+
+| setting | value |
+|---|---|
+| base model | `{base_model}` |
+| images | {n_images} at {resolution} px (aspect buckets) |
+| steps | {steps} (batch {batch} x {accum} accumulation) |
+| learning rate | {lr} ({scheduler}) |
+| LoRA | rank {rank}, alpha {alpha}, on {targets}{te} |
+| precision | {precision}, gradient checkpointing {gc}, optimizer {optimizer} |
+| loss | min-SNR-gamma {snr}, face-mask background weight {bg}, noise offset {offset} |
+| prior preservation | {prior} |
+| GPU memory | estimated {estimate}, measured {measured} |
+| time | {seconds_per_step} s/step |
+
+Reproduce with `config.json` (full config, package versions, SHA-256 of every image and caption).
+Made with `lora_helpers` (`python -m lora_helpers train`).
+"""
+
+
+def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, n_images: int, steps: int,
+                     kohya_path: Path, sample_grid: Path | None, estimated_gb: float,
+                     measured_gb: float | None, seconds_per_step: float | None) -> Path:
+    """Write the model card ``README.md`` (Hub front matter, trigger, usage, settings, samples).
+
+    Returns:
+        The path.
+    """
+    run_dir = Path(run_dir)
+    samples = ""
+    if sample_grid is not None:
+        rel = sample_grid.relative_to(run_dir).as_posix()
+        samples = f"![validation samples at the last step]({rel})"
+    te = " and both text encoders" if config.get("train_text_encoder") else ""
+    text = _CARD.format(
+        base_model=config.get("model"), trigger=trigger, title=f"LoRA: {trigger}", samples=samples,
+        run_name=run_dir.name, kohya_name=kohya_path.name, kohya_stem=kohya_path.stem, n_images=n_images,
+        resolution=config.get("resolution"), steps=steps, batch=config.get("train_batch_size"),
+        accum=config.get("gradient_accumulation_steps"), lr=config.get("learning_rate"),
+        scheduler=config.get("lr_scheduler"), rank=config.get("lora_rank"), alpha=config.get("lora_alpha"),
+        targets=", ".join(config.get("target_modules") or []), te=te,
+        precision=config.get("mixed_precision"), gc="on" if config.get("gradient_checkpointing") else "off",
+        optimizer=config.get("optimizer"), snr=config.get("snr_gamma"),
+        bg=config.get("background_weight") if config.get("use_masks") else "masks off",
+        offset=config.get("noise_offset"),
+        prior=(f"on, weight {config.get('prior_loss_weight')}, class prompt '{config.get('class_prompt')}'"
+               if config.get("with_prior_preservation") else "off"),
+        estimate=f"{estimated_gb:.2f} GB", measured="not measured (CPU)" if measured_gb is None else f"{measured_gb:.2f} GB",
+        seconds_per_step="?" if seconds_per_step is None else f"{seconds_per_step:.3f}",
+    )
+    return write_text(run_dir / "README.md", text)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def check_hub_access(repo_id: str, *, private: bool = True, token: str | None = None) -> str | None:
+    """Make sure the finished run can be pushed to ``repo_id``, before an hour of training.
+
+    Checks that a token is there and that it may write the repository (creating it, as the
+    push would). Offline, says that the push will be skipped.
+
+    Returns:
+        The user name the token belongs to, or None offline.
+
+    Raises:
+        PermissionError: no token, or the token cannot write ``repo_id``; says what to do.
+    """
+    if _hub_offline():
+        print(f"note: offline (HF_HUB_OFFLINE=1), so the finished run will not be pushed to {repo_id}")
+        return None
+    from huggingface_hub import HfApi, get_token
+
+    token = token or get_token()
+    if not token:
+        raise PermissionError(
+            f"pushing to {repo_id} needs a Hugging Face token with write access: in Colab add HF_TOKEN under "
+            "Secrets (the key icon), elsewhere run `huggingface-cli login`; or leave the Hub repo empty")
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()["name"]
+        api.create_repo(repo_id, private=private, exist_ok=True)
+    except Exception as exc:  # HTTP errors, a read-only token, a repo of someone else
+        raise PermissionError(f"cannot write to the Hub repo {repo_id}: {type(exc).__name__}: {exc}. Check the "
+                              "name (your-user/your-repo) and that the token has write access") from None
+    return user
+
+
+def push_to_hub(run_dir: str | os.PathLike, repo_id: str, *, private: bool = True, token: str | None = None) -> str | None:
+    """Upload the finished run (LoRA files, card, config, samples) to the Hugging Face Hub.
+
+    Checkpoints, the latent cache and class images stay local. Offline
+    (``HF_HUB_OFFLINE=1``) the upload is skipped with a message.
+
+    Returns:
+        The repo URL, or None when skipped.
+    """
+    if _hub_offline():
+        print(f"push to the Hub skipped: offline (HF_HUB_OFFLINE=1); upload {run_dir} later to {repo_id}")
+        return None
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(run_dir), commit_message="Upload LoRA trained with lora_helpers",
+                      ignore_patterns=["checkpoints/*", "cache/*", "class_images/*", ".*"])
+    return str(url)

@@ -1,0 +1,152 @@
+"""Pictures made during training: validation grids and prior-preservation class images.
+
+Validation runs on the training UNet itself (LoRA in memory, no copy) with the prompt
+embeddings cached before the text encoders were freed, so it costs no extra model in
+GPU memory beyond the VAE. The pipeline only denoises; the VAE decodes in its own dtype
+(fp32, or fp16 for the fp16-fix VAE), in 512-px tiles on a GPU, so validation never
+brings back the fp16 VAE NaNs or an untiled 1024-px decode of several GB.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+__all__ = ["load_validation_vae", "render_validation", "save_validation", "validation_grid_path", "show_validation",
+           "generate_class_images"]
+
+
+def load_validation_vae(model: str, vae: str | None, *, dtype: torch.dtype, device: torch.device, resolution: int):
+    """The VAE for validation images, kept in host memory between validations.
+
+    Args:
+        model: SDXL hub id or folder (its ``vae/`` is used when ``vae`` is None).
+        vae: a separate VAE (the fp16-fix VAE), loaded in ``dtype``; the model's own VAE is fp32.
+        dtype: the training's weight dtype.
+        device: the training device (tiling only on CUDA).
+        resolution: training size; above 512 px the decode is tiled.
+    """
+    from diffusers import AutoencoderKL
+
+    from lora_helpers.train.latents import load_component
+
+    dtype = dtype if (vae and dtype == torch.float16) else torch.float32
+    autoencoder = (load_component(AutoencoderKL, vae, dtype=dtype) if vae
+                   else load_component(AutoencoderKL, model, subfolder="vae", dtype=dtype)).eval()
+    if device.type == "cuda" and resolution > 512:
+        autoencoder.enable_tiling()
+        autoencoder.tile_sample_min_size, autoencoder.tile_latent_min_size = 512, 64
+    return autoencoder
+
+
+def render_validation(jobs: Sequence[tuple[dict, int]], *, unet, vae, model: str, device: torch.device,
+                      text_encoders=(None, None), tokenizers=(None, None), steps: int, guidance: float,
+                      resolution: int) -> list:
+    """Denoise with the training UNet and decode: one PIL image per (prompt kwargs, seed) job.
+
+    The random streams of the training are left untouched (resuming must not depend on
+    whether validation ran), and the models are back in training mode afterwards.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    vae.to(device)  # on the device: the pipeline takes its execution device from it
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1], unet=unet, scheduler=EulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler"))
+    pipe.set_progress_bar_config(disable=True)
+    models = [m for m in (unet, *text_encoders) if m is not None]
+    for m in models:
+        m.eval()
+    devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+    images = []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            for kwargs, seed in jobs:
+                latents = pipe(**kwargs, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
+                               width=resolution, generator=torch.Generator("cpu").manual_seed(seed),
+                               output_type="latent").images
+                decoded = vae.decode(latents.to(device, vae.dtype) / vae.config.scaling_factor).sample
+                if not torch.isfinite(decoded).all():
+                    warnings.warn("validation image has NaN/inf pixels: the VAE overflowed; decode in fp32 or use "
+                                  "the fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix)")
+                images += pipe.image_processor.postprocess(decoded.float(), output_type="pil")
+    finally:
+        for m in models:
+            m.train()
+        vae.to("cpu")
+    return images
+
+
+def validation_grid_path(run_dir: str | Path, step: int) -> Path:
+    """Where the validation grid of ``step`` is saved."""
+    return Path(run_dir) / "samples" / f"step-{step:06d}.png"
+
+
+def show_validation(step: int, images: list, run_dir: str | Path) -> None:
+    """A ``validation_hook`` for notebooks: show each validation grid as soon as it is made."""
+    from IPython.display import Image, display
+
+    print(f"step {step}:")
+    display(Image(filename=str(validation_grid_path(run_dir, step))))
+
+
+def save_validation(run_dir: Path, step: int, images: list, prompts: Sequence[str], seeds: Sequence[int],
+                    params: dict) -> Path:
+    """Save ``samples/step-<step>/promptI-seedS.png`` and the grid ``samples/step-<step>.png``.
+
+    Every PNG carries its prompt, seed and settings as text chunks.
+
+    Returns:
+        The grid's path.
+    """
+    from lora_helpers.core.grids import make_grid, save_png_with_metadata
+
+    grid_path = validation_grid_path(run_dir, step)
+    name, folder = grid_path.stem, grid_path.parent
+    for i, prompt in enumerate(prompts):
+        for j, seed in enumerate(seeds):
+            save_png_with_metadata(folder / name / f"prompt{i}-seed{seed}.png", images[i * len(seeds) + j],
+                                   {**params, "prompt": prompt, "seed": seed})
+    grid = make_grid(images, rows=len(prompts), cols=len(seeds), row_labels=list(prompts),
+                     col_labels=[f"seed {s}" for s in seeds], title=f"step {step}")
+    return save_png_with_metadata(grid_path, grid, {**params, "prompts": list(prompts)})
+
+
+def generate_class_images(model: str, folder: Path, *, prompt: str, start: int, count: int, resolution: int,
+                          steps: int, seed: int, vae: str | None, device: torch.device, dtype: torch.dtype,
+                          progress: bool = True) -> list[Path]:
+    """Prior-preservation images of ``prompt`` from the base model, freed from memory afterwards.
+
+    On a GPU the pipeline runs with model CPU offload: one model on the GPU at a time, so
+    it fits the training budget. Images are numbered from ``start`` (a re-run tops up).
+
+    Returns:
+        The files written.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from tqdm.auto import tqdm
+
+    from lora_helpers.core.fileio import save_image
+    from lora_helpers.train.latents import load_component
+    from lora_helpers.core.runtime import free_memory
+
+    extra = {"vae": load_component(AutoencoderKL, vae, dtype=dtype)} if vae else {}
+    pipe = load_component(StableDiffusionXLPipeline, model, dtype=dtype, **extra)
+    if device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    written = []
+    try:
+        for i in tqdm(range(start, start + count), desc="class images", unit="image", disable=not progress):
+            image = pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution,
+                         generator=torch.Generator("cpu").manual_seed(seed * 100_003 + i)).images[0]
+            written.append(save_image(Path(folder) / f"class-{i:04d}.png", image))
+    finally:
+        del pipe
+        free_memory()
+    return written
