@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_helpers.core.run_folder import DEFAULT_TOKEN
+
 __all__ = ["DemoConfig", "DemoResult", "default_photos", "run_demo", "add_cli_arguments", "run_cli"]
 
 
@@ -39,7 +41,7 @@ class DemoConfig:
     out_dir: Path = Path("demo_output")
     model: str | None = None
     steps: int | None = None
-    token: str = "TOK"
+    token: str = DEFAULT_TOKEN
     evaluate: bool = True
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Literal, Sequence
 
 from lora_helpers.core.config import default_resolution, smoke_mode
 from lora_helpers.core.images import list_images
+from lora_helpers.core.run_folder import CONFIG_FILE, LORA_WEIGHT_NAME, list_checkpoints
 
 __all__ = ["SAMPLE_DATA_ENV", "sample_photos_dir", "stage_input"]
 
@@ -68,10 +69,8 @@ def _captions_problem(dataset_dir: Path) -> str | None:
 
 
 def _has_run(run_dir: Path) -> bool:
-    from lora_helpers.train.checkpoints import LORA_WEIGHTS, list_checkpoints
-
-    return (run_dir / "config.json").is_file() and (
-        (run_dir / LORA_WEIGHTS).is_file() or bool(list_checkpoints(run_dir, resumable=False)))
+    return (run_dir / CONFIG_FILE).is_file() and (
+        (run_dir / LORA_WEIGHT_NAME).is_file() or bool(list_checkpoints(run_dir, resumable=False)))
 
 
 def stage_input(kind: Kind, folder: str | os.PathLike, *, dataset_dir: str | os.PathLike | None = None,

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from lora_helpers import colab
+from lora_helpers.core import run_folder
 from lora_helpers.train import checkpoints as ckpt
 from lora_helpers.core.runtime import in_colab, workspace_dir
 
@@ -167,7 +168,7 @@ def test_offline_a_hub_push_is_announced_as_skipped_up_front(capsys, monkeypatch
 
 def _fake_checkpoint(run: Path, step: int) -> Path:
     def write_lora(folder: Path) -> None:
-        save_file({"w": torch.full((2, 2), float(step))}, str(folder / ckpt.LORA_WEIGHTS))
+        save_file({"w": torch.full((2, 2), float(step))}, str(folder / run_folder.LORA_WEIGHT_NAME))
 
     return ckpt.save_checkpoint(run, step, write_lora=write_lora, optimizer_state={"s": step},
                                 training_state={"step": step}, summary={"step": step})
@@ -178,18 +179,16 @@ def test_pruning_keeps_every_checkpoints_lora_and_only_the_newest_resume_state(t
         _fake_checkpoint(tmp_path, step)
     pruned = ckpt.prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in pruned] == ["checkpoint-10", "checkpoint-20"]
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path, resumable=False)] == [
+    assert [p.name for p in run_folder.list_checkpoints(tmp_path, resumable=False)] == [
         "checkpoint-10", "checkpoint-20", "checkpoint-30", "checkpoint-40"]
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-30", "checkpoint-40"]
+    assert [p.name for p in run_folder.list_checkpoints(tmp_path)] == ["checkpoint-30", "checkpoint-40"]
     for p in pruned:
-        assert sorted(f.name for f in p.iterdir()) == [ckpt.LORA_WEIGHTS, "training_state.json"]
+        assert sorted(f.name for f in p.iterdir()) == [run_folder.LORA_WEIGHT_NAME, "training_state.json"]
     assert ckpt.find_checkpoint(tmp_path, "latest").name == "checkpoint-40"
     with pytest.raises(FileNotFoundError, match="training state was pruned.*checkpoint-30, checkpoint-40"):
         ckpt.find_checkpoint(tmp_path, 10)
 
-    from lora_helpers.generate.images import find_checkpoints
-
-    assert [step for step, _ in find_checkpoints(tmp_path)] == [10, 20, 30, 40]  # 04 and 05 see the whole run
+    assert [step for step, _ in run_folder.find_checkpoints(tmp_path)] == [10, 20, 30, 40]  # 04 and 05 see the whole run
 
 
 def test_evaluation_scores_the_final_lora_and_the_identical_last_checkpoint_once(tmp_path):
@@ -198,8 +197,8 @@ def test_evaluation_scores_the_final_lora_and_the_identical_last_checkpoint_once
     for step in (10, 20):
         _fake_checkpoint(tmp_path, step)
     # The final file holds the last checkpoint's weights but its bytes differ (header order, metadata).
-    save_file({"w": torch.full((2, 2), 20.0)}, str(tmp_path / ckpt.LORA_WEIGHTS), metadata={"trigger": "TOK person"})
-    assert (tmp_path / ckpt.LORA_WEIGHTS).read_bytes() != (tmp_path / "checkpoints/checkpoint-20" / ckpt.LORA_WEIGHTS).read_bytes()
+    save_file({"w": torch.full((2, 2), 20.0)}, str(tmp_path / run_folder.LORA_WEIGHT_NAME), metadata={"trigger": "TOK person"})
+    assert (tmp_path / run_folder.LORA_WEIGHT_NAME).read_bytes() != (tmp_path / "checkpoints/checkpoint-20" / run_folder.LORA_WEIGHT_NAME).read_bytes()
     found = _run_checkpoints(tmp_path, "all")
     assert [(name, step) for name, step, _ in found] == [("checkpoint-10", 10), ("final", 20)]
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from lora_helpers.evaluate import scoring as ev
+import lora_helpers.evaluate as ev
 from lora_helpers.core.images import load_image
 
 
@@ -150,10 +150,11 @@ def test_validation_hook_returns_identity_keys(tmp_path, refs, person, sample_da
 
 
 def test_evaluate_run_generates_scores_plots_and_resumes(tmp_path, tiny_models, refs, monkeypatch):
+    from lora_helpers.core.random_lora import make_random_lora
     from lora_helpers.generate import images as generate
     from lora_helpers.cli import main
 
-    run = generate.make_random_lora(tmp_path / "run", tiny_models / "sdxl", checkpoint_steps=(1, 2))
+    run = make_random_lora(tmp_path / "run", tiny_models / "sdxl", checkpoint_steps=(1, 2))
     config = ev.EvaluateConfig(categories=("portrait",), prompts_per_category=1, seeds=(0, 1),
                                scales=(0.0, 1.0), clip_model=str(tiny_models / "clip"), resolution=64,
                                num_inference_steps=2)

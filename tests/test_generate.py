@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from lora_helpers.generate.images import (
-    GenerateConfig, LoraLoadError, LoraNotFoundError, base_vs_lora, checkpoint_progress, choose_base_model, fuse_lora,
-    generate_images, load_lora, load_pipeline, make_random_lora, prompt_seed_grid, scale_sweep, unfuse_lora,
-    unload_lora,
+from lora_helpers.core.lora_files import LoraFileError, LoraNotFoundError
+from lora_helpers.core.random_lora import make_random_lora
+from lora_helpers.generate import (
+    GenerateConfig, base_vs_lora, checkpoint_progress, choose_base_model, fuse_lora, generate_images, load_lora,
+    load_pipeline, prompt_seed_grid, scale_sweep, unfuse_lora, unload_lora,
 )
 from lora_helpers.core.grids import read_png_metadata
 from lora_helpers.generate.cache import ImageCache
@@ -178,12 +179,12 @@ def _wide_sdxl_lora(src: Path, path: Path) -> Path:
     ("missing", LoraNotFoundError, ["nope.safetensors", "no such file"]),
     ("empty_run", LoraNotFoundError, ["no LoRA here"]),
     ("unfinished_run", LoraNotFoundError, ["checkpoint-7", "latest checkpoint"]),
-    ("truncated", LoraLoadError, ["damaged or incomplete"]),
-    ("pickle_bin", LoraLoadError, ["pickle", ".safetensors"]),
-    ("pickle_renamed", LoraLoadError, ["pickled"]),
-    ("sd15", LoraLoadError, ["Stable Diffusion 1", "does not fit", "sd15.safetensors"]),
-    ("sdxl_width", LoraLoadError, ["SDXL (cross-attention width 2048)", "width 2048, the layer has 64"]),
-    ("full_model", LoraLoadError, ["not a LoRA"]),
+    ("truncated", LoraFileError, ["damaged or incomplete"]),
+    ("pickle_bin", LoraFileError, ["pickle", ".safetensors"]),
+    ("pickle_renamed", LoraFileError, ["pickled"]),
+    ("sd15", LoraFileError, ["Stable Diffusion 1", "does not fit", "sd15.safetensors"]),
+    ("sdxl_width", LoraFileError, ["SDXL (cross-attention width 2048)", "width 2048, the layer has 64"]),
+    ("full_model", LoraFileError, ["not a LoRA"]),
 ])
 def test_bad_lora_files_are_refused_with_clear_messages(pipe, run_dir, tmp_path, case, error, words):
     lora_file = run_dir / "pytorch_lora_weights.safetensors"

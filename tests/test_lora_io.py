@@ -10,14 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_helpers.core.lora_convert import save_kohya, sgm_unet_module_name
 from lora_helpers.core.lora_files import (
     LoraFileError,
     add_text_encoder_lora,
     load_lora_into_models,
     read_lora_file,
-    save_kohya,
     save_lora,
-    sgm_unet_module_name,
 )
 
 ATTENTION_BLOCK_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]

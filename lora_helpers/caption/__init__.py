@@ -1,1 +1,17 @@
-"""caption"""
+"""Stage 2: BLIP captions with one identifier per caption ("TOK person"), written beside dataset/ (notebook 02)."""
+
+from lora_helpers.caption.stage import (
+    BLIP_MODELS, CaptionConfig, CaptionError, CaptionResult, CaptionRow, CaptionWarning, caption_dataset,
+    caption_table, generate_captions, load_blip, load_captions, save_caption, subject_phrase,
+)
+from lora_helpers.caption.text import (
+    CLIP_MAX_TOKENS, COMMON_WORDS, check_identifier, clip_token_count, count_identifier, identifier_of,
+    load_clip_tokenizer, standardise_caption,
+)
+
+__all__ = [
+    "BLIP_MODELS", "CaptionConfig", "CaptionError", "CaptionResult", "CaptionRow", "CaptionWarning", "caption_dataset",
+    "caption_table", "generate_captions", "load_blip", "load_captions", "save_caption", "subject_phrase",
+    "CLIP_MAX_TOKENS", "COMMON_WORDS", "check_identifier", "clip_token_count", "count_identifier", "identifier_of",
+    "load_clip_tokenizer", "standardise_caption",
+]

@@ -23,7 +23,6 @@ Outputs, beside the images in ``dataset/``:
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 import warnings
@@ -42,8 +41,11 @@ from lora_helpers.caption.text import (
     load_clip_tokenizer,
     standardise_caption,
 )
-from lora_helpers.core.fileio import read_jsonl, write_json, write_jsonl, write_text
+from lora_helpers.core.fileio import read_jsonl, write_jsonl, write_text
 from lora_helpers.core.images import ImageLoadError, list_images, load_image
+from lora_helpers.core.run_folder import (
+    DEFAULT_CLASS_NOUN, DEFAULT_TOKEN, read_caption_config, write_caption_config,
+)
 
 __all__ = [
     "BLIP_MODELS",
@@ -66,7 +68,6 @@ __all__ = [
     "caption_dataset",
     "caption_table",
     "load_captions",
-    "read_caption_config",
     "save_caption",
     "add_cli_arguments",
     "run_cli",
@@ -77,7 +78,6 @@ BLIP_MODELS = {
     "large": "Salesforce/blip-image-captioning-large",
 }
 METADATA = "metadata.jsonl"
-CONFIG_FILE = "caption_config.json"
 
 
 class CaptionError(ValueError):
@@ -115,8 +115,8 @@ class CaptionConfig:
     """
 
     model: str | None = None
-    token: str = "TOK"
-    class_noun: str = "person"
+    token: str = DEFAULT_TOKEN
+    class_noun: str = DEFAULT_CLASS_NOUN
     name: str | None = None
     identifier_format: Literal["tok", "at"] = "tok"
     template: str = "a photo of {subject}, {caption}"
@@ -458,7 +458,7 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
     # Reorder to the dataset's order (kept and generated were collected apart).
     result.captions = {e.file_name: result.captions[e.file_name] for e in entries if e.file_name in result.captions}
     _write_metadata(dataset_dir, entries, result.captions)
-    write_json(dataset_dir / CONFIG_FILE, {
+    write_caption_config(dataset_dir, {
         "trigger": subject, "subject": subject, "identifier": identifier, "template": config.template,
         "identifier_format": config.identifier_format, "token": config.token, "class_noun": config.class_noun,
         "name": config.name, "model": _resolve_blip(config.model),
@@ -496,21 +496,6 @@ def _text_of(e: _Entry) -> str | None:
         return e.sidecar
     text = (e.row or {}).get("text")
     return text.strip() if isinstance(text, str) else None
-
-
-def read_caption_config(dataset_dir: str | Path) -> dict:
-    """The settings of the last caption run (``caption_config.json``), or ``{}``.
-
-    Keys include "trigger" (the subject phrase, e.g. "TOK person"), "identifier" ("TOK"),
-    "template" and "model"; the trainer records the trigger from here.
-    """
-    path = Path(dataset_dir) / CONFIG_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CaptionError(f"{path}: not valid JSON ({exc.msg}); delete it and run the caption stage again") from exc
 
 
 def load_captions(dataset_dir: str | Path, *, require_identifier: str | None = None) -> dict[str, str]:

@@ -1,12 +1,13 @@
-"""LoRA files: the diffusers format, the kohya format, and reading either back.
+"""LoRA files: the one place that writes, reads and checks them, with one error type.
 
 The diffusers file (``pytorch_lora_weights.safetensors``) is what ``pipe.load_lora_weights``
 reads; it carries the peft ``LoraConfig`` (rank, alpha, targets) as safetensors metadata,
-so an alpha different from the rank survives the round trip. The kohya file is the same
-weights under the names kohya sd-scripts writes for SDXL (the original SGM/LDM UNet layout,
-``lora_unet_input_blocks_4_1_...``) with one ``.alpha`` tensor per module and ``modelspec.*``
-metadata: AUTOMATIC1111, Forge and ComfyUI load it, and sd-scripts can merge it or train on
-from it (``sdxl_merge_lora.py``, ``--network_weights``), which find modules by those names only.
+so an alpha different from the rank survives the round trip. People also bring files from
+kohya/A1111 trainers, and sometimes one that cannot work: a pickled ``.bin``, a half-copied
+download, a LoRA for Stable Diffusion 1.5. diffusers loads a mismatched LoRA with a warning at
+best (nothing is applied) or a shape error deep inside PEFT at worst, so every tensor is
+checked against *this* model first (:mod:`lora_helpers.core.lora_check`), with a message naming the file,
+the reason and what to do. The kohya file is written by :mod:`lora_helpers.core.lora_convert`.
 
 Only LoRA tensors are ever saved: upcasting the whole UNet to write a checkpoint would
 cost ~10 GB of memory on the machine we budget for.
@@ -14,39 +15,58 @@ cost ~10 GB of memory on the machine we budget for.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-import re
-import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from lora_helpers.core.fileio import atomic_path
+from lora_helpers.core.run_folder import LORA_WEIGHT_NAME
 
 __all__ = [
     "LORA_WEIGHT_NAME",
+    "UNET_TARGET_MODULES",
+    "TEXT_ENCODER_TARGET_MODULES",
+    "COMPONENTS",
     "LoraFileError",
+    "LoraNotFoundError",
     "LoraFileInfo",
+    "adapter_metadata",
     "lora_state_dicts",
     "save_lora",
-    "save_kohya",
     "weights_digest",
-    "sgm_unet_module_name",
     "read_lora_file",
+    "read_safetensors",
+    "quiet_diffusers",
     "load_lora_into_models",
     "add_text_encoder_lora",
     "text_encoder_lora_supported",
 ]
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-SDXL_LAYERS_PER_BLOCK = 2
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# The layers a LoRA adapts: SDXL's attention projections (the DreamBooth-LoRA default).
+UNET_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
+TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
+_PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
 
 class LoraFileError(ValueError):
-    """A file that is not a usable LoRA (wrong format, missing tensors, NaN values)."""
+    """A LoRA file we cannot use; the message names the file, the reason and what to do."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class LoraNotFoundError(LoraFileError, FileNotFoundError):
+    """The LoRA file or run folder does not exist (or holds no LoRA)."""
 
 
 @dataclass
@@ -149,7 +169,7 @@ def _uniform_diffusers_names(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in state.items()}
 
 
-def _adapter_metadata(metadata: dict | None) -> dict[str, dict]:
+def adapter_metadata(metadata: dict | None) -> dict[str, dict]:
     """Per-component LoraConfig values from a diffusers file's ``lora_adapter_metadata``."""
     raw = (metadata or {}).get("lora_adapter_metadata")
     if not raw:
@@ -160,172 +180,6 @@ def _adapter_metadata(metadata: dict | None) -> dict[str, dict]:
         comp, _, name = key.partition(".")
         out.setdefault(comp, {})[name] = value
     return out
-
-
-def _to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A diffusers-format LoRA state dict in peft naming, component by component.
-
-    diffusers' own ``convert_all_state_dict_to_peft`` guesses one naming for the whole file
-    and leaves the UNet half unconverted when text-encoder weights are present.
-    """
-    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
-
-    out = {}
-    for comp in _COMPONENTS:
-        part = {k[len(comp) + 1:]: v for k, v in state.items() if k.startswith(comp + ".")}
-        if not part:
-            continue
-        if comp == "unet":
-            part = convert_unet_state_dict_to_peft(part)
-        else:
-            part = convert_state_dict_to_peft(part)
-            # A1111 and ComfyUI name text-encoder layers from "text_model" (transformers 5 dropped that level)
-            part = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in part.items()}
-        out.update({f"{comp}.{k}": v for k, v in part.items()})
-    return out
-
-
-# diffusers ResnetBlock2D layer -> the original (SGM) ResBlock layer
-_SGM_RESNET = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
-               "conv_shortcut": "skip_connection"}
-# layers outside the down/mid/up blocks
-_SGM_TOP = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
-            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-            "add_embedding.linear_2": "label_emb.0.2"}
-
-
-def sgm_unet_module_name(name: str, layers_per_block: int = SDXL_LAYERS_PER_BLOCK) -> str:
-    """The original SDXL (SGM/LDM) name of a diffusers UNet layer, the one kohya sd-scripts uses.
-
-    The SGM UNet numbers its blocks flat: ``input_blocks`` are conv_in, then per down block
-    ``layers_per_block`` [resnet, attention] pairs and a downsampler; ``output_blocks`` hold
-    ``layers_per_block + 1`` [resnet, attention, upsampler] groups per up block (in SDXL every
-    up block with an upsampler has attentions, so the upsampler is always the third layer);
-    ``middle_block`` is [resnet, attention, resnet]. Inside an attention block the names are the
-    same in both layouts (``transformer_blocks.0.attn1.to_q``, ``proj_in``, ``ff.net.0.proj``).
-
-    Args:
-        name: a dotted module name in the diffusers UNet, e.g.
-            ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``.
-        layers_per_block: the UNet config's ``layers_per_block`` (2 for SDXL).
-
-    Returns:
-        The dotted SGM name, e.g. ``input_blocks.4.1.transformer_blocks.0.attn1.to_q``.
-
-    Raises:
-        ValueError: for a layer that has no SGM counterpart.
-    """
-    per = layers_per_block + 1
-    if name in _SGM_TOP:
-        return _SGM_TOP[name]
-    m = re.fullmatch(r"down_blocks\.(\d+)\.(attentions|resnets|downsamplers)\.(\d+)\.(.+)", name)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if kind == "downsamplers":
-            return f"input_blocks.{(i + 1) * per}.0.{'op' if rest == 'conv' else rest}"
-        if j >= layers_per_block:
-            raise ValueError(f"{name}: layer {j} of a down block, but layers_per_block is {layers_per_block}")
-        if kind == "attentions":
-            return f"input_blocks.{1 + i * per + j}.1.{rest}"
-        return f"input_blocks.{1 + i * per + j}.0.{_SGM_RESNET.get(rest, rest)}"
-    m = re.fullmatch(r"mid_block\.(attentions|resnets)\.(\d+)\.(.+)", name)
-    if m:
-        kind, j, rest = m[1], int(m[2]), m[3]
-        if kind == "attentions":
-            return f"middle_block.1.{rest}"
-        return f"middle_block.{2 * j}.{_SGM_RESNET.get(rest, rest)}"
-    m = re.fullmatch(r"up_blocks\.(\d+)\.(attentions|resnets|upsamplers)\.(\d+)\.(.+)", name)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if kind == "upsamplers":
-            return f"output_blocks.{i * per + layers_per_block}.2.{rest}"
-        if j >= per:
-            raise ValueError(f"{name}: layer {j} of an up block, but layers_per_block is {layers_per_block}")
-        if kind == "attentions":
-            return f"output_blocks.{i * per + j}.1.{rest}"
-        return f"output_blocks.{i * per + j}.0.{_SGM_RESNET.get(rest, rest)}"
-    raise ValueError(f"{name}: no original SDXL (SGM) name for this UNet layer")
-
-
-def _sgm_unet_keys(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
-    """Rename the ``unet.`` keys of a peft-named state dict to the SGM layout; other keys stay."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith("unet."):
-            module, sep, tail = key[len("unet."):].partition(".lora_")
-            key = "unet." + sgm_unet_module_name(module, layers_per_block) + sep + tail
-        out[key] = value
-    return out
-
-
-def save_kohya(diffusers_file: str | os.PathLike, out_path: str | os.PathLike, *,
-               base_model: str = "sdxl_base_v1-0", output_name: str | None = None,
-               layers_per_block: int = SDXL_LAYERS_PER_BLOCK, title: str | None = None, trigger: str | None = None,
-               resolution: int | None = None) -> Path:
-    """Convert a diffusers-format LoRA file to the kohya format (A1111, Forge, ComfyUI, kohya sd-scripts).
-
-    UNet layers get the original SDXL (SGM) names that sd-scripts writes, computed from
-    ``layers_per_block``; text-encoder layers get sd-scripts' ``lora_te1_``/``lora_te2_`` names.
-
-    Args:
-        diffusers_file: a file written by :func:`save_lora`.
-        out_path: the kohya file to write (atomically).
-        base_model: recorded as ``ss_base_model_version``.
-        output_name: recorded as ``ss_output_name`` (defaults to the file stem).
-        layers_per_block: the UNet config's ``layers_per_block`` (2 for SDXL); names depend on it.
-        title: ``modelspec.title`` (defaults to ``output_name``).
-        trigger: the trigger phrase, recorded as ``modelspec.trigger_phrase``.
-        resolution: training resolution, recorded as ``modelspec.resolution``.
-
-    Returns:
-        ``out_path``.
-    """
-    from diffusers.utils import convert_state_dict_to_kohya
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    diffusers_file = Path(diffusers_file)
-    with safe_open(diffusers_file, "pt") as handle:
-        metadata = handle.metadata() or {}
-        state = {k: handle.get_tensor(k) for k in handle.keys()}
-    configs = _adapter_metadata(metadata)
-    kohya = convert_state_dict_to_kohya(_sgm_unet_keys(_to_peft(state), layers_per_block))
-    # diffusers writes alpha = rank; ours may differ, and A1111 scales by alpha / rank.
-    prefixes = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
-    for key in [k for k in kohya if k.endswith(".alpha")]:
-        comp = next((c for p, c in prefixes.items() if key.startswith(p)), "unet")
-        alpha = configs.get(comp, {}).get("lora_alpha")
-        if alpha is not None:
-            kohya[key] = torch.tensor(float(alpha))
-    unet_cfg = configs.get("unet", {})
-    ranks = {int(v.shape[0]) for k, v in kohya.items() if k.startswith("lora_unet_") and k.endswith(".lora_down.weight")}
-    alphas = {float(v) for k, v in kohya.items() if k.startswith("lora_unet_") and k.endswith(".alpha")}
-    dim = unet_cfg.get("r", next(iter(ranks)) if len(ranks) == 1 else "")
-    alpha = unet_cfg.get("lora_alpha", f"{next(iter(alphas)):g}" if len(alphas) == 1 else "")
-    out_path = Path(out_path)
-    name = output_name or out_path.stem
-    meta = {
-        "ss_network_module": "networks.lora",
-        "ss_base_model_version": base_model,
-        "ss_output_name": name,
-        "ss_network_dim": str(dim),
-        "ss_network_alpha": str(alpha),
-        "ss_converted_from": "diffusers",
-        # Stability AI's model spec, as sd-scripts writes it for an SDXL LoRA
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": title or name,
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    if trigger:
-        meta["modelspec.trigger_phrase"] = trigger
-    if resolution:
-        meta["modelspec.resolution"] = f"{resolution}x{resolution}"
-    kohya = {k: v.contiguous() for k, v in kohya.items()}
-    with atomic_path(out_path) as tmp:
-        save_file(kohya, str(tmp), metadata=meta)
-    return out_path
 
 
 def weights_digest(path: str | os.PathLike) -> str:
@@ -361,19 +215,10 @@ def read_lora_file(path: str | os.PathLike, *, check_finite: bool = True) -> Lor
     Raises:
         LoraFileError: naming the file and what is wrong with it.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if path.is_dir():
         path = path / LORA_WEIGHT_NAME
-    if not path.is_file():
-        raise LoraFileError(f"{path}: no such file; train a LoRA first or pass the .safetensors file")
-    try:
-        with safe_open(path, "pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise LoraFileError(f"{path}: not a readable safetensors file ({exc}); it may be truncated, re-download or retrain") from exc
+    tensors, metadata = read_safetensors(path)
     keys = list(tensors)
     if any(k.endswith((".lora.down.weight", ".lora_linear_layer.down.weight")) for k in keys):
         fmt, down_marks = "diffusers", (".lora.down.weight", ".lora_linear_layer.down.weight")
@@ -382,7 +227,7 @@ def read_lora_file(path: str | os.PathLike, *, check_finite: bool = True) -> Lor
     elif any(k.endswith(".lora_A.weight") for k in keys):
         fmt, down_marks = "peft", (".lora_A.weight",)
     else:
-        raise LoraFileError(f"{path}: holds no LoRA tensors (expected lora.down/lora_down/lora_A keys)")
+        raise LoraFileError(path, "holds no LoRA tensors (expected lora.down/lora_down/lora_A keys)")
     downs = {k: v for k, v in tensors.items() if k.endswith(down_marks)}
     ranks = [int(v.shape[0]) for v in downs.values()]
     components = []
@@ -393,7 +238,7 @@ def read_lora_file(path: str | os.PathLike, *, check_finite: bool = True) -> Lor
     if fmt == "peft" and not components:
         components = ["unet"]
     alpha = None
-    configs = _adapter_metadata(metadata)
+    configs = adapter_metadata(metadata)
     if "unet" in configs and configs["unet"].get("lora_alpha") is not None:
         alpha = float(configs["unet"]["lora_alpha"])
     elif fmt == "kohya":
@@ -402,7 +247,7 @@ def read_lora_file(path: str | os.PathLike, *, check_finite: bool = True) -> Lor
     if check_finite:
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
-            raise LoraFileError(f"{path}: {len(bad)} tensors hold NaN/inf (e.g. {bad[0]}); training diverged - "
+            raise LoraFileError(path, f"{len(bad)} tensors hold NaN/inf (e.g. {bad[0]}); training diverged - "
                                 "use an earlier checkpoint, or retrain with a lower learning rate")
     weights = [v for k, v in tensors.items() if not k.endswith(".alpha")]
     return LoraFileInfo(
@@ -434,25 +279,25 @@ def load_lora_into_models(path: str | os.PathLike, *, unet: torch.nn.Module, tex
         if model is None:
             continue
         if not part:
-            raise LoraFileError(f"{path}: no {name} LoRA weights in this file, but this run trains {name}")
+            raise LoraFileError(path, f"no {name} LoRA weights in this file, but this run trains {name}")
         model = getattr(model, "module", model)
         if name == "unet":
             peft_sd = convert_unet_state_dict_to_peft(part)
         else:
             peft_sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
         expected = [k for k in model.state_dict() if ".lora_" in k]
-        mismatch = f"{path}: its {name} LoRA layers do not match this run"
+        mismatch = f"its {name} LoRA layers do not match this run"
         try:
             result = set_peft_model_state_dict(model, peft_sd, adapter_name="default")
         except RuntimeError as exc:  # shape mismatch: another rank
-            raise LoraFileError(f"{mismatch} ({str(exc).splitlines()[-1].strip()}); resume with the same rank and "
+            raise LoraFileError(path, f"{mismatch} ({str(exc).splitlines()[-1].strip()}); resume with the same rank and "
                                 "target modules") from None
         unexpected = list(getattr(result, "unexpected_keys", None) or [])
         if unexpected or len(peft_sd) != len(expected):
-            raise LoraFileError(f"{path}: its {name} LoRA layers do not match this run ({len(peft_sd)} tensors in the "
+            raise LoraFileError(path, f"its {name} LoRA layers do not match this run ({len(peft_sd)} tensors in the "
                                 f"file, {len(expected)} in the model); resume with the same rank and target modules")
         if any(v.is_floating_point() and not torch.isfinite(v).all() for v in peft_sd.values()):
-            raise LoraFileError(f"{path}: {name} LoRA holds NaN/inf; resume from an earlier checkpoint")
+            raise LoraFileError(path, f"{name} LoRA holds NaN/inf; resume from an earlier checkpoint")
 
 
 def add_text_encoder_lora(text_encoder: torch.nn.Module, config) -> torch.nn.Module:
@@ -493,3 +338,54 @@ def text_encoder_lora_supported() -> tuple[bool, str]:
         return True, ""
     return False, (f"text-encoder LoRA needs peft>={MIN_PEFT_VERSION} (transformers loads text-encoder adapters only "
                    f"with it; installed: {have}); upgrade peft or train the UNet only (train_text_encoder=False)")
+
+
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' info chatter and its harmless 'no LoRA keys for the text encoder' warnings."""
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
+
+    level, tlevel = dlogging.get_verbosity(), tlogging.get_verbosity()
+    dlogging.set_verbosity(logging.ERROR)
+    tlogging.set_verbosity(logging.ERROR)  # transformers' "LOAD REPORT" when LoRA layers go into the text encoders
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*No LoRA keys associated.*")
+            warnings.filterwarnings("ignore", message=".*torchvision.*")
+            warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            yield
+    finally:
+        dlogging.set_verbosity(level)
+        tlogging.set_verbosity(tlevel)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, refusing pickles and naming damage."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoraNotFoundError(path, "no such file; train a LoRA first or pass the .safetensors file")
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise LoraFileError(path, f"{path.suffix} files are Python pickles, which can run arbitrary code when "
+                                  "loaded; we only load .safetensors. Convert it on a machine you trust: "
+                                  "`from safetensors.torch import save_file; import torch; "
+                                  f"save_file(torch.load('{path.name}', weights_only=True), '{path.stem}.safetensors')`")
+    if path.stat().st_size == 0:
+        raise LoraFileError(path, "empty file (0 bytes); copy or download it again")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise LoraFileError(path, "this is a pickled PyTorch file renamed to .safetensors; we only load real "
+                                  "safetensors files (pickles can run code when loaded). Convert it where you trust it")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise LoraFileError(path, f"cannot read it as safetensors ({exc}); the file is damaged or incomplete "
+                                  "(an interrupted download or copy?): copy it again or re-run training") from None
+    return tensors, metadata

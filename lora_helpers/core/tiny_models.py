@@ -36,7 +36,6 @@ __all__ = [
     "build_tiny_clip",
     "build_tiny_models",
     "build_full_sdxl",
-    "write_sample_dataset",
     "add_cli_arguments",
     "run_cli",
 ]
@@ -413,69 +412,6 @@ def build_full_sdxl(folder: str | os.PathLike, *, device: str | torch.device = "
                                      unet=unet, scheduler=scheduler)
     pipe.to(dtype=torch.float16)
     pipe.save_pretrained(folder, variant="fp16")
-    return folder
-
-
-def write_sample_dataset(
-    folder: str | os.PathLike, *, photos_dir: str | os.PathLike | None = None, size: int = 64, limit: int = 6
-) -> Path:
-    """Write a small dataset folder for smoke runs of the stages after prepare.
-
-    With ``photos_dir`` and the prepare stage installed, this is
-    :func:`lora_helpers.prepare.stage.prepare_photos` at ``size`` px (face-centred crops, masks).
-    Otherwise it writes plain centre crops: ``images/<stem>.png`` (square, ``size`` px) and
-    ``metadata.jsonl`` rows with ``file_name``, ``original_size`` and ``source``.
-    Nothing is written when ``folder/images`` already exists.
-
-    Args:
-        folder: the dataset folder.
-        photos_dir: photos to use (e.g. ``sample_data/person``); None or a missing folder
-            takes crops of scikit-image's astronaut photo (public domain).
-        size: output size in pixels (the prepare stage's resolution).
-        limit: at most this many images for the plain crops.
-
-    Returns:
-        The folder.
-    """
-    from PIL import Image, ImageOps
-
-    from lora_helpers.core.fileio import atomic_dir, save_image, write_jsonl
-    from lora_helpers.core.images import ImageLoadError, list_images, load_image
-
-    folder = Path(folder)
-    if (folder / "images").is_dir():
-        return folder
-    if photos_dir is not None and Path(photos_dir).is_dir():
-        try:
-            from lora_helpers.prepare.stage import PrepareConfig, prepare_photos
-        except ImportError:  # a build without the prepare stage: plain crops below
-            pass
-        else:
-            prepare_photos(photos_dir, folder, config=PrepareConfig(resolution=size), progress=False)
-            return folder
-    sources: list[tuple[str, Image.Image]] = []
-    if photos_dir is not None and Path(photos_dir).is_dir():
-        for path in list_images(photos_dir)[:limit]:
-            try:
-                sources.append((path.name, load_image(path)))
-            except ImageLoadError:
-                continue
-    if not sources:
-        from skimage import data
-
-        astronaut = Image.fromarray(data.astronaut()[..., :3])
-        boxes = [(120, 20, 320, 220), (140, 50, 300, 210), (100, 0, 360, 260), (160, 70, 290, 200),
-                 (80, 10, 380, 310), (130, 40, 330, 240)]
-        sources = [(f"astronaut_{i:02d}.png", astronaut.crop(box)) for i, box in enumerate(boxes[:limit], 1)]
-    rows = []
-    with atomic_dir(folder / "images") as tmp:
-        for name, image in sources:
-            stem = Path(name).stem
-            square = ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
-            save_image(tmp / f"{stem}.png", square)
-            rows.append({"file_name": f"images/{stem}.png", "original_size": [image.height, image.width],
-                         "source": name})
-    write_jsonl(folder / "metadata.jsonl", rows)
     return folder
 
 

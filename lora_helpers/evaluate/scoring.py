@@ -33,9 +33,12 @@ from PIL import Image
 
 from lora_helpers.core.fileio import write_json, write_text
 from lora_helpers.core.images import list_images
+from lora_helpers.core.lora_files import weights_digest
+from lora_helpers.core.run_folder import (
+    CONFIG_FILE, DEFAULT_CLASS_NOUN, DEFAULT_TOKEN, DEFAULT_TRIGGER, LORA_WEIGHT_NAME, find_checkpoints, read_run_config,
+)
 from lora_helpers.evaluate.metrics import (
-    ARCFACE_SAME_PERSON_COSINE, ClipScorer, IdentityScore, ReferenceSet, clip_image_scores, clip_scores, diversity,
-    face_backend, identity_scores, identity_summary, load_clip, reference_embeddings, remove_identifier,
+    ReferenceSet, diversity, identity_scores, identity_summary, load_clip, reference_embeddings, remove_identifier,
 )
 
 __all__ = [
@@ -43,19 +46,6 @@ __all__ = [
     "PROMPTS_PEOPLE",
     "EvalPrompt",
     "people_prompts",
-    "ReferenceSet",
-    "IdentityScore",
-    "ARCFACE_SAME_PERSON_COSINE",
-    "face_backend",
-    "reference_embeddings",
-    "identity_scores",
-    "identity_summary",
-    "ClipScorer",
-    "load_clip",
-    "remove_identifier",
-    "clip_scores",
-    "clip_image_scores",
-    "diversity",
     "evaluate_images",
     "summarize",
     "write_scores_csv",
@@ -166,7 +156,7 @@ class EvalPrompt:
 
 
 def people_prompts(
-    subject: str = "TOK person",
+    subject: str = DEFAULT_TRIGGER,
     *,
     categories: Iterable[str] | None = None,
     per_category: int | None = None,
@@ -266,7 +256,7 @@ def evaluate_images(
     references: ReferenceSet | str | Path | Sequence,
     prompts: Sequence[str | None] | None = None,
     config: EvaluateConfig | None = None,
-    identifier: str | None = "TOK",
+    identifier: str | None = DEFAULT_TOKEN,
     clip=None,
     progress: bool = True,
 ) -> list[dict]:
@@ -509,11 +499,8 @@ def _evenly(items: list, k: int) -> list:
 def _run_checkpoints(run_dir: Path, which: str | Sequence[str | int], max_count: int | None = None,
                      ) -> list[tuple[str, int | None, Path]]:
     """(name, step, weights file) of the run's checkpoints, in step order, final last."""
-    from lora_helpers.generate.images import LORA_FILE_NAME, find_checkpoints
-    from lora_helpers.core.lora_files import weights_digest
-
     found = [(f"checkpoint-{step}", step, path) for step, path in find_checkpoints(run_dir)]
-    final = run_dir / LORA_FILE_NAME
+    final = run_dir / LORA_WEIGHT_NAME
     if final.is_file():
         # The trainer also keeps a checkpoint at the last step: score those weights once.
         # Compare tensors, not file bytes: two saves of one LoRA may order their header differently.
@@ -528,7 +515,7 @@ def _run_checkpoints(run_dir: Path, which: str | Sequence[str | int], max_count:
         step = same[-1][1] if same else None
         found = [c for c in found if c not in same] + [("final", step, final)]
     if not found:
-        raise FileNotFoundError(f"no LoRA weights in {run_dir} (expected {LORA_FILE_NAME} or checkpoints/checkpoint-<step>/); "
+        raise FileNotFoundError(f"no LoRA weights in {run_dir} (expected {LORA_WEIGHT_NAME} or checkpoints/checkpoint-<step>/); "
                                 "train first (notebook 03 or `python -m lora_helpers train`)")
     if which == "all":
         return found if not max_count or len(found) <= max_count else _evenly(found, max_count)
@@ -543,9 +530,9 @@ def _run_checkpoints(run_dir: Path, which: str | Sequence[str | int], max_count:
 
 def _subject_from_config(cfg: dict) -> tuple[str, str]:
     """(identifier removed before CLIP-T, subject phrase for ``{subject}``) from run/config.json."""
-    subject = str(cfg.get("trigger") or "TOK person").strip()
+    subject = str(cfg.get("trigger") or DEFAULT_TRIGGER).strip()
     if len(subject.split()) == 1 and not subject.startswith("@"):
-        subject = f"{subject} {cfg.get('class_noun') or 'person'}"  # a bare token needs its class word
+        subject = f"{subject} {cfg.get('class_noun') or DEFAULT_CLASS_NOUN}"  # a bare token needs its class word
     return subject.split()[0], subject
 
 
@@ -658,10 +645,9 @@ def evaluate_run(
     """
     config = config or EvaluateConfig()
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir / 'config.json'} not found: {run_dir} is not a training run "
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir / CONFIG_FILE} not found: {run_dir} is not a training run "
                                 "(score a folder of images with evaluate_images)")
-    from lora_helpers.generate.images import read_run_config
 
     run_cfg = read_run_config(run_dir)
     scales = tuple(float(s) for s in (scales if scales is not None else config.scales))
@@ -820,12 +806,12 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.prompts_file:
         templates = [l.strip() for l in args.prompts_file.read_text(encoding="utf-8").splitlines() if l.strip()]
     try:
-        if (target / "config.json").is_file():
+        if (target / CONFIG_FILE).is_file():
             result = evaluate_run(target, references=args.references, prompts=templates, config=config, out_dir=out,
                                   identifier=args.identifier)
         else:
             refs = reference_embeddings(args.references, backend=config.face_backend, threshold=config.threshold)
-            rows = evaluate_images(target, references=refs, config=config, identifier=args.identifier or "TOK")
+            rows = evaluate_images(target, references=refs, config=config, identifier=args.identifier or DEFAULT_TOKEN)
             result = _write_outputs(rows, refs, config, Path(out), extra={"images": str(target)})
     except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:
         print(f"error: {exc}")

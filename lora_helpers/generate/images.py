@@ -32,18 +32,14 @@ from lora_helpers import __version__
 from lora_helpers.core.config import default_resolution, smoke_mode
 from lora_helpers.core.grids import GridLayout, grid_layout, make_grid, save_png_with_metadata
 from lora_helpers.generate.cache import ImageCache, cache_key
+from lora_helpers.core.lora_files import LoraFileError, LoraNotFoundError, weights_digest
+from lora_helpers.core.run_folder import LORA_WEIGHT_NAME, find_checkpoints, read_run_config
 from lora_helpers.generate.pipeline import (
-    LORA_FILE_NAME, MEMORY_SAVING_MODES, LoraInfo, LoraLoadError, LoraNotFoundError, activate_lora, check_lora_file,
-    choose_base_model, describe_pipeline, find_checkpoints, find_lora_file, fuse_lora, load_lora, load_pipeline,
-    make_random_lora, read_run_config, set_lora_scale, unfuse_lora, unload_lora,
+    MEMORY_SAVING_MODES, LoraInfo, activate_lora, choose_base_model, find_lora_file, fuse_lora, load_lora,
+    load_pipeline, unload_lora,
 )
 
 __all__ = [
-    # re-exported from lora_helpers.generate.pipeline
-    "LORA_FILE_NAME", "LoraInfo", "LoraLoadError", "LoraNotFoundError", "load_pipeline", "describe_pipeline",
-    "load_lora", "unload_lora", "check_lora_file", "set_lora_scale", "fuse_lora", "unfuse_lora", "activate_lora",
-    "find_lora_file", "find_checkpoints", "read_run_config", "choose_base_model", "make_random_lora",
-    # this module
     "DEFAULT_SCALES", "GRID_KINDS", "SCHEDULERS", "GenerateConfig", "GeneratedImage", "GridResult",
     "resolve_size", "resolve_steps", "fill_subject", "generate_images", "save_images",
     "prompt_seed_grid", "scale_sweep", "checkpoint_progress", "base_vs_lora",
@@ -491,21 +487,19 @@ def checkpoint_progress(pipe, run_dir: str | Path, prompts: str | Sequence[str],
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     columns: list[tuple[str, Path]] = [(f"step {step}", path) for step, path in
                                        _pick_evenly(find_checkpoints(run_dir), max(2, max_checkpoints))]
-    if include_final and (run_dir / LORA_FILE_NAME).is_file():
-        from lora_helpers.core.lora_files import weights_digest
-
+    if include_final and (run_dir / LORA_WEIGHT_NAME).is_file():
         def digest(path: Path) -> str | None:
             try:
                 return weights_digest(path)
             except Exception:  # a damaged file gets its grey column below, with the reason
                 return None
 
-        final = digest(run_dir / LORA_FILE_NAME)
+        final = digest(run_dir / LORA_WEIGHT_NAME)
         # the checkpoint at the last step holds the final weights: one column, named for both
         columns = [(f"{label} (final)", path) if final and digest(path) == final else (label, path)
                    for label, path in columns]
         if not any(label.endswith("(final)") for label, _ in columns):
-            columns.append(("final", run_dir / LORA_FILE_NAME))
+            columns.append(("final", run_dir / LORA_WEIGHT_NAME))
     if not columns:
         raise LoraNotFoundError(run_dir, "no checkpoints/checkpoint-<step>/ folders with LoRA weights and no final LoRA; "
                                          "train with checkpointing on, or pass the run folder")
@@ -517,7 +511,7 @@ def checkpoint_progress(pipe, run_dir: str | Path, prompts: str | Sequence[str],
     for i, (label, path) in enumerate(columns):
         try:
             info = load_lora(pipe, path, adapter_name=f"progress_{i}", scale=scale, trigger=trigger)
-        except LoraLoadError as exc:
+        except LoraFileError as exc:
             notes.append(f"{label}: {exc}")
             warnings.warn(f"skipping {label}: {exc}")
             per_column.append([None] * n)
@@ -529,7 +523,7 @@ def checkpoint_progress(pipe, run_dir: str | Path, prompts: str | Sequence[str],
             unload_lora(pipe, info)
         labels.append(label)
     if all(it is None for col in per_column for it in col):
-        raise LoraLoadError(run_dir, "no checkpoint of this run could be loaded: " + "; ".join(notes))
+        raise LoraFileError(run_dir, "no checkpoint of this run could be loaded: " + "; ".join(notes))
     items = [per_column[c][r] for r in range(n) for c in range(len(columns))]
     texts = [fill_subject(p, trigger) for p in prompts]
     rows, prompt_title = _row_labels(texts, seeds)
@@ -616,6 +610,6 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"{len(items)} images in {args.out / 'images'} ({hits} from the cache)"
               + (f", grid in {args.out / f'grid_{args.grid}.png'}" if args.grid else ""))
         return 0
-    except (LoraLoadError, ValueError, OSError) as exc:
+    except (LoraFileError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

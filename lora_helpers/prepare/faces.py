@@ -43,7 +43,6 @@ __all__ = [
     "detect_faces",
     "face_embedding",
     "cosine_similarity",
-    "same_person",
     "face_models_dir",
 ]
 
@@ -443,8 +442,3 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
     b = np.asarray(b, dtype=np.float64).ravel()
     denom = float(np.linalg.norm(a) * np.linalg.norm(b))
     return float(a @ b / denom) if denom > 0 else 0.0
-
-
-def same_person(a: np.ndarray, b: np.ndarray, *, threshold: float = SAME_PERSON_COSINE) -> bool:
-    """True when two embeddings are close enough to be the same person."""
-    return cosine_similarity(a, b) >= threshold

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,9 @@ import numpy as np
 import torch
 
 from lora_helpers.core.fileio import atomic_dir, atomic_path, write_json
+from lora_helpers.core.run_folder import CHECKPOINTS_DIR, LORA_WEIGHT_NAME, checkpoint_dir, list_checkpoints
 
 __all__ = [
-    "CHECKPOINTS_DIR",
-    "LORA_WEIGHTS",
-    "checkpoint_dir",
-    "list_checkpoints",
     "find_checkpoint",
     "rng_state",
     "set_rng_state",
@@ -42,37 +38,8 @@ __all__ = [
     "prune_checkpoints",
 ]
 
-CHECKPOINTS_DIR = "checkpoints"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # What resuming needs beyond the weights; pruned from older checkpoints.
 _TRAINING_STATE = ("training_state.pt", "optimizer.pt")
-_NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
-    """Folder of the checkpoint at ``step``."""
-    return Path(run_dir) / CHECKPOINTS_DIR / f"checkpoint-{step}"
-
-
-def list_checkpoints(run_dir: str | os.PathLike, *, resumable: bool = True) -> list[Path]:
-    """Checkpoint folders of a run, oldest first (half-written temp folders are ignored).
-
-    Args:
-        run_dir: the run folder.
-        resumable: only those that still hold the state to resume from (the newest few);
-            False lists every checkpoint that holds LoRA weights.
-    """
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _NAME.match(p.name)
-        if not (m and p.is_dir()):
-            continue
-        if (p / "training_state.pt").is_file() or (not resumable and (p / LORA_WEIGHTS).is_file()):
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
 
 
 def find_checkpoint(run_dir: str | os.PathLike, which: str | os.PathLike) -> Path | None:
@@ -91,7 +58,7 @@ def find_checkpoint(run_dir: str | os.PathLike, which: str | os.PathLike) -> Pat
     if not (path / "training_state.pt").is_file():
         have = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
         why = ("its training state was pruned (only the newest checkpoints keep it; its LoRA weights are kept)"
-               if (path / LORA_WEIGHTS).is_file() else "not a complete checkpoint")
+               if (path / LORA_WEIGHT_NAME).is_file() else "not a complete checkpoint")
         raise FileNotFoundError(f"{path}: {why}; checkpoints to resume from in {run_dir}: {have}")
     return path
 

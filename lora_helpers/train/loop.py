@@ -493,7 +493,7 @@ def run_training(dataset_dir: Path, run_dir: Path, *, cfg, accelerator, plan, tr
     """Set up, train, and write the run folder (see :func:`lora_helpers.train.stage.train`)."""
     from tqdm.auto import tqdm
 
-    from lora_helpers.core.lora_files import save_kohya
+    from lora_helpers.core.lora_convert import save_kohya
     from lora_helpers.train.stage import TrainingDivergedError, TrainingOutOfMemoryError, TrainResult
 
     run = _Run(dataset_dir, run_dir, cfg=cfg, accelerator=accelerator, plan=plan, trigger=trigger,

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from lora_helpers.core.fileio import atomic_path, read_jsonl, sha256_file, write_json, write_text
+from lora_helpers.core import run_folder
+from lora_helpers.core.fileio import atomic_path, sha256_file, write_text
+# loop.py still reaches these through this module; run_folder owns them
+from lora_helpers.core.run_folder import CONFIG_FILE, LOG_FILE, read_log  # noqa: F401
 
 __all__ = [
-    "LOG_FILE",
-    "CONFIG_FILE",
     "CURVES_FILE",
-    "read_log",
     "package_versions",
     "dataset_hashes",
     "write_run_config",
@@ -31,16 +31,8 @@ __all__ = [
     "push_to_hub",
 ]
 
-LOG_FILE = "log.jsonl"
-CONFIG_FILE = "config.json"
 CURVES_FILE = "training_curves.png"
 _PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors")
-
-
-def read_log(run_dir: str | os.PathLike) -> list[dict]:
-    """Rows of ``log.jsonl`` (one per step), or [] when there is none yet."""
-    path = Path(run_dir) / LOG_FILE
-    return read_jsonl(path) if path.is_file() else []
 
 
 def package_versions() -> dict[str, str | None]:
@@ -75,7 +67,7 @@ def dataset_hashes(images: Sequence) -> list[dict[str, Any]]:
 def write_run_config(run_dir: str | os.PathLike, *, config: dict, trigger: str, class_noun: str | None,
                      images: Sequence, dataset_dir: str | os.PathLike, status: str,
                      extra: dict | None = None) -> Path:
-    """Write ``config.json``: what later stages read first, then everything to reproduce the run.
+    """Write the run's ``config.json``: what later stages read first, then everything to reproduce the run.
 
     Args:
         run_dir: the run folder.
@@ -108,7 +100,7 @@ def write_run_config(run_dir: str | os.PathLike, *, config: dict, trigger: str, 
         "versions": package_versions(),
         "dataset": {"dir": str(dataset_dir), "n_images": len(images), "images": dataset_hashes(images)},
     }
-    return write_json(Path(run_dir) / CONFIG_FILE, data)
+    return run_folder.write_run_config(run_dir, data)
 
 
 def _finite(v) -> bool:

@@ -1,0 +1,158 @@
+"""The folders between the stages: the one owner of their file names and small JSON files.
+
+A dataset folder (written by prepare and caption) holds ``caption_config.json``; a run folder
+(written by training) holds ``config.json``, ``log.jsonl``, the LoRA files and
+``checkpoints/checkpoint-<step>/``. Every stage asks this module for those names, the default
+trigger phrase and the checkpoint list, so the contract between stages lives in one file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from lora_helpers.core.fileio import read_jsonl, write_json
+
+__all__ = [
+    "DEFAULT_TOKEN",
+    "DEFAULT_CLASS_NOUN",
+    "DEFAULT_TRIGGER",
+    "LORA_WEIGHT_NAME",
+    "CONFIG_FILE",
+    "LOG_FILE",
+    "CAPTION_CONFIG_FILE",
+    "CHECKPOINTS_DIR",
+    "RunFolderError",
+    "kohya_file_name",
+    "read_json_object",
+    "read_run_config",
+    "write_run_config",
+    "read_caption_config",
+    "write_caption_config",
+    "read_log",
+    "checkpoint_dir",
+    "checkpoint_step",
+    "list_checkpoints",
+    "find_checkpoints",
+]
+
+DEFAULT_TOKEN = "TOK"
+DEFAULT_CLASS_NOUN = "person"
+# The phrase that calls the person when nothing else says which: the caption stage writes the
+# real one into caption_config.json, training copies it into config.json.
+DEFAULT_TRIGGER = f"{DEFAULT_TOKEN} {DEFAULT_CLASS_NOUN}"
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.jsonl"
+CAPTION_CONFIG_FILE = "caption_config.json"
+CHECKPOINTS_DIR = "checkpoints"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Present only while a checkpoint can be resumed from (older ones keep just their LoRA).
+_RESUME_MARKER = "training_state.pt"
+
+
+class RunFolderError(ValueError):
+    """A file of a dataset or run folder that cannot be read; the message names it."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def kohya_file_name(output_name: str) -> str:
+    """The kohya/A1111/ComfyUI file of a run: ``<output_name>_kohya.safetensors``."""
+    return f"{output_name}_kohya.safetensors"
+
+
+def read_json_object(path: str | os.PathLike, *, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; {} when the file is absent.
+
+    Args:
+        path: the file.
+        what: what the file holds, for the message ("the trigger phrase").
+
+    Raises:
+        RunFolderError: the file is not a JSON object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunFolderError(path, f"not valid JSON ({exc}); fix it or delete it (it holds {what})") from None
+    if not isinstance(data, dict):
+        raise RunFolderError(path, f"expected a JSON object (it holds {what})")
+    return data
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """``run_dir/config.json``: trigger, base_model, resolution, ...; {} when absent."""
+    return read_json_object(Path(run_dir) / CONFIG_FILE, what="the trigger phrase and base model")
+
+
+def write_run_config(run_dir: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write ``run_dir/config.json`` atomically; later stages read ``trigger``, ``base_model``, ``resolution``."""
+    return write_json(Path(run_dir) / CONFIG_FILE, data)
+
+
+def read_caption_config(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+    """The last caption run's settings (``caption_config.json``), or {}.
+
+    Keys include "trigger" (the subject phrase, e.g. "TOK person"), "identifier" ("TOK"),
+    "template" and "model"; the trainer records the trigger from here.
+    """
+    return read_json_object(Path(dataset_dir) / CAPTION_CONFIG_FILE, what="the caption settings; run captioning again")
+
+
+def write_caption_config(dataset_dir: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write ``dataset_dir/caption_config.json`` atomically."""
+    return write_json(Path(dataset_dir) / CAPTION_CONFIG_FILE, data)
+
+
+def read_log(run_dir: str | os.PathLike) -> list[dict]:
+    """Rows of ``log.jsonl`` (one per step), or [] when there is none yet."""
+    path = Path(run_dir) / LOG_FILE
+    return read_jsonl(path) if path.is_file() else []
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """Folder of the checkpoint at ``step``."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"checkpoint-{step}"
+
+
+def checkpoint_step(folder: str | os.PathLike) -> int | None:
+    """The step of a ``checkpoint-<step>`` folder, or None for another name."""
+    match = _CHECKPOINT.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(run_dir: str | os.PathLike, *, resumable: bool = True) -> list[Path]:
+    """Checkpoint folders of a run, oldest first (half-written temporary folders are ignored).
+
+    Args:
+        run_dir: the run folder.
+        resumable: only those that still hold the state to resume from (the newest few);
+            False lists every checkpoint that holds LoRA weights.
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.iterdir():
+        step = checkpoint_step(folder)
+        if step is None or not folder.is_dir():
+            continue
+        if (folder / _RESUME_MARKER).is_file() or (not resumable and (folder / LORA_WEIGHT_NAME).is_file()):
+            found.append((step, folder))
+    return [folder for _, folder in sorted(found)]
+
+
+def find_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, LoRA file)`` of every checkpoint that holds LoRA weights, by step."""
+    return [(checkpoint_step(folder), folder / LORA_WEIGHT_NAME)
+            for folder in list_checkpoints(run_dir, resumable=False) if (folder / LORA_WEIGHT_NAME).is_file()]
