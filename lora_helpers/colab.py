@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import lora_helpers
 from lora_helpers import __version__
 from lora_helpers.core.config import smoke_mode
 from lora_helpers.core.fileio import write_bytes
@@ -58,8 +59,6 @@ def finish_install(*, quiet: bool = False) -> str:
     """
     if importlib.util.find_spec("dlib") is None and not _pip_install("dlib-bin"):
         print("could not install dlib-bin: face checks will fail; run `pip install dlib-bin` and restart the runtime")
-    import lora_helpers
-
     line = f"lora_helpers {__version__} from {Path(lora_helpers.__file__).parent}"
     if not quiet:
         print(line)

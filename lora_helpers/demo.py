@@ -14,14 +14,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from lora_helpers.caption import CaptionConfig, caption_dataset
+from lora_helpers.core.config import default_resolution, resolve_models, smoke_mode
 from lora_helpers.core.run_folder import DEFAULT_TOKEN
+from lora_helpers.core.runtime import free_memory
+from lora_helpers.evaluate import EvaluateConfig, evaluate_run, format_summary
+from lora_helpers.generate import checkpoint_progress, load_lora, load_pipeline, prompt_seed_grid, scale_sweep
+from lora_helpers.prepare import PrepareConfig, prepare_photos
+from lora_helpers.stage_inputs import sample_photos_dir
+from lora_helpers.train.stage import TrainConfig, train
 
 __all__ = ["DemoConfig", "DemoResult", "default_photos", "run_demo", "add_cli_arguments", "run_cli"]
 
 
 def default_photos() -> Path:
-    """``sample_data/person`` of this checkout (the package's sibling folder)."""
-    return Path(__file__).resolve().parents[1] / "sample_data" / "person"
+    """``sample_data/person`` of this repository (see :func:`lora_helpers.stage_inputs.sample_photos_dir`)."""
+    return sample_photos_dir() or Path(__file__).resolve().parents[1] / "sample_data" / "person"
 
 
 @dataclass
@@ -55,10 +65,6 @@ class DemoResult:
 
 
 def _use_smoke(model: str | None) -> bool:
-    import torch
-
-    from lora_helpers.core.config import smoke_mode
-
     if model is not None:
         return False
     return smoke_mode() or not torch.cuda.is_available()
@@ -79,10 +85,6 @@ def run_demo(config: DemoConfig | None = None, *, log=print) -> DemoResult:
     if smoke:
         # The stages read the switch from the environment: the same cells a notebook runs.
         os.environ["LORA_HELPERS_SMOKE"] = "1"
-    from lora_helpers.caption.stage import CaptionConfig, caption_dataset
-    from lora_helpers.core.config import default_resolution, resolve_models
-    from lora_helpers.prepare.stage import PrepareConfig, prepare_photos
-    from lora_helpers.train.stage import TrainConfig, train
 
     models = resolve_models(smoke=smoke, sdxl=config.model)
     out = Path(config.out_dir)
@@ -118,8 +120,6 @@ def run_demo(config: DemoConfig | None = None, *, log=print) -> DemoResult:
     log(f"generate grids -> {generated}")
 
     if config.evaluate:
-        from lora_helpers.evaluate.scoring import EvaluateConfig, evaluate_run, format_summary
-
         t = time.perf_counter()
         # A small slice of the standard prompt set keeps the demo to minutes; 05_evaluate runs it all.
         eval_config = EvaluateConfig(clip_model=models.clip, seeds=(0, 1), scales=(0.0, 1.0), max_checkpoints=2,
@@ -134,9 +134,6 @@ def run_demo(config: DemoConfig | None = None, *, log=print) -> DemoResult:
 
 
 def _grids(run: Path, out: Path, base_model: str) -> dict[str, Path]:
-    from lora_helpers.generate.images import checkpoint_progress, prompt_seed_grid, scale_sweep
-    from lora_helpers.generate.pipeline import load_lora, load_pipeline
-
     pipe = load_pipeline(base_model)
     lora = load_lora(pipe, run)
     prompts = ["a photo of {subject}", "{subject} on a beach at sunset", "an oil painting of {subject}"]
@@ -149,8 +146,6 @@ def _grids(run: Path, out: Path, base_model: str) -> dict[str, Path]:
     for name, grid in grids.items():
         paths[name] = grid.save(out / f"{name.split(':')[1]}.png")
     del pipe
-    from lora_helpers.core.runtime import free_memory
-
     free_memory()
     return paths
 

@@ -12,9 +12,12 @@ import os
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+from lora_helpers.caption import CaptionConfig, caption_dataset, load_captions, load_clip_tokenizer
 from lora_helpers.core.config import default_resolution, smoke_mode
 from lora_helpers.core.images import list_images
 from lora_helpers.core.run_folder import CONFIG_FILE, LORA_WEIGHT_NAME, list_checkpoints
+from lora_helpers.prepare import PrepareConfig, prepare_photos
+from lora_helpers.train.stage import TrainConfig, train
 
 __all__ = ["SAMPLE_DATA_ENV", "sample_photos_dir", "stage_input"]
 
@@ -57,8 +60,6 @@ def _smoke_photos() -> Path:
 
 
 def _captions_problem(dataset_dir: Path) -> str | None:
-    from lora_helpers.caption.stage import load_captions
-
     if not (dataset_dir / "metadata.jsonl").is_file():
         return f"{dataset_dir} has no metadata.jsonl"
     try:
@@ -106,8 +107,6 @@ def stage_input(kind: Kind, folder: str | os.PathLike, *, dataset_dir: str | os.
             return folder
         if not smoke:
             raise FileNotFoundError(f"{folder} holds no prepared photos: {_WRITTEN_BY['dataset']}")
-        from lora_helpers.prepare.stage import PrepareConfig, prepare_photos
-
         print(f"smoke mode: preparing the sample photos into {folder}")
         prepare_photos(_smoke_photos(), folder, config=PrepareConfig(resolution=default_resolution()), progress=False)
         return folder
@@ -118,8 +117,6 @@ def stage_input(kind: Kind, folder: str | os.PathLike, *, dataset_dir: str | os.
             return folder
         if not smoke:
             raise FileNotFoundError(f"{problem}: {_WRITTEN_BY['captions']}")
-        from lora_helpers.caption.stage import CaptionConfig, caption_dataset, load_clip_tokenizer
-
         print(f"smoke mode: captioning {folder} with the tiny BLIP")
         caption_dataset(folder, config=CaptionConfig(), tokenizer=load_clip_tokenizer(download=False), progress=False)
         return folder
@@ -130,8 +127,6 @@ def stage_input(kind: Kind, folder: str | os.PathLike, *, dataset_dir: str | os.
             raise FileNotFoundError(f"{folder} holds no trained LoRA: {_WRITTEN_BY['run']}")
         if dataset_dir is None:
             raise ValueError("stage_input('run', ...) in smoke mode needs dataset_dir= to train a stand-in run")
-        from lora_helpers.train.stage import TrainConfig, train
-
         dataset = stage_input("captions", dataset_dir)
         print(f"smoke mode: training a tiny stand-in run into {folder}")
         config = TrainConfig.from_preset("cpu-smoke", max_train_steps=6, checkpointing_steps=3, validation_steps=3)

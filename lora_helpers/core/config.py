@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lora_helpers.core import tiny_models
+
 __all__ = [
     "HUB_MODELS",
     "Models",
@@ -72,11 +74,9 @@ def tiny_models_dir(*, build: bool = True) -> Path:
     Returns:
         Folder with ``sdxl/``, ``blip/``, ``clip/`` subfolders.
     """
-    from lora_helpers.core import tiny_models as testing
-
-    root = cache_dir() / f"tiny-models-v{testing.TINY_MODELS_VERSION}"
+    root = cache_dir() / f"tiny-models-v{tiny_models.TINY_MODELS_VERSION}"
     if build and not (root / "complete").exists():
-        testing.build_tiny_models(root)
+        tiny_models.build_tiny_models(root)
     return root
 
 
