@@ -124,7 +124,8 @@ def run_one(name: str, steps: int, work: Path, cache: Path) -> dict:
 
 
 def _trace() -> None:
-    from lora_helpers.train.memory import estimate_peak_memory, trace_training_memory
+    from lora_helpers.train.memory import estimate_peak_memory
+    from lora_helpers.train.memory_trace import trace_training_memory
     from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
 
     for resolution in (512, 1024):
