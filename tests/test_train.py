@@ -175,7 +175,7 @@ def test_out_of_memory_is_reported_with_advice(dataset, tiny_models, tmp_path, m
 
 
 def test_buckets_keep_prepared_sizes_and_batches_never_mix_them():
-    from lora_helpers.train.latents import batch_plan, bucket_size
+    from lora_helpers.train.data import batch_plan, bucket_size
 
     assert bucket_size(832, 1216, 1024) == (832, 1216)  # an SDXL bucket from the prepare stage stays
     w, h = bucket_size(3000, 4000, 1024)  # a phone photo goes to a 3:4 bucket of about 1024^2 px
@@ -189,7 +189,7 @@ def test_buckets_keep_prepared_sizes_and_batches_never_mix_them():
 
 
 def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
-    from lora_helpers.train.latents import read_training_images
+    from lora_helpers.train.data import read_training_images
 
     folder = make_dataset(tmp_path / "dataset")
     (folder / "images" / "astronaut_01.png").write_bytes(b"not a png")

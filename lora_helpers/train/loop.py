@@ -23,7 +23,8 @@ import torch
 from lora_helpers.train import checkpoints as ckpt
 from lora_helpers.train import outputs as runs
 from lora_helpers.core.fileio import write_jsonl
-from lora_helpers.train.latents import TrainCache, batch_plan
+from lora_helpers.train.data import batch_plan
+from lora_helpers.train.latents import TrainCache
 from lora_helpers.core.lora_files import LORA_WEIGHT_NAME
 from lora_helpers.train.memory import GB
 
@@ -81,7 +82,8 @@ class _Run:
     # ------------------------------------------------------------------ setup
 
     def prepare_data(self) -> None:
-        from lora_helpers.train.latents import build_cache, read_training_images
+        from lora_helpers.train.data import read_training_images
+        from lora_helpers.train.latents import build_cache
 
         cfg = self.cfg
         self.images = read_training_images(self.dataset_dir, instance_prompt=cfg.instance_prompt,
