@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import image_diff, make_dataset, max_diff
 
-from lora_helpers.train.stage import TrainConfig, TrainingDivergedError, train
+from lora_helpers.train.config import TrainConfig, TrainingDivergedError
+from lora_helpers.train.stage import train
 
 
 def _config(tiny_models, **overrides) -> TrainConfig:
@@ -163,7 +164,7 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_the_run_when_repeated(datas
 
 def test_out_of_memory_is_reported_with_advice(dataset, tiny_models, tmp_path, monkeypatch):
     from lora_helpers.train import loop as train_loop
-    from lora_helpers.train.stage import TrainingOutOfMemoryError
+    from lora_helpers.train.config import TrainingOutOfMemoryError
 
     def oom(self):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
@@ -241,8 +242,6 @@ def test_cli_trains_with_prior_preservation(dataset, tiny_models, tmp_path, caps
 
 
 def test_naming_a_preset_without_applying_it_is_refused():
-    from lora_helpers.train.stage import TrainConfig
-
     with pytest.raises(ValueError, match="from_preset"):
         TrainConfig(preset="cpu-smoke")
     smoke = TrainConfig.from_preset("cpu-smoke", max_train_steps=7)

@@ -23,6 +23,7 @@ import torch
 from lora_helpers.train import checkpoints as ckpt
 from lora_helpers.train import outputs as runs
 from lora_helpers.core.fileio import write_jsonl
+from lora_helpers.train.config import TrainingDivergedError, TrainingOutOfMemoryError, TrainResult, auto_steps
 from lora_helpers.train.data import batch_plan
 from lora_helpers.train.latents import TrainCache
 from lora_helpers.core.lora_files import LORA_WEIGHT_NAME
@@ -88,7 +89,7 @@ class _Run:
         cfg = self.cfg
         self.images = read_training_images(self.dataset_dir, instance_prompt=cfg.instance_prompt,
                                            use_captions=cfg.use_captions)
-        steps = cfg.max_train_steps or _auto_steps(len(self.images), cfg)
+        steps = cfg.max_train_steps or auto_steps(len(self.images), cfg)
         warmup = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else round(0.05 * steps)
         class_prompt = cfg.class_prompt or (f"a photo of a {self.class_noun or 'person'}"
                                             if cfg.with_prior_preservation else None)
@@ -440,12 +441,6 @@ class _Run:
         return kwargs
 
 
-def _auto_steps(n_images: int, cfg) -> int:
-    from lora_helpers.train.stage import auto_steps
-
-    return auto_steps(n_images, cfg)
-
-
 def _host_peak_gb() -> float:
     try:
         import resource
@@ -496,7 +491,6 @@ def run_training(dataset_dir: Path, run_dir: Path, *, cfg, accelerator, plan, tr
     from tqdm.auto import tqdm
 
     from lora_helpers.core.lora_files import save_kohya
-    from lora_helpers.train.stage import TrainingDivergedError, TrainingOutOfMemoryError, TrainResult
 
     run = _Run(dataset_dir, run_dir, cfg=cfg, accelerator=accelerator, plan=plan, trigger=trigger,
                class_noun=class_noun, validation_hook=validation_hook)
