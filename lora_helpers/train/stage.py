@@ -16,8 +16,9 @@
 5. write the diffusers and kohya LoRA files (:mod:`lora_helpers.core.lora_files`), ``config.json``,
    a loss plot and a model card (:mod:`lora_helpers.train.outputs`).
 
-The settings live in :mod:`lora_helpers.train.config`, the loop in :mod:`lora_helpers.train.loop`,
-validation and class images in :mod:`lora_helpers.train.validation`.
+The settings live in :mod:`lora_helpers.train.config`, the loop in :mod:`lora_helpers.train.loop`
+(it fires the events of :mod:`lora_helpers.train.events`: progress bars, inline grids and
+scores are listeners), validation and class images in :mod:`lora_helpers.train.validation`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import contextlib
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -38,6 +39,8 @@ from lora_helpers.core.runtime import free_memory
 from lora_helpers.train import checkpoints as ckpt
 from lora_helpers.train.config import (PRESETS, TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError,
                                        TrainResult, _device_type, _resolve)
+from lora_helpers.train.events import ValidationHook, ValidationHooks
+from lora_helpers.train.listeners import ProgressBar
 from lora_helpers.train.loop import run_training
 from lora_helpers.train.memory import GB, MemoryBudgetError, MemoryPlan, check_budget, estimate_peak_memory
 from lora_helpers.train.outputs import check_hub_access
@@ -103,10 +106,18 @@ def _memory_budget(budget_gb: float | None, device: torch.device):
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
+def _listeners(listeners: Sequence[Any] | None, validation_hook, run_dir: Path) -> list:
+    """The progress bar (unless given), then the validation hooks as a listener, then ``listeners``."""
+    listeners = list(listeners or [])
+    bar = [] if any(isinstance(listener, ProgressBar) for listener in listeners) else [ProgressBar()]
+    hooks = [ValidationHooks(validation_hook, run_dir)] if validation_hook else []
+    return bar + hooks + listeners
+
+
 def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig | None = None,
           resume: str | Path | None = None,
-          validation_hook: Callable[[int, list, Path], dict | None]
-          | Sequence[Callable[[int, list, Path], dict | None]] | None = None) -> TrainResult:
+          validation_hook: ValidationHook | Sequence[ValidationHook] | None = None,
+          listeners: Sequence[Any] | None = None) -> TrainResult:
     """Train a LoRA on a prepared, captioned dataset and write the run folder.
 
     Args:
@@ -119,7 +130,12 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
         validation_hook: called as ``hook(step, images, run_dir)`` after each validation with
             the list of PIL images (prompts x seeds, row-major); a dict it returns is written
             into that step's ``log.jsonl`` row (e.g. identity scores). A list of hooks runs
-            each in turn (e.g. scoring, then showing the grid in a notebook).
+            each in turn. Hooks run before ``listeners``, so a listener sees their scores.
+        listeners: objects with some of the ``on_*`` methods of
+            :class:`lora_helpers.train.events.TrainingListener` (e.g.
+            :class:`lora_helpers.train.listeners.ShowValidation` in a notebook). A
+            :class:`~lora_helpers.train.listeners.ProgressBar` comes first unless one is given.
+            A listener that raises is reported as a warning; training goes on.
 
     Returns:
         A :class:`TrainResult`.
@@ -153,7 +169,8 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
     with _memory_budget(cfg.memory_budget_gb, accelerator.device):
         try:
             return run_training(dataset_dir, run_dir, cfg=cfg, accelerator=accelerator, plan=plan, trigger=trigger,
-                                class_noun=class_noun, start_from=start_from, validation_hook=validation_hook)
+                                class_noun=class_noun, start_from=start_from,
+                                listeners=_listeners(listeners, validation_hook, run_dir))
         finally:
             # accelerate keeps references to the UNet and optimizer: drop them, so a notebook can
             # generate (or retry with other settings) in the same session without a restart
