@@ -90,7 +90,7 @@ def run_one(name: str, steps: int, work: Path, cache: Path) -> dict:
     import torch
 
     from lora_helpers.train.outputs import read_log
-    from lora_helpers.train.stage import TrainConfig, plan_memory, train
+    from lora_helpers.train import TrainConfig, plan_memory, train
 
     size = _SIZES[name]
     model = _model_folder(name, cache)

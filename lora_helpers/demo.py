@@ -80,7 +80,7 @@ def run_demo(config: DemoConfig | None = None, *, log=print) -> DemoResult:
     from lora_helpers.caption.stage import CaptionConfig, caption_dataset
     from lora_helpers.core.config import default_resolution, resolve_models
     from lora_helpers.prepare.stage import PrepareConfig, prepare_photos
-    from lora_helpers.train.stage import TrainConfig, train
+    from lora_helpers.train import TrainConfig, train
 
     models = resolve_models(smoke=smoke, sdxl=config.model)
     out = Path(config.out_dir)

@@ -131,7 +131,7 @@ def stage_input(kind: Kind, folder: str | os.PathLike, *, dataset_dir: str | os.
             raise FileNotFoundError(f"{folder} holds no trained LoRA: {_WRITTEN_BY['run']}")
         if dataset_dir is None:
             raise ValueError("stage_input('run', ...) in smoke mode needs dataset_dir= to train a stand-in run")
-        from lora_helpers.train.stage import TrainConfig, train
+        from lora_helpers.train import TrainConfig, train
 
         dataset = stage_input("captions", dataset_dir)
         print(f"smoke mode: training a tiny stand-in run into {folder}")

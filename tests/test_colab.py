@@ -125,7 +125,7 @@ def test_gpu_guard_stops_a_cpu_runtime_with_what_to_do(fake_colab, monkeypatch):
 
 def test_without_bitsandbytes_8bit_adamw_becomes_adamw_and_the_plan_counts_it(monkeypatch, capsys):
     from lora_helpers.train import config as train_config
-    from lora_helpers.train.stage import plan_memory
+    from lora_helpers.train import plan_memory
 
     config = train_config.TrainConfig.from_preset("t4-8gb", mixed_precision="fp16", optimizer="adamw8bit")
     with_8bit = plan_memory(config, device_type="cuda")
@@ -148,7 +148,7 @@ def test_without_bitsandbytes_8bit_adamw_becomes_adamw_and_the_plan_counts_it(mo
 def test_a_hub_push_that_cannot_work_stops_training_before_anything_loads(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from lora_helpers.train.stage import TrainConfig, train
+    from lora_helpers.train import TrainConfig, train
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)

@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import image_diff, make_dataset, max_diff
 
-from lora_helpers.train.config import TrainConfig, TrainingDivergedError
-from lora_helpers.train.stage import train
+from lora_helpers.train import TrainConfig, TrainingDivergedError, train
 
 
 def _config(tiny_models, **overrides) -> TrainConfig:
@@ -139,7 +138,7 @@ def test_resume_repeats_an_uninterrupted_run(dataset, tiny_models, tmp_path):
 
 def test_listeners_hear_every_step_checkpoint_and_validation_and_a_failing_one_only_warns(dataset, tiny_models,
                                                                                           tmp_path):
-    from lora_helpers.train.events import TrainingListener
+    from lora_helpers.train import TrainingListener
 
     class Recorder(TrainingListener):
         def __init__(self):
@@ -199,7 +198,7 @@ def test_listeners_hear_every_step_checkpoint_and_validation_and_a_failing_one_o
 def test_show_validation_prints_the_step_and_scores_above_the_grid(tmp_path, capsys):
     from PIL import Image
 
-    from lora_helpers.train.listeners import ShowValidation
+    from lora_helpers.train import ShowValidation
 
     grid = tmp_path / "step-000020.png"
     Image.new("RGB", (8, 8)).save(grid)
@@ -234,7 +233,7 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_the_run_when_repeated(datas
 
 
 def test_out_of_memory_is_reported_with_advice(dataset, tiny_models, tmp_path, monkeypatch):
-    from lora_helpers.train.config import TrainingOutOfMemoryError
+    from lora_helpers.train import TrainingOutOfMemoryError
     from lora_helpers.train.session import TrainingSession
 
     def oom(self):
@@ -277,7 +276,7 @@ def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
 
 
 def test_over_budget_plan_is_refused_before_loading(dataset, tiny_models, tmp_path):
-    from lora_helpers.train.memory import MemoryBudgetError
+    from lora_helpers.train import MemoryBudgetError
 
     with pytest.raises(MemoryBudgetError, match="GB"):
         train(dataset, tmp_path / "run", config=_config(tiny_models, memory_budget_gb=0.001))
