@@ -90,7 +90,7 @@ def run_one(name: str, steps: int, work: Path, cache: Path) -> dict:
     import torch
 
     from lora_helpers.train.outputs import read_log
-    from lora_helpers.train.stage import TrainConfig, plan_memory, train
+    from lora_helpers.train import TrainConfig, plan_memory, train
 
     size = _SIZES[name]
     model = _model_folder(name, cache)
@@ -124,7 +124,8 @@ def run_one(name: str, steps: int, work: Path, cache: Path) -> dict:
 
 
 def _trace() -> None:
-    from lora_helpers.train.memory import estimate_peak_memory, trace_training_memory
+    from lora_helpers.train.memory import estimate_peak_memory
+    from lora_helpers.train.memory_trace import trace_training_memory
     from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
 
     for resolution in (512, 1024):

@@ -24,7 +24,7 @@ from lora_helpers.evaluate import EvaluateConfig, evaluate_run, format_summary
 from lora_helpers.generate import checkpoint_progress, load_lora, load_pipeline, prompt_seed_grid, scale_sweep
 from lora_helpers.prepare import PrepareConfig, prepare_photos
 from lora_helpers.stage_inputs import sample_photos_dir
-from lora_helpers.train.stage import TrainConfig, train
+from lora_helpers.train import TrainConfig, train
 
 __all__ = ["DemoConfig", "DemoResult", "default_photos", "run_demo", "add_cli_arguments", "run_cli"]
 

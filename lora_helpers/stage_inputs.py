@@ -17,7 +17,7 @@ from lora_helpers.core.config import default_resolution, smoke_mode
 from lora_helpers.core.images import list_images
 from lora_helpers.core.run_folder import CONFIG_FILE, LORA_WEIGHT_NAME, list_checkpoints
 from lora_helpers.prepare import PrepareConfig, prepare_photos
-from lora_helpers.train.stage import TrainConfig, train
+from lora_helpers.train import TrainConfig, train
 
 __all__ = ["SAMPLE_DATA_ENV", "sample_photos_dir", "stage_input"]
 

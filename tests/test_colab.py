@@ -125,19 +125,20 @@ def test_gpu_guard_stops_a_cpu_runtime_with_what_to_do(fake_colab, monkeypatch):
 
 
 def test_without_bitsandbytes_8bit_adamw_becomes_adamw_and_the_plan_counts_it(monkeypatch, capsys):
-    from lora_helpers.train import stage as train_mod
+    from lora_helpers.train import config as train_config
+    from lora_helpers.train import plan_memory
 
-    config = train_mod.TrainConfig.from_preset("t4-8gb", mixed_precision="fp16", optimizer="adamw8bit")
-    with_8bit = train_mod.plan_memory(config, device_type="cuda")
+    config = train_config.TrainConfig.from_preset("t4-8gb", mixed_precision="fp16", optimizer="adamw8bit")
+    with_8bit = plan_memory(config, device_type="cuda")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails, as on a runtime without it
-    train_mod.bitsandbytes_problem.cache_clear()
-    train_mod._say_once.cache_clear()
+    train_config.bitsandbytes_problem.cache_clear()
+    train_config._say_once.cache_clear()
     try:
-        plan = train_mod.plan_memory(config, device_type="cuda")
-        resolved = train_mod._resolve(config, "cuda")
+        plan = plan_memory(config, device_type="cuda")
+        resolved = train_config._resolve(config, "cuda")
     finally:
-        train_mod.bitsandbytes_problem.cache_clear()
-        train_mod._say_once.cache_clear()
+        train_config.bitsandbytes_problem.cache_clear()
+        train_config._say_once.cache_clear()
     assert resolved.optimizer == "adamw"
     out = capsys.readouterr().out
     assert out.count("8-bit AdamW is not available") == 1 and "using AdamW instead" in out
@@ -148,7 +149,7 @@ def test_without_bitsandbytes_8bit_adamw_becomes_adamw_and_the_plan_counts_it(mo
 def test_a_hub_push_that_cannot_work_stops_training_before_anything_loads(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from lora_helpers.train.stage import TrainConfig, train
+    from lora_helpers.train import TrainConfig, train
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)

@@ -11,8 +11,8 @@ from lora_helpers.train.memory import (
     check_budget,
     count_unet_parameters,
     estimate_peak_memory,
-    trace_training_memory,
 )
+from lora_helpers.train.memory_trace import trace_training_memory
 from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
 
 

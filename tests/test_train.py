@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import image_diff, make_dataset, max_diff
 
-from lora_helpers.train.stage import TrainConfig, TrainingDivergedError, train
+from lora_helpers.train import TrainConfig, TrainingDivergedError, train
 
 
 def _config(tiny_models, **overrides) -> TrainConfig:
@@ -136,11 +136,82 @@ def test_resume_repeats_an_uninterrupted_run(dataset, tiny_models, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora.up" in k)  # training moved the weights
 
 
+def test_listeners_hear_every_step_checkpoint_and_validation_and_a_failing_one_only_warns(dataset, tiny_models,
+                                                                                          tmp_path):
+    from lora_helpers.train import TrainingListener
+
+    class Recorder(TrainingListener):
+        def __init__(self):
+            self.events = []
+
+        def on_train_start(self, start):
+            self.events.append(("start", start.start_step, start.config.max_train_steps))
+
+        def on_step_end(self, step, row):
+            self.events.append(("step", step, row["step"]))
+
+        def on_checkpoint(self, step, folder):
+            self.events.append(("checkpoint", step, folder))
+
+        def on_validation(self, step, images, grid_path, record):
+            self.events.append(("validation", step, grid_path, len(images), record.get("n_images")))
+            record["listener_score"] = 0.5  # what a listener adds to the record goes into the log row
+
+        def on_train_end(self, result):
+            self.events.append(("end", result.steps))
+
+    class Broken:  # any object with some on_* methods is a listener
+        def on_step_end(self, step, row):
+            raise RuntimeError("plot failed")
+
+        def on_validation(self, step, images, grid_path, record):
+            raise ValueError("no display")
+
+    def hook(step, images, run_dir):
+        return {"n_images": len(images)}
+
+    recorder, run = Recorder(), tmp_path / "run"
+    cfg = _config(tiny_models, max_train_steps=4, checkpointing_steps=2, validation_steps=2,
+                  validation_prompts=("a photo of {subject}",))
+    with pytest.warns(UserWarning) as caught:
+        result = train(dataset, run, config=cfg, validation_hook=hook, listeners=[Broken(), recorder])
+    assert result.steps == 4 and result.lora_path.is_file()  # the failing listener did not end the training
+    messages = [str(w.message) for w in caught]
+    assert "training listener Broken.on_step_end failed at step 1: RuntimeError: plot failed" in messages
+    assert sum("Broken.on_step_end failed" in m for m in messages) == 4
+    assert sum("Broken.on_validation failed" in m for m in messages) == 2
+    assert [e[0] for e in recorder.events] == ["start", "step", "step", "checkpoint", "validation", "step", "step",
+                                               "checkpoint", "validation", "end"]
+    assert recorder.events[0] == ("start", 0, 4) and recorder.events[-1] == ("end", 4)
+    assert [e[1:] for e in recorder.events if e[0] == "step"] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert [e[1:] for e in recorder.events if e[0] == "checkpoint"] == [
+        (2, run / "checkpoints" / "checkpoint-2"), (4, run / "checkpoints" / "checkpoint-4")]
+    validations = [e[1:] for e in recorder.events if e[0] == "validation"]
+    # the grid is on disk when the event fires, and the hook's values came first
+    assert validations == [(2, run / "samples" / "step-000002.png", 1, 1), (4, run / "samples" / "step-000004.png", 1, 1)]
+    assert all(path.is_file() for _, path, _, _ in validations)
+    rows = _rows(run)
+    assert [r.get("listener_score") for r in rows] == [None, 0.5, None, 0.5]
+    assert rows[1]["n_images"] == 1 and rows[1]["samples"] == "samples/step-000002.png"
+
+
+def test_show_validation_prints_the_step_and_scores_above_the_grid(tmp_path, capsys):
+    from PIL import Image
+
+    from lora_helpers.train import ShowValidation
+
+    grid = tmp_path / "step-000020.png"
+    Image.new("RGB", (8, 8)).save(grid)
+    ShowValidation().on_validation(20, [], grid, {"step": 20, "samples": "samples/step-000020.png",
+                                                  "identity_mean": 0.51234, "faces_found": 1.0})
+    assert capsys.readouterr().out.splitlines()[0] == "step 20: identity_mean 0.512, faces_found 1.000"
+
+
 def test_nonfinite_loss_is_skipped_counted_and_stops_the_run_when_repeated(dataset, tiny_models, tmp_path,
                                                                            monkeypatch):
-    from lora_helpers.train import loop as train_loop
+    from lora_helpers.train import step as train_step
 
-    real = train_loop._diffusion_loss
+    real = train_step._diffusion_loss
     calls = {"n": 0}
 
     def nan_at_steps_2_3_and_from_6(*args, **kwargs):
@@ -148,7 +219,7 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_the_run_when_repeated(datas
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in (2, 3) or calls["n"] >= 6 else loss
 
-    monkeypatch.setattr(train_loop, "_diffusion_loss", nan_at_steps_2_3_and_from_6)
+    monkeypatch.setattr(train_step, "_diffusion_loss", nan_at_steps_2_3_and_from_6)
     cfg = _config(tiny_models, max_train_steps=20, checkpointing_steps=4, max_nonfinite_in_a_row=3)
     with pytest.raises(TrainingDivergedError, match="learning rate") as info:
         train(dataset, tmp_path / "run", config=cfg)
@@ -162,20 +233,20 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_the_run_when_repeated(datas
 
 
 def test_out_of_memory_is_reported_with_advice(dataset, tiny_models, tmp_path, monkeypatch):
-    from lora_helpers.train import loop as train_loop
-    from lora_helpers.train.stage import TrainingOutOfMemoryError
+    from lora_helpers.train import TrainingOutOfMemoryError
+    from lora_helpers.train.session import TrainingSession
 
     def oom(self):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    monkeypatch.setattr(train_loop._Run, "prepare_data", oom)
+    monkeypatch.setattr(TrainingSession, "prepare_data", oom)
     with pytest.raises(TrainingOutOfMemoryError, match="resolution") as info:
         train(dataset, tmp_path / "run", config=_config(tiny_models))
     assert "lora_rank" in str(info.value) and "unet_8bit" in str(info.value)
 
 
 def test_buckets_keep_prepared_sizes_and_batches_never_mix_them():
-    from lora_helpers.train.latents import batch_plan, bucket_size
+    from lora_helpers.train.data import batch_plan, bucket_size
 
     assert bucket_size(832, 1216, 1024) == (832, 1216)  # an SDXL bucket from the prepare stage stays
     w, h = bucket_size(3000, 4000, 1024)  # a phone photo goes to a 3:4 bucket of about 1024^2 px
@@ -189,7 +260,7 @@ def test_buckets_keep_prepared_sizes_and_batches_never_mix_them():
 
 
 def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
-    from lora_helpers.train.latents import read_training_images
+    from lora_helpers.train.data import read_training_images
 
     folder = make_dataset(tmp_path / "dataset")
     (folder / "images" / "astronaut_01.png").write_bytes(b"not a png")
@@ -205,7 +276,7 @@ def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
 
 
 def test_over_budget_plan_is_refused_before_loading(dataset, tiny_models, tmp_path):
-    from lora_helpers.train.memory import MemoryBudgetError
+    from lora_helpers.train import MemoryBudgetError
 
     with pytest.raises(MemoryBudgetError, match="GB"):
         train(dataset, tmp_path / "run", config=_config(tiny_models, memory_budget_gb=0.001))
@@ -241,8 +312,6 @@ def test_cli_trains_with_prior_preservation(dataset, tiny_models, tmp_path, caps
 
 
 def test_naming_a_preset_without_applying_it_is_refused():
-    from lora_helpers.train.stage import TrainConfig
-
     with pytest.raises(ValueError, match="from_preset"):
         TrainConfig(preset="cpu-smoke")
     smoke = TrainConfig.from_preset("cpu-smoke", max_train_steps=7)

@@ -1,1 +1,37 @@
-"""train"""
+"""Stage 3: train an SDXL LoRA on a captioned dataset, in 8 GB of GPU memory (notebook 03).
+
+    from lora_helpers.train import TrainConfig, ShowValidation, plan_memory, train
+
+    config = TrainConfig.from_preset("t4-8gb", max_train_steps=1000)
+    print(plan_memory(config))
+    result = train("dataset", "run", config=config, resume="latest", listeners=[ShowValidation()])
+
+Modules: ``config`` (settings, presets, result, errors), ``stage`` (``train``, the memory
+plan, the CLI), ``loop`` (the loop and its events), ``session`` and ``step`` (what the loop
+runs), ``events`` and ``listeners`` (progress bar, notebook grids), ``data``, ``latents``,
+``models``, ``memory``, ``validation``, ``checkpoints``, ``outputs``.
+"""
+
+from lora_helpers.train.config import (PRESETS, TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError,
+                                       TrainResult, auto_steps)
+from lora_helpers.train.events import TrainingListener, TrainStart
+from lora_helpers.train.listeners import ProgressBar, ShowValidation
+from lora_helpers.train.memory import MemoryBudgetError, MemoryPlan
+from lora_helpers.train.stage import plan_memory, train
+
+__all__ = [
+    "PRESETS",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDivergedError",
+    "TrainingOutOfMemoryError",
+    "MemoryBudgetError",
+    "MemoryPlan",
+    "auto_steps",
+    "plan_memory",
+    "train",
+    "TrainingListener",
+    "TrainStart",
+    "ProgressBar",
+    "ShowValidation",
+]

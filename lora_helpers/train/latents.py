@@ -8,8 +8,11 @@ prompt embeddings (plus the pooled embedding), then those models are deleted fro
 ``run/cache/`` with a fingerprint of everything they depend on, so a resumed run reuses
 them and a changed dataset or caption rebuilds them.
 
-Images keep their aspect bucket: each becomes a latent of its own size, and batches
-are drawn from one size at a time (:func:`batch_plan`).
+Images keep their aspect bucket (:func:`lora_helpers.train.data.bucket_size`): each becomes a
+latent of its own size, and batches are drawn from one size at a time.
+
+diffusers and transformers are imported inside the functions that load models: importing
+them costs seconds, and a notebook that only builds a config or reads a run needs neither.
 """
 
 from __future__ import annotations
@@ -26,16 +29,18 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from lora_helpers.core.fileio import atomic_path, read_jsonl, sha256_file, write_json
+from lora_helpers.core.fileio import atomic_path, sha256_file, write_json
+from lora_helpers.core.images import load_image
+from lora_helpers.core.runtime import free_memory
+from lora_helpers.train.data import TrainImage, bucket_size
 
 __all__ = [
     "CACHE_VERSION",
-    "TrainImage",
     "TrainCache",
-    "read_training_images",
-    "bucket_size",
-    "batch_plan",
     "load_component",
     "encode_prompts",
     "build_cache",
@@ -44,155 +49,6 @@ __all__ = [
 CACHE_VERSION = 1
 _CACHE_FILE = "cache.safetensors"
 _MANIFEST = "cache.json"
-
-
-@dataclass
-class TrainImage:
-    """One training image and what preparation recorded about it.
-
-    Attributes:
-        file_name: path relative to the dataset folder (the key in metadata.jsonl).
-        path: the image file.
-        caption: its training caption.
-        mask_path: face mask (L mode, 255 on the face), or None.
-        original_size: (height, width) of the photo it was cut from; None: the image's size.
-        crop_top_left: (top, left) of the crop, for SDXL's micro-conditioning.
-    """
-
-    file_name: str
-    path: Path
-    caption: str
-    mask_path: Path | None = None
-    original_size: tuple[int, int] | None = None
-    crop_top_left: tuple[int, int] = (0, 0)
-
-
-def _pair(value, default):
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    return default
-
-
-def _captions(dataset_dir: Path) -> dict[str, str]:
-    """Captions through the caption stage's reader (sidecar wins over metadata.jsonl)."""
-    from lora_helpers.caption.stage import load_captions
-
-    return load_captions(dataset_dir)
-
-
-def _unreadable(path: Path) -> str | None:
-    """Why an image file cannot be used, or None when it opens."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return f"not a readable image ({type(exc).__name__})"
-    return None
-
-
-def read_training_images(dataset_dir: str | os.PathLike, *, instance_prompt: str | None = None,
-                         use_captions: bool = True) -> list[TrainImage]:
-    """List the images to train on with their captions and micro-conditioning.
-
-    Images come from ``metadata.jsonl`` (the prepare stage), else from ``images/`` or the
-    folder itself. Captions come from :func:`lora_helpers.caption.stage.load_captions`; with
-    ``use_captions=False``, or when the dataset has no captions, every image gets
-    ``instance_prompt``. A listed image that is missing is skipped with a warning.
-
-    Args:
-        dataset_dir: the dataset folder.
-        instance_prompt: one prompt for every image (e.g. "a photo of TOK person").
-        use_captions: prefer per-image captions when the dataset has them.
-
-    Returns:
-        The images, in dataset order.
-
-    Raises:
-        FileNotFoundError: the folder does not exist.
-        ValueError: no usable image, or images without a caption and no ``instance_prompt``.
-    """
-    from lora_helpers.core.images import list_images
-
-    dataset_dir = Path(dataset_dir)
-    if not dataset_dir.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {dataset_dir} (run the prepare and caption stages first)")
-    meta = dataset_dir / "metadata.jsonl"
-    if meta.is_file():
-        rows = [r for r in read_jsonl(meta) if isinstance(r.get("file_name"), str)]
-    else:
-        folder = dataset_dir / "images" if (dataset_dir / "images").is_dir() else dataset_dir
-        rows = [{"file_name": p.relative_to(dataset_dir).as_posix()} for p in list_images(folder)]
-    captions: dict[str, str] = {}
-    if use_captions:
-        try:
-            captions = _captions(dataset_dir)
-        except ValueError as exc:  # CaptionError: some images lack a caption
-            if not instance_prompt:
-                raise ValueError(f"{exc}\nRun the caption stage, or train with one instance prompt "
-                                 "(--instance-prompt 'a photo of TOK person')") from exc
-            warnings.warn(f"captions incomplete in {dataset_dir}; every image uses the instance prompt "
-                          f"{instance_prompt!r}")
-            captions = {}
-    images = []
-    for row in rows:
-        name = row["file_name"]
-        path = dataset_dir / name
-        if not path.is_file():
-            warnings.warn(f"{name}: listed in metadata.jsonl but missing; skipped (re-run prepare)")
-            continue
-        reason = _unreadable(path)
-        if reason:
-            warnings.warn(f"{name}: {reason}; skipped (re-run prepare, or remove it from metadata.jsonl)")
-            continue
-        caption = captions.get(name) or instance_prompt
-        if not caption:
-            raise ValueError(f"{name}: no caption; run the caption stage or pass an instance prompt")
-        mask = row.get("mask_file")
-        mask_path = dataset_dir / mask if isinstance(mask, str) and (dataset_dir / mask).is_file() else None
-        if mask_path is not None and _unreadable(mask_path):
-            warnings.warn(f"{mask}: {_unreadable(mask_path)}; {name} trains without its face mask")
-            mask_path = None
-        images.append(TrainImage(file_name=name, path=path, caption=caption, mask_path=mask_path,
-                                 original_size=_pair(row.get("original_size"), None),
-                                 crop_top_left=_pair(row.get("crop_top_left"), (0, 0))))
-    if not images:
-        raise ValueError(f"no training images in {dataset_dir}; run the prepare stage (or put images in images/)")
-    return images
-
-
-def bucket_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """The (width, height) an image trains at: its aspect ratio at about ``resolution``² pixels.
-
-    Sides are multiples of 64 at SDXL sizes (8 below 512 px, for the tiny models). An
-    image already at such a size (what the prepare stage writes) keeps it.
-    """
-    step = 64 if resolution >= 512 else 8
-    if width % step == 0 and height % step == 0 and abs(width * height / resolution**2 - 1) <= 0.15:
-        return width, height
-    scale = resolution / (width * height) ** 0.5
-    return max(step, round(width * scale / step) * step), max(step, round(height * scale / step) * step)
-
-
-def batch_plan(sizes: Sequence[tuple[int, int]], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch of batches: images of one size per batch, order a function of (seed, epoch).
-
-    Being a pure function of its arguments, the data order needs no state in a checkpoint:
-    step N of a resumed run sees exactly the batch step N of an uninterrupted run saw.
-
-    Returns:
-        Lists of image indices.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, size in enumerate(sizes):
-        groups.setdefault(tuple(size), []).append(i)
-    batches = []
-    for key in sorted(groups):
-        idx = [groups[key][j] for j in rng.permutation(len(groups[key]))]
-        batches += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-    return [batches[j] for j in rng.permutation(len(batches))]
 
 
 @contextlib.contextmanager
@@ -220,6 +76,16 @@ def load_component(cls, name: str, *, dtype: torch.dtype = torch.float32, subfol
     download and half the RAM); ``low_cpu_mem_usage`` avoids a second copy while loading.
     A model that ships only fp16 files also loads in fp32 (cast up). A hub id or local
     folder both work.
+
+    Args:
+        cls: a diffusers or transformers class (``UNet2DConditionModel``, ``AutoencoderKL``, a pipeline).
+        name: hub id or folder.
+        dtype: the dtype to load in.
+        subfolder: the component's folder inside ``name`` ("unet", "vae", ...).
+        **kwargs: passed on to ``from_pretrained``.
+
+    Returns:
+        The loaded model.
     """
     kwargs = {"low_cpu_mem_usage": True, **kwargs}
     if subfolder:
@@ -238,6 +104,11 @@ def load_component(cls, name: str, *, dtype: torch.dtype = torch.float32, subfol
 def encode_prompts(pipe, prompts: Sequence[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode prompts exactly as ``StableDiffusionXLPipeline`` does at inference.
 
+    Args:
+        pipe: an SDXL pipeline with both text encoders (UNet and VAE may be None).
+        prompts: the prompts, encoded one at a time.
+        device: where the text encoders are.
+
     Returns:
         ``(prompt_embeds [N, 77, D], pooled [N, D2])`` on CPU.
     """
@@ -252,16 +123,10 @@ def encode_prompts(pipe, prompts: Sequence[str], device: torch.device | str) -> 
 
 
 def _fit(image, size: tuple[int, int], resample):
-    from PIL import ImageOps
-
     return image if image.size == tuple(size) else ImageOps.fit(image, tuple(size), resample)
 
 
 def _pixels(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    from PIL import Image
-
-    from lora_helpers.core.images import load_image
-
     image = _fit(load_image(path), size, Image.Resampling.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -269,8 +134,6 @@ def _pixels(path: Path, size: tuple[int, int]) -> torch.Tensor:
 
 def _mask_weight(path: Path, size: tuple[int, int], background_weight: float) -> torch.Tensor:
     """Face mask at latent size (area average), mapped to loss weights in [background_weight, 1]."""
-    from PIL import Image
-
     mask = _fit(Image.open(path).convert("L"), size, Image.Resampling.BILINEAR)
     mask = mask.resize((size[0] // 8, size[1] // 8), Image.Resampling.BOX)
     m = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
@@ -317,8 +180,7 @@ class TrainCache:
         return self.prompt_embeds[list(prompt_ids)], self.pooled_embeds[list(prompt_ids)]
 
     def save(self, folder: Path, manifest: dict) -> None:
-        from safetensors.torch import save_file
-
+        """Write ``cache.safetensors`` and ``cache.json`` (``manifest`` plus the fingerprint) into ``folder``."""
         tensors: dict[str, torch.Tensor] = {}
         for i, (lat, w, t) in enumerate(zip(self.latents, self.weights, self.time_ids)):
             tensors[f"latent.{i}"], tensors[f"time_ids.{i}"] = lat, t
@@ -337,8 +199,6 @@ class TrainCache:
     @classmethod
     def load(cls, folder: Path, fingerprint: str) -> "TrainCache | None":
         """The cache in ``folder`` if its fingerprint matches, else None."""
-        from safetensors.torch import load_file
-
         try:
             manifest = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
             if manifest.get("fingerprint") != fingerprint:
@@ -378,7 +238,7 @@ def build_cache(cache_dir: str | os.PathLike, *, model: str, images: Sequence[Tr
     Args:
         cache_dir: where ``cache.safetensors`` and ``cache.json`` go (``run/cache``).
         model: SDXL hub id or folder.
-        images: from :func:`read_training_images`.
+        images: from :func:`lora_helpers.train.data.read_training_images`.
         resolution: training resolution (each image keeps its aspect bucket).
         device: where the encoders run.
         vae: a separate VAE (e.g. the fp16-fix VAE) instead of the model's.
@@ -399,18 +259,12 @@ def build_cache(cache_dir: str | os.PathLike, *, model: str, images: Sequence[Tr
     Raises:
         FloatingPointError: the VAE produced NaN/inf latents (fp16 VAE), with advice.
     """
-    from tqdm.auto import tqdm
-
-    from lora_helpers.core.runtime import free_memory
-
     cache_dir = Path(cache_dir)
     device = torch.device(device)
     prompts = list(dict.fromkeys([im.caption for im in images] + ([class_prompt] if class_prompt else [])
                                  + [p for p in extra_prompts if p]))
     sizes = []
     for im in images:
-        from PIL import Image
-
         with Image.open(im.path) as probe:
             sizes.append(bucket_size(*probe.size, resolution))
     parts = {

@@ -15,10 +15,14 @@ on CPU with fake tensors (no memory allocated) while counting the bytes of every
 tensor, for the tiny, small and full SDXL configs at several resolutions, with and
 without gradient checkpointing. Activations grow with the sum, over the UNet's levels,
 of (latent pixels at that level) x (channels) x (resnets + transformer layers); the
-traced bytes per element of that sum are the coefficients below. On a GPU, cuDNN/cuBLAS
-workspaces, autocast copies and allocator rounding come on top; :data:`CUDA_ACTIVATION_FACTOR`
-and :data:`CUDA_OVERHEAD_GB` cover them and are to be checked against
-``benchmarks/bench_train.py`` on a real GPU.
+traced bytes per element of that sum are the coefficients below
+(:func:`lora_helpers.train.memory_trace.trace_training_memory` repeats the trace for any
+config). On a GPU, cuDNN/cuBLAS workspaces, autocast copies and allocator rounding come on
+top; :data:`CUDA_ACTIVATION_FACTOR` and :data:`CUDA_OVERHEAD_GB` cover them and are to be
+checked against ``benchmarks/bench_train.py`` on a real GPU.
+
+diffusers is imported inside the functions that build a UNet or VAE on the ``meta`` device:
+it costs seconds to import, and a plan for a known config needs none of it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+
+from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
+from lora_helpers.core.lora_files import UNET_TARGET_MODULES
+
 __all__ = [
     "GB",
     "MemoryPlan",
@@ -37,7 +46,6 @@ __all__ = [
     "count_unet_parameters",
     "estimate_peak_memory",
     "check_budget",
-    "trace_training_memory",
 ]
 
 GB = 2**30
@@ -91,9 +99,11 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
+        """True without a budget, or when the peak is within it."""
         return self.budget_gb is None or self.peak_gb <= self.budget_gb
 
     def to_dict(self) -> dict[str, Any]:
+        """Rounded figures for ``config.json`` (the UNet config itself left out)."""
         return {"peak_gb": round(self.peak_gb, 3), "train_peak_gb": round(self.train_peak_gb, 3),
                 "validation_peak_gb": round(self.validation_peak_gb, 3), "host_peak_gb": round(self.host_peak_gb, 3),
                 "budget_gb": self.budget_gb, "items": {k: round(v, 4) for k, v in self.items.items()},
@@ -125,8 +135,6 @@ def unet_config_for(model: str) -> dict:
             return dict(UNet2DConditionModel.load_config(model, subfolder="unet"))
     except (OSError, ValueError, EnvironmentError):
         if "stable-diffusion-xl" in str(model).lower() or "sdxl" in str(model).lower():
-            from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
-
             return dict(SDXL_UNET_CONFIG)
         raise
 
@@ -141,7 +149,6 @@ def _vae_parameters(model: str | None) -> int:
     """Parameters of the model's VAE, from its config on the meta device (SDXL's when unknown)."""
     if model is None:
         return _SDXL_VAE_PARAMS
-    import torch
     from diffusers import AutoencoderKL
 
     try:
@@ -155,7 +162,6 @@ def _vae_parameters(model: str | None) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _count(config_json: str, targets: tuple[str, ...], rank: int) -> tuple[int, int, int]:
-    import torch
     from diffusers import UNet2DConditionModel
 
     config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
@@ -175,7 +181,7 @@ def _count(config_json: str, targets: tuple[str, ...], rank: int) -> tuple[int, 
     return total, linear, lora
 
 
-def count_unet_parameters(unet_config: dict, *, target_modules=("to_k", "to_q", "to_v", "to_out.0"),
+def count_unet_parameters(unet_config: dict, *, target_modules=UNET_TARGET_MODULES,
                           rank: int = 16) -> dict[str, int]:
     """Parameters of a UNet config, its Linear layers, and a LoRA on ``target_modules``.
 
@@ -208,7 +214,7 @@ def _activation_elements(unet_config: dict, latent_h: int, latent_w: int) -> flo
 
 def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None = None, resolution: int = 1024,
                          batch_size: int = 1, lora_rank: int = 16,
-                         target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
+                         target_modules: tuple[str, ...] = UNET_TARGET_MODULES,
                          weight_dtype: str = "fp16", unet_8bit: bool = False, gradient_checkpointing: bool = True,
                          optimizer: str = "adamw8bit", train_text_encoder: bool = False,
                          text_encoder_rank: int | None = None, prior_preservation: bool = False,
@@ -362,83 +368,3 @@ def check_budget(plan: MemoryPlan, budget_gb: float | None = None) -> MemoryPlan
     else:
         lines.append("nothing in reach fits: raise the budget (memory_budget_gb) or use a GPU with more memory")
     raise MemoryBudgetError("\n".join(lines), plan)
-
-
-def trace_training_memory(unet_config: dict, *, resolution: int = 1024, batch_size: int = 1, lora_rank: int = 16,
-                          target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
-                          gradient_checkpointing: bool = True, weight_dtype: str = "fp16") -> dict[str, float]:
-    """Trace one training step of the UNet on fake tensors and count the bytes of live tensors.
-
-    Nothing is allocated and no weights are needed (the model lives on the ``meta`` device),
-    so this measures, on any CPU, the tensors a GPU step would hold: the check behind the
-    coefficients of :func:`estimate_peak_memory`. It takes seconds for the tiny model and
-    about a minute for the full SDXL UNet. CUDA workspaces and allocator slack are not included.
-
-    Returns:
-        ``{"peak_gb", "activations_gb", "lora_grads_gb"}`` (peak over forward and backward,
-        excluding the weights themselves).
-    """
-    import weakref
-
-    import torch
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class _LiveBytes(TorchDispatchMode):
-        def __init__(self, ignore: list[torch.Tensor]):
-            super().__init__()
-            self.current = self.peak = 0
-            self.live = {id(t.untyped_storage()): 0 for t in ignore}  # weights and inputs are not counted
-
-        def _free(self, key: int) -> None:
-            self.current -= self.live.pop(key, 0)
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    storage = t.untyped_storage()
-                    if id(storage) not in self.live:  # views share their base's storage
-                        self.live[id(storage)] = storage.nbytes()
-                        self.current += storage.nbytes()
-                        self.peak = max(self.peak, self.current)
-                        weakref.finalize(storage, self._free, id(storage))
-            return out
-
-    dtype = torch.float32 if weight_dtype == "fp32" else torch.float16
-    config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                target_modules=list(target_modules)))
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    latent = resolution // 8
-    text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-    with FakeTensorMode():
-        for module in unet.modules():
-            for name, p in list(module._parameters.items()):
-                if p is not None:
-                    module._parameters[name] = torch.nn.Parameter(
-                        torch.empty(p.shape, dtype=torch.float32 if p.requires_grad else dtype), requires_grad=p.requires_grad)
-            for name, b in list(module._buffers.items()):
-                if b is not None:
-                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
-        sample = torch.randn(batch_size, 4, latent, latent, dtype=dtype)
-        context = torch.randn(batch_size, 77, config["cross_attention_dim"], dtype=dtype)
-        added = {"text_embeds": torch.randn(batch_size, text_dim, dtype=dtype),
-                 "time_ids": torch.randn(batch_size, 6, dtype=dtype)}
-        inputs = [sample, context, *added.values()]
-        tracker = _LiveBytes(list(unet.parameters()) + list(unet.buffers()) + inputs)
-        autocast = torch.autocast("cpu", dtype=torch.float16, enabled=dtype == torch.float16)
-        with tracker:
-            with autocast:
-                out = unet(sample, torch.full((batch_size,), 500), encoder_hidden_states=context,
-                           added_cond_kwargs=added).sample
-            (out.float() ** 2).mean().backward()
-        grads = sum(p.numel() * 4 for p in unet.parameters() if p.requires_grad)
-    return {"peak_gb": tracker.peak / GB, "activations_gb": max(tracker.peak - grads, 0) / GB, "lora_grads_gb": grads / GB}

@@ -17,8 +17,6 @@ from typing import Any, Sequence
 
 from lora_helpers.core import run_folder
 from lora_helpers.core.fileio import atomic_path, sha256_file, write_text
-# loop.py still reaches these through this module; run_folder owns them
-from lora_helpers.core.run_folder import CONFIG_FILE, LOG_FILE, read_log  # noqa: F401
 
 __all__ = [
     "CURVES_FILE",

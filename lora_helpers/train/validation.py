@@ -5,6 +5,10 @@ embeddings cached before the text encoders were freed, so it costs no extra mode
 GPU memory beyond the VAE. The pipeline only denoises; the VAE decodes in its own dtype
 (fp32, or fp16 for the fp16-fix VAE), in 512-px tiles on a GPU, so validation never
 brings back the fp16 VAE NaNs or an untiled 1024-px decode of several GB.
+
+Showing the grids (a notebook, a console) is a listener's job: see
+:class:`lora_helpers.train.listeners.ShowValidation`. diffusers is imported inside the
+functions that build pipelines: it costs seconds to import.
 """
 
 from __future__ import annotations
@@ -14,8 +18,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-__all__ = ["load_validation_vae", "render_validation", "save_validation", "validation_grid_path", "show_validation",
+from lora_helpers.core.fileio import save_image
+from lora_helpers.core.grids import make_grid, save_png_with_metadata
+from lora_helpers.core.runtime import free_memory
+from lora_helpers.train.latents import load_component
+
+__all__ = ["load_validation_vae", "render_validation", "save_validation", "validation_grid_path",
            "generate_class_images"]
 
 
@@ -28,10 +38,11 @@ def load_validation_vae(model: str, vae: str | None, *, dtype: torch.dtype, devi
         dtype: the training's weight dtype.
         device: the training device (tiling only on CUDA).
         resolution: training size; above 512 px the decode is tiled.
+
+    Returns:
+        An ``AutoencoderKL`` in eval mode, on the CPU.
     """
     from diffusers import AutoencoderKL
-
-    from lora_helpers.train.latents import load_component
 
     dtype = dtype if (vae and dtype == torch.float16) else torch.float32
     autoencoder = (load_component(AutoencoderKL, vae, dtype=dtype) if vae
@@ -49,6 +60,19 @@ def render_validation(jobs: Sequence[tuple[dict, int]], *, unet, vae, model: str
 
     The random streams of the training are left untouched (resuming must not depend on
     whether validation ran), and the models are back in training mode afterwards.
+
+    Args:
+        jobs: (pipeline keyword arguments: prompt embeddings or a prompt, seed) per image.
+        unet: the training UNet with its LoRA.
+        vae: from :func:`load_validation_vae`; moved to ``device`` and back to the CPU.
+        model: SDXL hub id or folder (its scheduler config).
+        device: the training device.
+        text_encoders, tokenizers: the trained text encoders (text-encoder LoRA), else None.
+        steps, guidance: denoising steps and classifier-free guidance scale.
+        resolution: image side in px.
+
+    Returns:
+        PIL images, one per job, in order.
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
@@ -81,16 +105,8 @@ def render_validation(jobs: Sequence[tuple[dict, int]], *, unet, vae, model: str
 
 
 def validation_grid_path(run_dir: str | Path, step: int) -> Path:
-    """Where the validation grid of ``step`` is saved."""
+    """Where the validation grid of ``step`` is saved (``run_dir/samples/step-000200.png``)."""
     return Path(run_dir) / "samples" / f"step-{step:06d}.png"
-
-
-def show_validation(step: int, images: list, run_dir: str | Path) -> None:
-    """A ``validation_hook`` for notebooks: show each validation grid as soon as it is made."""
-    from IPython.display import Image, display
-
-    print(f"step {step}:")
-    display(Image(filename=str(validation_grid_path(run_dir, step))))
 
 
 def save_validation(run_dir: Path, step: int, images: list, prompts: Sequence[str], seeds: Sequence[int],
@@ -99,11 +115,16 @@ def save_validation(run_dir: Path, step: int, images: list, prompts: Sequence[st
 
     Every PNG carries its prompt, seed and settings as text chunks.
 
+    Args:
+        run_dir: the run folder.
+        step: the training step the images show.
+        images: prompts x seeds, row-major (as :func:`render_validation` returns them).
+        prompts, seeds: the grid's rows and columns.
+        params: settings written into every PNG (step, trigger, steps, guidance, base model).
+
     Returns:
         The grid's path.
     """
-    from lora_helpers.core.grids import make_grid, save_png_with_metadata
-
     grid_path = validation_grid_path(run_dir, step)
     name, folder = grid_path.stem, grid_path.parent
     for i, prompt in enumerate(prompts):
@@ -123,15 +144,21 @@ def generate_class_images(model: str, folder: Path, *, prompt: str, start: int, 
     On a GPU the pipeline runs with model CPU offload: one model on the GPU at a time, so
     it fits the training budget. Images are numbered from ``start`` (a re-run tops up).
 
+    Args:
+        model: SDXL hub id or folder.
+        folder: where ``class-0000.png``... go.
+        prompt: the class prompt ("a photo of a person").
+        start, count: the first number and how many images.
+        resolution, steps: image side and denoising steps.
+        seed: image ``i`` uses seed ``seed * 100003 + i``.
+        vae: a separate VAE (the fp16-fix VAE), or None.
+        device, dtype: where and in which dtype the pipeline runs.
+        progress: show a progress bar.
+
     Returns:
         The files written.
     """
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-    from tqdm.auto import tqdm
-
-    from lora_helpers.core.fileio import save_image
-    from lora_helpers.train.latents import load_component
-    from lora_helpers.core.runtime import free_memory
 
     extra = {"vae": load_component(AutoencoderKL, vae, dtype=dtype)} if vae else {}
     pipe = load_component(StableDiffusionXLPipeline, model, dtype=dtype, **extra)

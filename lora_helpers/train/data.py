@@ -1,0 +1,172 @@
+"""What a run trains on: the images with their captions and masks, their aspect buckets, and the batch order.
+
+The batch order is a pure function of (seed, epoch) (:func:`batch_plan`), so a resumed run
+sees at step N exactly the batch an uninterrupted run saw; nothing about it is checkpointed.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from lora_helpers.caption.stage import load_captions
+from lora_helpers.core.fileio import read_jsonl
+from lora_helpers.core.images import list_images
+
+__all__ = ["TrainImage", "read_training_images", "bucket_size", "batch_plan"]
+
+
+@dataclass
+class TrainImage:
+    """One training image and what preparation recorded about it.
+
+    Attributes:
+        file_name: path relative to the dataset folder (the key in metadata.jsonl).
+        path: the image file.
+        caption: its training caption.
+        mask_path: face mask (L mode, 255 on the face), or None.
+        original_size: (height, width) of the photo it was cut from; None: the image's size.
+        crop_top_left: (top, left) of the crop, for SDXL's micro-conditioning.
+    """
+
+    file_name: str
+    path: Path
+    caption: str
+    mask_path: Path | None = None
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+
+
+def _pair(value, default):
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    return default
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why an image file cannot be used, or None when it opens."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"not a readable image ({type(exc).__name__})"
+    return None
+
+
+def read_training_images(dataset_dir: str | os.PathLike, *, instance_prompt: str | None = None,
+                         use_captions: bool = True) -> list[TrainImage]:
+    """List the images to train on with their captions and micro-conditioning.
+
+    Images come from ``metadata.jsonl`` (the prepare stage), else from ``images/`` or the
+    folder itself. Captions come from :func:`lora_helpers.caption.stage.load_captions`; with
+    ``use_captions=False``, or when the dataset has no captions, every image gets
+    ``instance_prompt``. A listed image that is missing is skipped with a warning.
+
+    Args:
+        dataset_dir: the dataset folder.
+        instance_prompt: one prompt for every image (e.g. "a photo of TOK person").
+        use_captions: prefer per-image captions when the dataset has them.
+
+    Returns:
+        The images, in dataset order.
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        ValueError: no usable image, or images without a caption and no ``instance_prompt``.
+    """
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {dataset_dir} (run the prepare and caption stages first)")
+    meta = dataset_dir / "metadata.jsonl"
+    if meta.is_file():
+        rows = [r for r in read_jsonl(meta) if isinstance(r.get("file_name"), str)]
+    else:
+        folder = dataset_dir / "images" if (dataset_dir / "images").is_dir() else dataset_dir
+        rows = [{"file_name": p.relative_to(dataset_dir).as_posix()} for p in list_images(folder)]
+    captions: dict[str, str] = {}
+    if use_captions:
+        try:
+            captions = load_captions(dataset_dir)  # a .txt sidecar wins over metadata.jsonl
+        except ValueError as exc:  # CaptionError: some images lack a caption
+            if not instance_prompt:
+                raise ValueError(f"{exc}\nRun the caption stage, or train with one instance prompt "
+                                 "(--instance-prompt 'a photo of TOK person')") from exc
+            warnings.warn(f"captions incomplete in {dataset_dir}; every image uses the instance prompt "
+                          f"{instance_prompt!r}")
+            captions = {}
+    images = []
+    for row in rows:
+        name = row["file_name"]
+        path = dataset_dir / name
+        if not path.is_file():
+            warnings.warn(f"{name}: listed in metadata.jsonl but missing; skipped (re-run prepare)")
+            continue
+        reason = _unreadable(path)
+        if reason:
+            warnings.warn(f"{name}: {reason}; skipped (re-run prepare, or remove it from metadata.jsonl)")
+            continue
+        caption = captions.get(name) or instance_prompt
+        if not caption:
+            raise ValueError(f"{name}: no caption; run the caption stage or pass an instance prompt")
+        mask = row.get("mask_file")
+        mask_path = dataset_dir / mask if isinstance(mask, str) and (dataset_dir / mask).is_file() else None
+        if mask_path is not None and _unreadable(mask_path):
+            warnings.warn(f"{mask}: {_unreadable(mask_path)}; {name} trains without its face mask")
+            mask_path = None
+        images.append(TrainImage(file_name=name, path=path, caption=caption, mask_path=mask_path,
+                                 original_size=_pair(row.get("original_size"), None),
+                                 crop_top_left=_pair(row.get("crop_top_left"), (0, 0))))
+    if not images:
+        raise ValueError(f"no training images in {dataset_dir}; run the prepare stage (or put images in images/)")
+    return images
+
+
+def bucket_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The (width, height) an image trains at: its aspect ratio at about ``resolution``² pixels.
+
+    Sides are multiples of 64 at SDXL sizes (8 below 512 px, for the tiny models). An
+    image already at such a size (what the prepare stage writes) keeps it.
+
+    Args:
+        width, height: the image's size in px.
+        resolution: the training side (1024 for SDXL).
+
+    Returns:
+        ``(width, height)`` to train at.
+    """
+    step = 64 if resolution >= 512 else 8
+    if width % step == 0 and height % step == 0 and abs(width * height / resolution**2 - 1) <= 0.15:
+        return width, height
+    scale = resolution / (width * height) ** 0.5
+    return max(step, round(width * scale / step) * step), max(step, round(height * scale / step) * step)
+
+
+def batch_plan(sizes: Sequence[tuple[int, int]], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch of batches: images of one size per batch, order a function of (seed, epoch).
+
+    Being a pure function of its arguments, the data order needs no state in a checkpoint:
+    step N of a resumed run sees exactly the batch step N of an uninterrupted run saw.
+
+    Args:
+        sizes: (width, height) of each image.
+        batch_size: images per batch (a bucket's last batch may be smaller).
+        seed, epoch: what the order is a function of.
+
+    Returns:
+        Lists of image indices.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(tuple(size), []).append(i)
+    batches = []
+    for key in sorted(groups):
+        idx = [groups[key][j] for j in rng.permutation(len(groups[key]))]
+        batches += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    return [batches[j] for j in rng.permutation(len(batches))]

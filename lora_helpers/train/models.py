@@ -1,0 +1,160 @@
+"""The models a run trains: the frozen UNet with its LoRA (and optionally text-encoder LoRAs),
+the optimizer and the schedulers, prepared by accelerate.
+
+The frozen weights take the mixed-precision dtype (fp16 on a T4) while the LoRA weights stay
+fp32: fp16 gradients cannot be unscaled by the GradScaler, and fp16 Adam updates underflow.
+diffusers, peft and transformers are imported inside the functions: together they cost
+several seconds to import, and a notebook that only builds a config needs none of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lora_helpers.core.lora_files import TEXT_ENCODER_TARGET_MODULES, add_text_encoder_lora
+from lora_helpers.train.config import TrainConfig
+from lora_helpers.train.latents import load_component
+
+__all__ = ["TrainingModels", "weight_dtype", "build_models", "encode_live"]
+
+_TEXT_ENCODER_TARGETS = list(TEXT_ENCODER_TARGET_MODULES)
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype of the frozen weights: fp16/bf16 under mixed precision, else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+@dataclass
+class TrainingModels:
+    """What :func:`build_models` made (the modules and optimizer wrapped by accelerate).
+
+    Attributes:
+        unet: the UNet with its LoRA adapter.
+        text_encoders: both text encoders with LoRAs, or (None, None) when they are not trained.
+        tokenizers: their tokenizers, or (None, None).
+        params: the trainable (LoRA) parameters, for gradient clipping.
+        optimizer, lr_scheduler: AdamW (8-bit on CUDA) and its schedule.
+        noise_scheduler: the model's DDPM scheduler (noise levels of the training).
+    """
+
+    unet: Any
+    text_encoders: tuple
+    tokenizers: tuple
+    params: list
+    optimizer: Any
+    lr_scheduler: Any
+    noise_scheduler: Any
+
+
+def build_models(cfg: TrainConfig, accelerator) -> TrainingModels:
+    """Load the frozen UNet, add the LoRA, and prepare models and optimizer with accelerate.
+
+    Args:
+        cfg: a resolved config (model, precision, optimizer, steps and warm-up filled in).
+        accelerator: the run's ``accelerate.Accelerator``.
+
+    Returns:
+        A :class:`TrainingModels`, in training mode.
+    """
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    device, dtype = accelerator.device, weight_dtype(cfg.mixed_precision)
+    torch.manual_seed(cfg.seed)  # the LoRA's initial weights are a function of the seed
+    if cfg.unet_8bit:
+        unet = _load_unet_8bit(cfg.model, device)
+    else:
+        unet = load_component(UNet2DConditionModel, cfg.model, subfolder="unet", dtype=dtype).to(device)
+    unet.requires_grad_(False)
+    unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA: no attention matrix in memory
+    unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                init_lora_weights="gaussian", target_modules=list(cfg.target_modules)))
+    models, tokenizers = [unet], (None, None)
+    if cfg.train_text_encoder:
+        text_encoders, tokenizers = _load_text_encoders(cfg, device, dtype)
+        models += text_encoders
+    # LoRA weights in fp32 under an fp16 UNet: fp16 gradients cannot be unscaled by the GradScaler
+    cast_training_params(models, dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for te in models[1:]:
+            # transformers 5 renamed it; older versions only have the first name
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    for te in models[1:]:
+        groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": cfg.text_encoder_lr})
+    optimizer = _make_optimizer(cfg, groups)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
+    noise_scheduler = DDPMScheduler.from_pretrained(cfg.model, subfolder="scheduler")
+    prepared = accelerator.prepare(*models, optimizer)
+    for m in prepared[:-1]:
+        m.train()
+    return TrainingModels(unet=prepared[0], text_encoders=tuple(prepared[1:3]) if cfg.train_text_encoder else (None, None),
+                          tokenizers=tokenizers, params=[p for g in groups for p in g["params"]],
+                          optimizer=prepared[-1], lr_scheduler=lr_scheduler, noise_scheduler=noise_scheduler)
+
+
+def _load_text_encoders(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[list, tuple]:
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    te1 = load_component(CLIPTextModel, cfg.model, subfolder="text_encoder", dtype=dtype).to(device)
+    te2 = load_component(CLIPTextModelWithProjection, cfg.model, subfolder="text_encoder_2", dtype=dtype).to(device)
+    for te in (te1, te2):
+        te.requires_grad_(False)
+        add_text_encoder_lora(te, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                             target_modules=_TEXT_ENCODER_TARGETS))
+    tokenizers = (CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer"),
+                  CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer_2"))
+    return [te1, te2], tokenizers
+
+
+def _make_optimizer(cfg: TrainConfig, groups: list[dict]):
+    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb  # optional (the cuda extra)
+        except ImportError as exc:
+            raise ImportError("optimizer='adamw8bit' needs bitsandbytes (pip install bitsandbytes), "
+                              "or use optimizer='adamw' (more memory)") from exc
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, **kwargs)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, **kwargs)
+
+
+def _load_unet_8bit(model: str, device: torch.device):
+    """The frozen UNet with its Linear layers stored in 8 bits (bitsandbytes, CUDA only)."""
+    if device.type != "cuda":
+        raise ValueError("unet_8bit needs a CUDA GPU (bitsandbytes 8-bit matmuls); on CPU train in fp32")
+    from diffusers import BitsAndBytesConfig, UNet2DConditionModel
+
+    return load_component(UNet2DConditionModel, model, subfolder="unet", dtype=torch.float16,
+                          quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device.index or 0})
+
+
+def encode_live(text_encoders, tokenizers, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL prompt encoding with gradients (text-encoder LoRA).
+
+    Args:
+        text_encoders, tokenizers: both of SDXL's.
+        prompts: the batch's captions.
+        device: where the encoders are.
+
+    Returns:
+        ``(prompt_embeds, pooled)``: penultimate hidden states of both encoders side by side,
+        and the second encoder's projection (the pooled embedding).
+    """
+    hidden = []
+    for te, tok in zip(text_encoders, tokenizers):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        out = te(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), out.text_embeds  # the second encoder's projection is the pooled embedding

@@ -1,0 +1,324 @@
+"""One training run's state and the work around its steps: set-up, resuming, checkpoints,
+validation images, and the files of a finished run.
+
+:func:`lora_helpers.train.loop.run_training` drives it; one optimizer step is
+:class:`lora_helpers.train.step.TrainStep`. Nothing here prints progress: that is the
+listeners' job (:mod:`lora_helpers.train.events`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lora_helpers.core.fileio import write_jsonl
+from lora_helpers.core.images import list_images
+from lora_helpers.core.lora_convert import save_kohya
+from lora_helpers.core.lora_files import load_lora_into_models, save_lora
+from lora_helpers.core.run_folder import CONFIG_FILE, LOG_FILE, LORA_WEIGHT_NAME, kohya_file_name, read_log
+from lora_helpers.train import checkpoints as ckpt
+from lora_helpers.train import outputs as runs
+from lora_helpers.train import validation as samples
+from lora_helpers.train.config import (TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError, TrainResult,
+                                       auto_steps)
+from lora_helpers.train.data import read_training_images
+from lora_helpers.train.events import TrainStart
+from lora_helpers.train.latents import TrainCache, build_cache
+from lora_helpers.train.memory import GB, MemoryPlan
+from lora_helpers.train.models import TrainingModels, build_models, weight_dtype
+from lora_helpers.train.step import TrainStep
+
+__all__ = ["TrainingSession"]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class TrainingSession:
+    """State of one training run (config, cache, models, counters, log rows) and its work.
+
+    Args:
+        dataset_dir, run_dir: the dataset and the run folder.
+        cfg: the resolved config (``max_train_steps`` may still be None: set from the images).
+        accelerator: the run's ``accelerate.Accelerator``.
+        plan: the memory plan (recorded in config.json and the model card).
+        trigger, class_noun: the person's trigger phrase and class ("person").
+    """
+
+    def __init__(self, dataset_dir: Path, run_dir: Path, *, cfg: TrainConfig, accelerator, plan: MemoryPlan,
+                 trigger: str, class_noun: str | None):
+        self.dataset_dir, self.run_dir, self.cfg = dataset_dir, run_dir, cfg
+        self.accelerator, self.plan, self.trigger, self.class_noun = accelerator, plan, trigger, class_noun
+        self.device = accelerator.device
+        self.dtype = weight_dtype(cfg.mixed_precision)
+        self.main = accelerator.is_main_process
+        self.rows: list[dict] = []
+        self.step = 0
+        self.samples: list[Path] = []
+        self.validation: list[dict] = []
+        self.resumed_from: Path | None = None
+        self.setup_peak_gb: float | None = None
+        self.models: TrainingModels | None = None
+        self.stepper: TrainStep | None = None
+        self._vae = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, start_from: Path | None) -> None:
+        """Encode the data, write config.json ("training"), load the models, resume from ``start_from``."""
+        self.prepare_data()
+        cfg = self.cfg
+        if self.main:
+            runs.write_run_config(self.run_dir, config=dataclasses.asdict(cfg), trigger=self.trigger,
+                                  class_noun=self.class_noun, images=self.images, dataset_dir=self.dataset_dir,
+                                  status="training", extra={"memory": {"estimate_gb": round(self.plan.peak_gb, 3),
+                                                                       "plan": self.plan.to_dict()}})
+        self.models = build_models(cfg, self.accelerator)
+        self.stepper = TrainStep(cfg, self.accelerator, self.models, self.cache)
+        if start_from is not None:
+            self.resume(start_from)
+        if self.device.type == "cuda":  # encoding and loading are done: measure the training itself from here
+            self.setup_peak_gb = torch.cuda.max_memory_allocated(self.device) / GB
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def prepare_data(self) -> None:
+        """Read the images, fill in the steps, warm-up and class prompt, and encode (or reuse) the cache."""
+        cfg = self.cfg
+        self.images = read_training_images(self.dataset_dir, instance_prompt=cfg.instance_prompt,
+                                           use_captions=cfg.use_captions)
+        steps = cfg.max_train_steps or auto_steps(len(self.images), cfg)
+        warmup = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else round(0.05 * steps)
+        class_prompt = cfg.class_prompt or (f"a photo of a {self.class_noun or 'person'}"
+                                            if cfg.with_prior_preservation else None)
+        self.cfg = cfg = dataclasses.replace(cfg, max_train_steps=steps, lr_warmup_steps=warmup, class_prompt=class_prompt)
+        self.validation_prompts = [p.replace("{subject}", self.trigger) for p in cfg.validation_prompts]
+        class_images = self._class_images() if cfg.with_prior_preservation else []
+        vae_dtype = self.dtype if (cfg.vae and self.dtype == torch.float16) else torch.float32
+        with self.accelerator.main_process_first():  # one process encodes, the others reuse its cache
+            self.cache: TrainCache = build_cache(
+                self.run_dir / "cache", model=cfg.model, images=self.images, resolution=cfg.resolution,
+                device=self.device, vae=cfg.vae, vae_dtype=vae_dtype, text_dtype=self.dtype,
+                extra_prompts=self.validation_prompts + [cfg.validation_negative_prompt or ""],
+                class_images=class_images, class_prompt=class_prompt, use_masks=cfg.use_masks,
+                background_weight=cfg.background_weight, encode_text=not cfg.train_text_encoder,
+                progress=cfg.progress and self.main)
+
+    def _class_images(self) -> list[Path]:
+        cfg = self.cfg
+        folder = Path(cfg.class_data_dir) if cfg.class_data_dir else self.run_dir / "class_images"
+        have = list_images(folder) if folder.is_dir() else []
+        if len(have) < cfg.num_class_images:
+            with self.accelerator.main_process_first():
+                if self.main:
+                    samples.generate_class_images(cfg.model, folder, prompt=cfg.class_prompt, start=len(have),
+                                                  count=cfg.num_class_images - len(have), resolution=cfg.resolution,
+                                                  steps=cfg.class_inference_steps, seed=cfg.seed, vae=cfg.vae,
+                                                  device=self.device, dtype=self.dtype, progress=cfg.progress)
+            have = list_images(folder)
+        return have[: cfg.num_class_images]
+
+    def resume(self, folder: Path) -> None:
+        """Load the LoRA, optimizer, scheduler, scaler, counters, RNG and log rows of a checkpoint."""
+        models = self.models
+        unet, te1, te2 = self._unwrapped()
+        load_lora_into_models(folder / LORA_WEIGHT_NAME, unet=unet, text_encoder=te1, text_encoder_2=te2)
+        opt_state, state, rng = ckpt.load_training_state(folder, process_index=self.accelerator.process_index)
+        saved = state.get("config", {})
+        for key in ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "seed", "resolution"):
+            if key in saved and saved[key] != getattr(self.cfg, key):
+                print(f"warning: resuming with {key}={getattr(self.cfg, key)!r}, the checkpoint used {saved[key]!r}; "
+                      "the result will differ from an uninterrupted run")
+        models.optimizer.load_state_dict(opt_state)
+        models.lr_scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.stepper.load_state_dict(state)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        self.rows = [r for r in read_log(self.run_dir) if int(r.get("step", 0)) <= self.step]
+        self.resumed_from = folder
+
+    def start_info(self) -> TrainStart:
+        """What listeners learn in ``on_train_start``."""
+        return TrainStart(run_dir=self.run_dir, config=self.cfg, plan=self.plan, start_step=self.step,
+                          resumed_from=self.resumed_from, n_images=len(self.images))
+
+    # ------------------------------------------------------------------ steps and failures
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns its log row (also kept in :attr:`rows`)."""
+        row = self.stepper(self.step)
+        self.step += 1
+        self.rows.append(row)
+        return row
+
+    def diverged(self) -> bool:
+        """The loss was NaN/inf for ``max_nonfinite_in_a_row`` steps in a row."""
+        return self.stepper.nonfinite_in_a_row >= self.cfg.max_nonfinite_in_a_row
+
+    def diverged_error(self) -> TrainingDivergedError:
+        """The error that ends a diverged run, with what to change."""
+        cfg, last = self.cfg, ckpt.list_checkpoints(self.run_dir)
+        return TrainingDivergedError(
+            f"the loss was NaN/inf for {self.stepper.nonfinite_in_a_row} steps in a row (step {self.step}, "
+            f"{self.stepper.nonfinite_total} in all). Lower the learning rate (now {cfg.learning_rate:g}; try "
+            f"{cfg.learning_rate / 2:g}), keep max_grad_norm, and encode with the fp32 VAE or the fp16-fix "
+            "VAE (madebyollin/sdxl-vae-fp16-fix)"
+            + (f"; resume from {last[-1].name} with resume='latest'" if last else ""))
+
+    def explain_failure(self, exc: BaseException) -> BaseException | None:
+        """The error to raise instead of ``exc`` (out of memory: what to change), or None to re-raise ``exc``.
+
+        An interruption (a Colab disconnect, a stop button) prints where to resume from.
+        """
+        cfg, last = self.cfg, ckpt.list_checkpoints(self.run_dir)
+        if isinstance(exc, KeyboardInterrupt) and self.main:
+            print(f"interrupted at step {self.step}; " + (f"resume from {last[-1].name} with resume='latest'"
+                                                           if last else "no checkpoint yet"))
+        if isinstance(exc, Exception) and _is_oom(exc):
+            return TrainingOutOfMemoryError(
+                f"out of memory at step {self.step + 1} (planned peak {self.plan.peak_gb:.2f} GB"
+                + (f", budget {cfg.memory_budget_gb:g} GB" if cfg.memory_budget_gb else "") + "). "
+                "Lower the resolution (768), keep batch 1 with gradient accumulation, lower lora_rank, turn on "
+                "gradient_checkpointing, or use unet_8bit=True"
+                + (f"; then resume from {last[-1].name} (resume='latest')" if last else ""))
+        return None
+
+    # ------------------------------------------------------------------ saving and validation
+
+    def _unwrapped(self):
+        unwrap = self.accelerator.unwrap_model
+        te1, te2 = (unwrap(t) if t is not None else None for t in self.models.text_encoders)
+        return unwrap(self.models.unet), te1, te2
+
+    def save_lora(self, folder: Path) -> Path:
+        """Write the LoRA (diffusers format) of the models as they are now into ``folder``."""
+        unet, te1, te2 = self._unwrapped()
+        return save_lora(folder, unet=unet, text_encoder=te1, text_encoder_2=te2)
+
+    def checkpoint(self, loss: float | None) -> Path:
+        """Write ``checkpoints/checkpoint-<step>`` (every process), prune old ones, flush the log.
+
+        Returns:
+            The checkpoint folder.
+        """
+        acc, models = self.accelerator, self.models
+        scaler = acc.scaler
+        state = {"step": self.step, "scheduler": models.lr_scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None,
+                 **self.stepper.state_dict(), "config": dataclasses.asdict(self.cfg)}
+        summary = {"step": self.step, "loss": loss, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "trigger": self.trigger}
+        acc.wait_for_everyone()
+        if self.main:
+            folder = ckpt.save_checkpoint(self.run_dir, self.step, write_lora=self.save_lora,
+                                          optimizer_state=models.optimizer.state_dict(), training_state=state,
+                                          summary=summary)
+        acc.wait_for_everyone()
+        if not self.main:
+            folder = ckpt.save_checkpoint(self.run_dir, self.step, write_lora=self.save_lora, optimizer_state={},
+                                          training_state=state, summary=summary, is_main_process=False,
+                                          process_index=acc.process_index)
+        if self.main:
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoints_total_limit)
+        self.flush_log()
+        return folder
+
+    def flush_log(self) -> None:
+        """Rewrite ``log.jsonl`` with every row so far (main process)."""
+        if self.main:
+            write_jsonl(self.run_dir / LOG_FILE, self.rows)
+
+    def validate(self) -> tuple[list, Path, dict]:
+        """Images for the validation prompts and seeds, saved as a grid.
+
+        Returns:
+            ``(images, grid_path, record)``: PIL images (prompts x seeds, row-major), the grid
+            file, and ``{"step", "samples"}`` for the log (listeners may add to it).
+        """
+        cfg = self.cfg
+        if self._vae is None:
+            self._vae = samples.load_validation_vae(cfg.model, cfg.vae, dtype=self.dtype, device=self.device,
+                                                    resolution=cfg.resolution)
+        unet, te1, te2 = self._unwrapped()
+        jobs = [(self._prompt_kwargs(p), seed) for p in self.validation_prompts for seed in cfg.validation_seeds]
+        images = samples.render_validation(
+            jobs, unet=unet, vae=self._vae, model=cfg.model, device=self.device, text_encoders=(te1, te2),
+            tokenizers=self.models.tokenizers, steps=cfg.validation_inference_steps,
+            guidance=cfg.validation_guidance_scale, resolution=cfg.resolution)
+        params = {"step": self.step, "trigger": self.trigger, "steps": cfg.validation_inference_steps,
+                  "guidance": cfg.validation_guidance_scale, "base_model": cfg.model}
+        grid_path = samples.save_validation(self.run_dir, self.step, images, self.validation_prompts,
+                                            cfg.validation_seeds, params)
+        self.samples.append(grid_path)
+        return images, grid_path, {"step": self.step, "samples": grid_path.relative_to(self.run_dir).as_posix()}
+
+    def _prompt_kwargs(self, prompt: str) -> dict:
+        cfg = self.cfg
+        if cfg.train_text_encoder:
+            return {"prompt": prompt, "negative_prompt": cfg.validation_negative_prompt}
+        pe, pooled = self.cache.embeds([self.cache.prompt_index(prompt)])
+        kwargs = {"prompt_embeds": pe.to(self.device, self.dtype), "pooled_prompt_embeds": pooled.to(self.device, self.dtype)}
+        if cfg.validation_negative_prompt:
+            ne, npooled = self.cache.embeds([self.cache.prompt_index(cfg.validation_negative_prompt)])
+            kwargs.update(negative_prompt_embeds=ne.to(self.device, self.dtype),
+                          negative_pooled_prompt_embeds=npooled.to(self.device, self.dtype))
+        return kwargs
+
+    # ------------------------------------------------------------------ the finished run
+
+    def finish(self) -> TrainResult:
+        """Write the LoRA files, config.json ("finished"), the loss plot and the model card; push to the Hub.
+
+        Returns:
+            The :class:`TrainResult` (on every process; only the main one writes).
+        """
+        cfg, run_dir, plan, trigger, acc = self.cfg, self.run_dir, self.plan, self.trigger, self.accelerator
+        acc.wait_for_everyone()
+        measured = torch.cuda.max_memory_allocated(self.device) / GB if self.device.type == "cuda" else None
+        losses = [r["loss"] for r in self.rows if r.get("loss") is not None]
+        final_loss = statistics.fmean(losses[-10:]) if losses else None
+        times = [r["s_per_step"] for r in self.rows if r.get("s_per_step")]
+        s_per_step = statistics.median(times) if times else None
+        if not self.samples:  # resumed at the last step: the grids of the earlier session
+            self.samples = sorted((run_dir / "samples").glob("step-*.png"))
+        lora_path = run_dir / LORA_WEIGHT_NAME
+        kohya_path = run_dir / kohya_file_name(cfg.output_name)
+        hub_url = None
+        nonfinite, scaler_skips = self.stepper.nonfinite_total, self.stepper.scaler_skips
+        if self.main:
+            self.save_lora(run_dir)
+            save_kohya(lora_path, kohya_path, output_name=cfg.output_name, trigger=trigger, resolution=cfg.resolution,
+                       layers_per_block=self._unwrapped()[0].config.layers_per_block)
+            runs.plot_training(self.rows, run_dir / runs.CURVES_FILE)
+            setup_peak = self.setup_peak_gb
+            extra = {"steps": self.step, "final_loss": final_loss, "nonfinite_steps": nonfinite,
+                     "scaler_skipped_steps": scaler_skips, "seconds_per_step": s_per_step,
+                     "memory": {"estimate_gb": round(plan.peak_gb, 3), "measured_peak_gb":
+                                None if measured is None else round(measured, 3), "budget_gb": cfg.memory_budget_gb,
+                                "setup_peak_gb": None if setup_peak is None else round(setup_peak, 3),
+                                "plan": plan.to_dict()},
+                     "samples": [p.relative_to(run_dir).as_posix() for p in self.samples]}
+            runs.write_run_config(run_dir, config=dataclasses.asdict(cfg), trigger=trigger, class_noun=self.class_noun,
+                                  images=self.images, dataset_dir=self.dataset_dir, status="finished", extra=extra)
+            sample = self.samples[-1] if self.samples else None
+            runs.write_model_card(run_dir, config=dataclasses.asdict(cfg), trigger=trigger, n_images=len(self.images),
+                                  steps=self.step, kohya_path=kohya_path, sample_grid=sample, estimated_gb=plan.peak_gb,
+                                  measured_gb=measured, seconds_per_step=s_per_step)
+            if cfg.hub_repo_id:
+                hub_url = runs.push_to_hub(run_dir, cfg.hub_repo_id, private=cfg.hub_private)
+        acc.wait_for_everyone()
+        return TrainResult(run_dir=run_dir, lora_path=lora_path, kohya_path=kohya_path,
+                           config_path=run_dir / CONFIG_FILE, log_path=run_dir / LOG_FILE, steps=self.step,
+                           final_loss=final_loss, nonfinite_steps=nonfinite, seconds_per_step=s_per_step,
+                           estimated_peak_gb=plan.peak_gb, measured_peak_gb=measured, samples=list(self.samples),
+                           validation=list(self.validation), hub_url=hub_url)

@@ -1,0 +1,234 @@
+"""One optimizer step: batches, noise, the diffusion loss, the backward pass and the update.
+
+Determinism matters for resuming: the batch order, noise and timesteps of a step are
+functions of (seed, step) alone, so a resumed run repeats an uninterrupted one exactly.
+A non-finite loss skips the step on every process together (or DDP would wait forever);
+the counters of skipped steps travel in checkpoints (:meth:`TrainStep.state_dict`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from lora_helpers.train.config import TrainConfig
+from lora_helpers.train.data import batch_plan
+from lora_helpers.train.latents import TrainCache
+from lora_helpers.train.memory import GB
+from lora_helpers.train.models import TrainingModels, encode_live, weight_dtype
+
+__all__ = ["TrainStep"]
+
+
+def _diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
+                    snr_weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error per image, weighted by the face mask and min-SNR, averaged over the batch."""
+    err = (pred.float() - target.float()) ** 2
+    if weights is not None:
+        # a weighted mean per image keeps the loss scale independent of the face's size
+        per_image = (err * weights).sum(dim=(1, 2, 3)) / (weights.sum(dim=(1, 2, 3)) * err.shape[1]).clamp_min(1e-8)
+    else:
+        per_image = err.mean(dim=(1, 2, 3))
+    if snr_weights is not None:
+        per_image = per_image * snr_weights
+    return per_image.mean()
+
+
+def _host_peak_gb() -> float:
+    try:
+        import resource  # POSIX only
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # Linux reports KiB
+    except (ImportError, AttributeError):  # pragma: no cover - non-POSIX
+        return float("nan")
+
+
+class TrainStep:
+    """Runs optimizer steps over ``gradient_accumulation_steps`` micro-batches each.
+
+    Args:
+        cfg: the resolved config.
+        accelerator: the run's ``accelerate.Accelerator``.
+        models: from :func:`lora_helpers.train.models.build_models`.
+        cache: the encoded training set.
+
+    Attributes:
+        nonfinite_total, nonfinite_in_a_row: steps skipped for a NaN/inf loss.
+        scaler_skips: steps the fp16 GradScaler skipped (overflowing gradients).
+        epoch: the epoch of the last batch drawn.
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator, models: TrainingModels, cache: TrainCache):
+        self.cfg, self.accelerator, self.models, self.cache = cfg, accelerator, models, cache
+        self.device, self.dtype = accelerator.device, weight_dtype(cfg.mixed_precision)
+        self.nonfinite_total = self.nonfinite_in_a_row = self.scaler_skips = 0
+        self.epoch = 0
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def state_dict(self) -> dict:
+        """The counters a checkpoint keeps."""
+        return {"nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "scaler_skips": self.scaler_skips}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the counters from a checkpoint's training state."""
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.scaler_skips = int(state.get("scaler_skips", 0))
+
+    # ------------------------------------------------------------------ what a step sees
+
+    def _batch_indices(self, micro: int) -> list[int]:
+        acc = self.accelerator
+        index = micro * acc.num_processes + acc.process_index
+        if not self._epochs:
+            self._epochs[0] = batch_plan(self.cache.sizes, self.cfg.train_batch_size, seed=self.cfg.seed, epoch=0)
+        per_epoch = len(self._epochs[0])
+        epoch, pos = divmod(index, per_epoch)
+        if epoch not in self._epochs:
+            self._epochs = {0: self._epochs[0], epoch: batch_plan(self.cache.sizes, self.cfg.train_batch_size,
+                                                                  seed=self.cfg.seed, epoch=epoch)}
+        self.epoch = epoch
+        return self._epochs[epoch][pos]
+
+    def _class_indices(self, micro: int, n: int) -> list[int]:
+        total = len(self.cache.class_latents)
+        out = []
+        for j in range(n):
+            k = (micro * self.accelerator.num_processes + self.accelerator.process_index) * n + j
+            cycle, pos = divmod(k, total)
+            out.append(int(np.random.default_rng([self.cfg.seed, 7, cycle]).permutation(total)[pos]))
+        return out
+
+    def _noise(self, shape: tuple, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timesteps from one generator per sample, keyed by (seed, key): reproducible anywhere."""
+        noises, steps = [], []
+        n_train = self.models.noise_scheduler.config.num_train_timesteps
+        for key in keys:
+            g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + key) % (2**63))
+            noise = torch.randn(shape, generator=g)
+            if self.cfg.noise_offset:
+                noise = noise + self.cfg.noise_offset * torch.randn((shape[0], 1, 1), generator=g)
+            noises.append(noise)
+            steps.append(torch.randint(0, n_train, (1,), generator=g))
+        return torch.stack(noises).to(self.device), torch.cat(steps).to(self.device)
+
+    def _instance_batch(self, micro: int):
+        idx = self._batch_indices(micro)
+        c = self.cache
+        latents = torch.stack([c.latents[i] for i in idx])
+        time_ids = torch.stack([c.time_ids[i] for i in idx])
+        weights = None
+        if any(c.weights[i] is not None for i in idx):
+            weights = torch.stack([c.weights[i] if c.weights[i] is not None else torch.ones_like(latents[0, :1])
+                                   for i in idx]).to(self.device)
+        # fixed_noise: the same noise and timestep for an image at every step (over-fitting check)
+        keys = list(idx) if self.cfg.fixed_noise else [(micro * self.accelerator.num_processes
+                                                        + self.accelerator.process_index) * 1024 + j
+                                                       for j in range(len(idx))]
+        return latents, time_ids, [c.prompt_ids[i] for i in idx], weights, keys
+
+    # ------------------------------------------------------------------ the loss
+
+    def _embeds(self, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.cfg.train_text_encoder:
+            pe, pooled = self.cache.embeds(prompt_ids)
+            return pe.to(self.device), pooled.to(self.device)
+        prompts = [self.cache.prompts[i] for i in prompt_ids]
+        return encode_live(self.models.text_encoders, self.models.tokenizers, prompts, self.device)
+
+    def _loss(self, latents: torch.Tensor, time_ids: torch.Tensor, prompt_ids: list[int],
+              weights: torch.Tensor | None, keys: list[int]) -> torch.Tensor:
+        from diffusers.training_utils import compute_snr  # diffusers costs seconds to import (loaded by now)
+
+        scheduler = self.models.noise_scheduler
+        latents = latents.to(self.device)
+        noise, timesteps = self._noise(tuple(latents.shape[1:]), keys)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction_type = scheduler.config.prediction_type
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        embeds, pooled = self._embeds(prompt_ids)
+        with self.accelerator.autocast():
+            pred = self.models.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=embeds.to(self.dtype),
+                                    added_cond_kwargs={"text_embeds": pooled.to(self.dtype),
+                                                       "time_ids": time_ids.to(self.device, self.dtype)}).sample
+        snr_weights = None
+        if self.cfg.snr_gamma:
+            snr = compute_snr(scheduler, timesteps)
+            snr_weights = torch.clamp(snr, max=self.cfg.snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+        return _diffusion_loss(pred, target, weights, snr_weights)
+
+    def _agree_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.accelerator.num_processes > 1:  # every process must skip together, or DDP waits forever
+            finite = self.accelerator.gather(finite).min().reshape(1)
+        return bool(finite.item() > 0)
+
+    # ------------------------------------------------------------------ one step
+
+    def __call__(self, step: int) -> dict:
+        """Optimizer step ``step + 1`` (``step`` steps are done).
+
+        Returns:
+            Its log.jsonl row: step, epoch, lr, loss (None when skipped), grad_norm, skipped,
+            s_per_step, counters, and GPU (or host) memory.
+        """
+        cfg, acc, models = self.cfg, self.accelerator, self.models
+        accum = cfg.gradient_accumulation_steps
+        start = time.perf_counter()
+        parts: dict[str, float] = {"instance_loss": 0.0}
+        finite = True
+        for k in range(accum):
+            micro = step * accum + k
+            latents, time_ids, prompt_ids, weights, keys = self._instance_batch(micro)
+            backwards = [("instance_loss", 1.0, lambda: self._loss(latents, time_ids, prompt_ids, weights, keys))]
+            if cfg.with_prior_preservation and self.cache.class_latents:
+                ci = self._class_indices(micro, len(prompt_ids))
+                c_lat = torch.stack([self.cache.class_latents[i] for i in ci])
+                c_ids = torch.stack([self.cache.class_time_ids[i] for i in ci])
+                c_prompt = [self.cache.prompt_index(cfg.class_prompt)] * len(ci)
+                c_keys = [10**9 + key for key in keys]
+                # its own forward/backward: the activation peak stays that of one batch
+                backwards.append(("prior_loss", cfg.prior_loss_weight,
+                                  lambda: self._loss(c_lat, c_ids, c_prompt, None, c_keys)))
+            for j, (name, weight, compute) in enumerate(backwards):
+                loss = compute()
+                if not self._agree_finite(loss):
+                    finite = False
+                    break
+                last = k == accum - 1 and j == len(backwards) - 1
+                sync = contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(models.unet)
+                with sync:
+                    acc.backward(loss * weight / accum)
+                parts[name] = parts.get(name, 0.0) + float(loss.detach()) / accum
+            if not finite:
+                break
+        row: dict[str, Any] = {"step": step + 1, "epoch": self.epoch, "lr": models.lr_scheduler.get_last_lr()[0]}
+        if finite:
+            grad_norm = float(acc.clip_grad_norm_(models.params, cfg.max_grad_norm))
+            models.optimizer.step()
+            if acc.optimizer_step_was_skipped:  # fp16 overflow in the gradients: the scaler lowers its scale
+                self.scaler_skips += 1
+            self.nonfinite_in_a_row = 0
+            loss_value = parts["instance_loss"] + cfg.prior_loss_weight * parts.get("prior_loss", 0.0)
+            row.update(loss=loss_value, grad_norm=grad_norm if math.isfinite(grad_norm) else None, skipped=False,
+                       **({k: v for k, v in parts.items()} if "prior_loss" in parts else {}))
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_in_a_row += 1
+            row.update(loss=None, grad_norm=None, skipped=True)
+        models.optimizer.zero_grad(set_to_none=True)
+        models.lr_scheduler.step()
+        seconds = time.perf_counter() - start
+        row.update(s_per_step=round(seconds, 4), nonfinite_total=self.nonfinite_total, scaler_skips=self.scaler_skips)
+        if self.device.type == "cuda":
+            row.update(gpu_mem_gb=round(torch.cuda.memory_allocated(self.device) / GB, 3),
+                       gpu_peak_gb=round(torch.cuda.max_memory_allocated(self.device) / GB, 3))
+        else:
+            row["host_peak_gb"] = round(_host_peak_gb(), 3)
+        return row
