@@ -1,6 +1,6 @@
 """A caption editor for notebooks: each image beside its caption, edited and saved back.
 
-Saving goes through :func:`lora_helpers.caption.stage.save_caption`, so the ``.txt`` sidecar and
+Saving goes through :func:`lora_helpers.caption.files.save_caption`, so the ``.txt`` sidecar and
 ``metadata.jsonl`` stay in step and a later caption run keeps the edits.
 """
 
@@ -10,15 +10,15 @@ import html
 import io
 from pathlib import Path
 
-from lora_helpers.caption.stage import (
+from lora_helpers.caption import (
     CLIP_MAX_TOKENS,
     CaptionError,
     caption_table,
     clip_token_count,
     count_identifier,
-    read_caption_config,
     save_caption,
 )
+from lora_helpers.core.run_folder import read_caption_config
 
 __all__ = ["caption_editor"]
 
