@@ -11,7 +11,7 @@ __all__ = ["PrepareConfig"]
 
 @dataclass
 class PrepareConfig:
-    """Settings for :func:`prepare_photos`; the defaults suit SDXL at 1024 px.
+    """Settings for :func:`lora_helpers.prepare.stage.prepare_photos`; the defaults suit SDXL at 1024 px.
 
     Attributes:
         resolution: side of the square SDXL bucket; other buckets scale with it
