@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lora_helpers.caption.stage import generate_captions  # noqa: E402
+from lora_helpers.caption import generate_captions  # noqa: E402
 
 
 def _bert_vocab_folder(folder: Path, size: int) -> Path:

@@ -10,11 +10,12 @@ import pytest
 from PIL import Image
 
 from lora_helpers.caption import stage as cap
-from lora_helpers.caption.stage import (
+from lora_helpers.caption import (
     CaptionConfig,
     CaptionError,
     CaptionWarning,
     caption_dataset,
+    caption_table,
     check_identifier,
     count_identifier,
     load_captions,
@@ -313,7 +314,7 @@ def test_save_caption_updates_both_formats(dataset, config, clip_tokenizer):
         save_caption(dataset, name, "   ")
     with pytest.raises(CaptionError, match="nope.png"):
         save_caption(dataset, "images/nope.png", "a photo of TOK person")
-    table = cap.caption_table(dataset, tokenizer=clip_tokenizer)
+    table = caption_table(dataset, tokenizer=clip_tokenizer)
     assert [r.file_name for r in table] == list(load_captions(dataset))
     assert all(r.has_identifier and r.tokens and r.problem is None for r in table)
 

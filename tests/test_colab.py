@@ -205,16 +205,17 @@ def test_evaluation_scores_the_final_lora_and_the_identical_last_checkpoint_once
 
 
 def test_an_override_redoes_only_the_photo_it_changes(tmp_path, sample_data, monkeypatch):
+    from lora_helpers.prepare import photo
     from lora_helpers.prepare import stage as prepare
 
     calls = []
-    real = prepare._process_photo
+    real = photo.process_photo
 
     def counting(path, *args, **kwargs):
         calls.append(path.name)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(prepare, "_process_photo", counting)
+    monkeypatch.setattr(photo, "process_photo", counting)
     photos = sorted((sample_data / "person").iterdir())[:4]
     config = prepare.PrepareConfig(resolution=64)
     first = prepare.prepare_photos(photos, tmp_path / "dataset", config=config, progress=False)

@@ -1,9 +1,8 @@
 """Stage 2: BLIP captions with one identifier per caption ("TOK person"), written beside dataset/ (notebook 02)."""
 
-from lora_helpers.caption.stage import (
-    BLIP_MODELS, CaptionConfig, CaptionError, CaptionResult, CaptionRow, CaptionWarning, caption_dataset,
-    caption_table, generate_captions, load_blip, load_captions, save_caption, subject_phrase,
-)
+from lora_helpers.caption.blip import BLIP_MODELS, generate_captions, load_blip
+from lora_helpers.caption.files import CaptionError, CaptionRow, CaptionWarning, caption_table, load_captions, save_caption
+from lora_helpers.caption.stage import CaptionConfig, CaptionResult, caption_dataset, subject_phrase
 from lora_helpers.caption.text import (
     CLIP_MAX_TOKENS, COMMON_WORDS, check_identifier, clip_token_count, count_identifier, identifier_of,
     load_clip_tokenizer, standardise_caption,

@@ -1,4 +1,4 @@
-"""Caption the prepared photos with BLIP and put one unique identifier in every caption.
+"""Stage 2: caption the prepared photos with BLIP and put one unique identifier in every caption.
 
 DreamBooth learns the person through a rare identifier ("TOK person") that appears in
 every training caption; everything else in the caption (clothes, pose, place, light)
@@ -7,17 +7,15 @@ description of the picture with its generic subject ("a woman", "arafed man") re
 by the identifier, exactly once, on word boundaries (a plain substring replace turns
 "tokyo" into "TOK personyo").
 
-Outputs, beside the images in ``dataset/``:
+Outputs, beside the images in ``dataset/``: ``metadata.jsonl`` rows gain ``"text"``, every
+image gets an ``images/<stem>.txt`` sidecar (people edit these; a re-run keeps existing
+captions unless ``overwrite`` is asked), and ``caption_config.json`` records the subject
+phrase (the trigger the trainer records) and template.
 
-* ``metadata.jsonl``: the Hugging Face ``imagefolder`` format; each row keeps the keys the
-  prepare stage wrote and gains ``"text"``.
-* ``images/<stem>.txt``: kohya's sidecar format. People edit these by hand, so they win
-  over ``metadata.jsonl`` when the two differ, and a re-run keeps existing captions
-  unless ``overwrite`` is asked.
-* ``caption_config.json``: the subject phrase (the trigger the trainer records) and template.
-
-:func:`load_captions` is the one reader of captions (the trainer uses it). The string work
-(identifier, clean-up, CLIP token counts) lives in :mod:`lora_helpers.caption.text`.
+The pieces live beside this module: :mod:`~lora_helpers.caption.blip` (the model),
+:mod:`~lora_helpers.caption.files` (reading and writing both caption formats,
+:func:`~lora_helpers.caption.files.load_captions`) and :mod:`~lora_helpers.caption.text`
+(identifier, clean-up, CLIP token counts).
 """
 
 from __future__ import annotations
@@ -28,68 +26,29 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
+from lora_helpers.caption.blip import generate_captions, load_blip, resolve_blip
+from lora_helpers.caption.files import (
+    METADATA, CaptionError, CaptionWarning, DatasetEntry, dataset_entries, existing_caption, write_metadata,
+)
 from lora_helpers.caption.text import (
-    CLIP_MAX_TOKENS,
-    COMMON_WORDS,
-    check_identifier,
-    clip_token_count,
-    count_identifier,
-    identifier_of,
-    identifier_pattern,
-    load_clip_tokenizer,
+    CLIP_MAX_TOKENS, check_identifier, clip_token_count, count_identifier, identifier_of, load_clip_tokenizer,
     standardise_caption,
 )
-from lora_helpers.core.fileio import read_jsonl, write_jsonl, write_text
-from lora_helpers.core.images import ImageLoadError, list_images, load_image
-from lora_helpers.core.run_folder import (
-    DEFAULT_CLASS_NOUN, DEFAULT_TOKEN, read_caption_config, write_caption_config,
-)
+from lora_helpers.core.fileio import write_text
+from lora_helpers.core.images import ImageLoadError, load_image
+from lora_helpers.core.run_folder import DEFAULT_CLASS_NOUN, DEFAULT_TOKEN, write_caption_config
+from lora_helpers.core.runtime import free_memory
 
 __all__ = [
-    "BLIP_MODELS",
-    "CLIP_MAX_TOKENS",
-    "COMMON_WORDS",
     "CaptionConfig",
-    "CaptionError",
     "CaptionResult",
-    "CaptionRow",
-    "CaptionWarning",
     "subject_phrase",
-    "identifier_of",
-    "count_identifier",
-    "standardise_caption",
-    "check_identifier",
-    "clip_token_count",
-    "load_clip_tokenizer",
-    "load_blip",
-    "generate_captions",
     "caption_dataset",
-    "caption_table",
-    "load_captions",
-    "save_caption",
     "add_cli_arguments",
     "run_cli",
 ]
-
-BLIP_MODELS = {
-    "base": "Salesforce/blip-image-captioning-base",
-    "large": "Salesforce/blip-image-captioning-large",
-}
-METADATA = "metadata.jsonl"
-
-
-class CaptionError(ValueError):
-    """Captions that cannot be trained on; ``problems`` maps file name to reason."""
-
-    def __init__(self, message: str, problems: dict[str, str] | None = None):
-        self.problems = dict(problems or {})
-        super().__init__(message)
-
-
-class CaptionWarning(UserWarning):
-    """Something a person should look at in the captions (it does not stop training)."""
 
 
 @dataclass
@@ -169,21 +128,6 @@ class CaptionResult:
         return len(self.generated) / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclass
-class CaptionRow:
-    """One image and its caption as a person sees it (for tables and the editor)."""
-
-    file_name: str
-    path: Path
-    text: str | None
-    tokens: int | None
-    has_identifier: bool
-    problem: str | None
-
-
-# --------------------------------------------------------------------------- identifier
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.strip().lower()).strip("_")
 
@@ -191,176 +135,15 @@ def _slug(text: str) -> str:
 def subject_phrase(config: CaptionConfig) -> str:
     """The phrase that stands for the person in every caption.
 
+    Args:
+        config: the caption settings (token, class noun, name, identifier format).
+
     Returns:
         "TOK person", "TOK person Ada" (format "tok"), or "@ada" / "@tok" (format "at").
     """
     if config.identifier_format == "at":
         return "@" + (_slug(config.name) if config.name and _slug(config.name) else config.token.lower())
     return " ".join(p for p in (config.token, config.class_noun, (config.name or "").strip()) if p)
-
-
-# --------------------------------------------------------------------------- BLIP
-
-
-def _resolve_blip(model: str | None) -> str:
-    if model is None:
-        from lora_helpers.core.config import resolve_models
-
-        return resolve_models().blip
-    return BLIP_MODELS.get(model, model)
-
-
-def load_blip(model: str | None = None, *, device=None, dtype=None):
-    """Load BLIP for captioning.
-
-    Args:
-        model: hub id, local folder, "base" or "large"; None resolves the default.
-        device: None -> CUDA when present, else CPU.
-        dtype: None -> fp16 on CUDA, fp32 on CPU.
-
-    Returns:
-        ``(model, processor)``, the model in eval mode on ``device``.
-    """
-    from transformers import BlipForConditionalGeneration, BlipProcessor
-
-    from lora_helpers.core.runtime import default_device, default_dtype
-
-    model_id = _resolve_blip(model)
-    device = default_device() if device is None else device
-    dtype = default_dtype(device) if dtype is None else dtype
-    processor = BlipProcessor.from_pretrained(model_id)
-    blip = BlipForConditionalGeneration.from_pretrained(model_id, dtype=dtype).to(device).eval()
-    return blip, processor
-
-
-def generate_captions(
-    images: Sequence,
-    *,
-    model,
-    processor,
-    batch_size: int = 8,
-    num_beams: int = 3,
-    max_new_tokens: int = 40,
-    min_new_tokens: int = 5,
-    repetition_penalty: float = 1.3,
-    prompt: str | None = None,
-    progress: bool = True,
-) -> list[str]:
-    """Raw BLIP captions for PIL images, in batches, deterministically.
-
-    Args:
-        images: RGB PIL images.
-        model, processor: from :func:`load_blip`.
-        batch_size: images per forward pass.
-        num_beams: 1 = greedy; more = beam search (never sampling).
-        max_new_tokens, min_new_tokens: caption length bounds.
-        repetition_penalty: >1 discourages loops.
-        prompt: optional text for BLIP to continue; removed from the returned captions.
-        progress: show a tqdm bar.
-
-    Returns:
-        One caption per image, in order.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    param = next(model.parameters())
-    out: list[str] = []
-    with tqdm(total=len(images), desc="captioning", unit="img", disable=not progress) as bar:
-        for start in range(0, len(images), batch_size):
-            batch = list(images[start:start + batch_size])
-            text = [prompt] * len(batch) if prompt else None
-            inputs = processor(images=batch, text=text, return_tensors="pt").to(param.device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
-            with torch.inference_mode():
-                ids = model.generate(
-                    **inputs, do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                    min_new_tokens=min(min_new_tokens, max_new_tokens), repetition_penalty=repetition_penalty,
-                )
-            for caption in processor.batch_decode(ids, skip_special_tokens=True):
-                caption = caption.strip()
-                if prompt and caption.lower().startswith(prompt.lower()):
-                    caption = caption[len(prompt):].strip()
-                out.append(caption)
-            bar.update(len(batch))
-    return out
-
-
-# --------------------------------------------------------------------------- dataset folder
-
-
-@dataclass
-class _Entry:
-    file_name: str
-    path: Path
-    row: dict | None  # the metadata.jsonl row (None for folders without one)
-    sidecar: str | None  # text of the .txt file (None when there is none)
-
-    @property
-    def sidecar_path(self) -> Path:
-        return self.path.with_suffix(".txt")
-
-
-def _read_sidecar(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
-
-
-def _entries(dataset_dir: Path) -> tuple[list[_Entry], list[str]]:
-    """The dataset's images, from metadata.jsonl rows, images/, or the folder itself.
-
-    Returns:
-        ``(entries, notes)``; notes name images that are listed but missing, or present
-        but not listed (the prepare stage's metadata.jsonl decides what is trained on).
-    """
-    dataset_dir = Path(dataset_dir)
-    if not dataset_dir.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {dataset_dir} (run the prepare stage, or check the path)")
-    notes: list[str] = []
-    meta = dataset_dir / METADATA
-    entries: list[_Entry] = []
-    if meta.is_file():
-        listed = set()
-        for i, row in enumerate(read_jsonl(meta), 1):
-            name = row.get("file_name")
-            if not isinstance(name, str) or not name:
-                raise CaptionError(f"{meta}, line {i}: row without 'file_name'; fix or delete that line")
-            path = dataset_dir / name
-            listed.add(path.resolve())
-            if not path.is_file():
-                notes.append(f"{name}: listed in {METADATA} but the file is missing; re-run prepare or remove the row")
-            entries.append(_Entry(name, path, row, _read_sidecar(path.with_suffix(".txt"))))
-        folder = dataset_dir / "images" if (dataset_dir / "images").is_dir() else dataset_dir
-        for path in list_images(folder):
-            if path.resolve() not in listed:
-                notes.append(f"{path.relative_to(dataset_dir).as_posix()}: not listed in {METADATA}, so not used")
-    else:
-        folder = dataset_dir / "images" if (dataset_dir / "images").is_dir() else dataset_dir
-        for path in list_images(folder):
-            name = path.relative_to(dataset_dir).as_posix()
-            entries.append(_Entry(name, path, None, _read_sidecar(path.with_suffix(".txt"))))
-    if not entries:
-        raise CaptionError(
-            f"no images in {dataset_dir}: expected {METADATA}, an images/ folder, or image files "
-            "(.png, .jpg) in the folder itself; run the prepare stage first"
-        )
-    return entries, notes
-
-
-def _existing_caption(entry: _Entry) -> str | None:
-    if entry.sidecar:
-        return entry.sidecar
-    text = (entry.row or {}).get("text")
-    return text.strip() if isinstance(text, str) and text.strip() else None
-
-
-def _write_metadata(dataset_dir: Path, entries: list[_Entry], captions: dict[str, str]) -> Path:
-    rows = []
-    for e in entries:
-        row = dict(e.row) if e.row is not None else {"file_name": e.file_name}
-        if e.file_name in captions:
-            row["text"] = captions[e.file_name]
-        rows.append(row)
-    return write_jsonl(Path(dataset_dir) / METADATA, rows)
 
 
 def _warn(messages: list[str], message: str) -> None:
@@ -390,21 +173,19 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
     Raises:
         CaptionError: when the folder has no images.
     """
-    from lora_helpers.core.runtime import free_memory
-
     config = config or CaptionConfig()
     dataset_dir = Path(dataset_dir)
     subject = subject_phrase(config)
     identifier = identifier_of(subject)
     tokenizer = tokenizer if tokenizer is not None else load_clip_tokenizer()
     result = CaptionResult(dataset_dir=dataset_dir, subject=subject)
-    entries, notes = _entries(dataset_dir)
+    entries, notes = dataset_entries(dataset_dir)
     for message in notes + check_identifier(subject, tokenizer):
         _warn(result.warnings, message)
 
-    todo: list[_Entry] = []
+    todo: list[DatasetEntry] = []
     for e in entries:
-        existing = _existing_caption(e)
+        existing = existing_caption(e)
         if existing and not config.overwrite:
             result.captions[e.file_name] = existing
             result.kept.append(e.file_name)
@@ -457,152 +238,22 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
             write_text(e.sidecar_path, text + "\n")
     # Reorder to the dataset's order (kept and generated were collected apart).
     result.captions = {e.file_name: result.captions[e.file_name] for e in entries if e.file_name in result.captions}
-    _write_metadata(dataset_dir, entries, result.captions)
+    write_metadata(dataset_dir, entries, result.captions)
     write_caption_config(dataset_dir, {
         "trigger": subject, "subject": subject, "identifier": identifier, "template": config.template,
         "identifier_format": config.identifier_format, "token": config.token, "class_noun": config.class_noun,
-        "name": config.name, "model": _resolve_blip(config.model),
+        "name": config.name, "model": resolve_blip(config.model),
         "generation": {k: v for k, v in asdict(config).items()
                        if k in ("num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty", "prompt")},
     })
     return result
 
 
-def _gather(dataset_dir: Path) -> tuple[list[_Entry], list[str], list[str]]:
-    """Entries plus the notes and the files whose sidecar and metadata text differ."""
-    entries, notes = _entries(dataset_dir)
-    differ = []
-    for e in entries:
-        text = (e.row or {}).get("text")
-        if e.sidecar is not None and isinstance(text, str) and text.strip() and text.strip() != e.sidecar:
-            differ.append(e.file_name)
-    return entries, notes, differ
-
-
-def _problem(e: _Entry, text: str | None, identifier: str | None) -> str | None:
-    if not e.path.is_file():
-        return "image file missing"
-    if text is None:
-        return f"no caption ({e.sidecar_path.name} missing and no 'text' in {METADATA}); run the caption stage"
-    if not text:
-        return f"empty caption in {e.sidecar_path.name if e.sidecar is not None else METADATA}; write one"
-    if identifier and not identifier_pattern(identifier).search(text):
-        return f"caption lacks the identifier {identifier!r}: {text!r}; add it (e.g. '{identifier} person')"
-    return None
-
-
-def _text_of(e: _Entry) -> str | None:
-    if e.sidecar is not None:
-        return e.sidecar
-    text = (e.row or {}).get("text")
-    return text.strip() if isinstance(text, str) else None
-
-
-def load_captions(dataset_dir: str | Path, *, require_identifier: str | None = None) -> dict[str, str]:
-    """Read the training captions: the one reader every stage uses.
-
-    The ``.txt`` sidecar wins over ``metadata.jsonl``'s "text" (people edit sidecars);
-    when both exist and differ, one :class:`CaptionWarning` lists the files.
-
-    Args:
-        dataset_dir: the dataset folder.
-        require_identifier: a word or phrase (e.g. "TOK" or "TOK person") every caption must
-            contain, on word boundaries, case-insensitive; None skips the check.
-
-    Returns:
-        ``{file_name: caption}`` in dataset order; file names are relative to ``dataset_dir``.
-
-    Raises:
-        CaptionError: naming every file without a caption, with an empty caption or without
-            the identifier; or when there are no images at all. Images listed in
-            ``metadata.jsonl`` but missing on disk are left out with a warning instead.
-    """
-    dataset_dir = Path(dataset_dir)
-    entries, notes, differ = _gather(dataset_dir)
-    for message in notes:
-        warnings.warn(message, CaptionWarning, stacklevel=2)
-    if differ:
-        warnings.warn(f"{len(differ)} caption(s) differ between the .txt files and {METADATA}; using the .txt files: "
-                      + ", ".join(differ), CaptionWarning, stacklevel=2)
-    captions, problems = {}, {}
-    for e in entries:
-        if not e.path.is_file():  # already warned about; training skips it
-            continue
-        text = _text_of(e)
-        problem = _problem(e, text, require_identifier)
-        if problem:
-            problems[e.file_name] = problem
-        else:
-            captions[e.file_name] = text
-    if problems:
-        lines = "\n".join(f"  {name}: {why}" for name, why in problems.items())
-        raise CaptionError(f"{len(problems)} of {len(entries)} image(s) in {dataset_dir} cannot be trained on:\n{lines}",
-                           problems)
-    if not captions:
-        raise CaptionError(f"no images in {dataset_dir}: every file listed in {METADATA} is missing; run prepare again")
-    return captions
-
-
-def caption_table(dataset_dir: str | Path, *, identifier: str | None = None, tokenizer=None) -> list[CaptionRow]:
-    """Every image with its caption, token count and problem; never raises for bad captions.
-
-    Args:
-        dataset_dir: the dataset folder.
-        identifier: the word every caption needs; None reads it from ``caption_config.json``.
-        tokenizer: CLIP tokenizer; None uses the rough estimate.
-
-    Returns:
-        One :class:`CaptionRow` per image, in dataset order.
-    """
-    dataset_dir = Path(dataset_dir)
-    if identifier is None:
-        identifier = read_caption_config(dataset_dir).get("identifier")
-    rows = []
-    for e in _entries(dataset_dir)[0]:
-        text = _text_of(e)
-        rows.append(CaptionRow(
-            file_name=e.file_name, path=e.path, text=text,
-            tokens=clip_token_count(text, tokenizer) if text else None,
-            has_identifier=bool(text and identifier and identifier_pattern(identifier).search(text)),
-            problem=_problem(e, text, identifier),
-        ))
-    return rows
-
-
-def save_caption(dataset_dir: str | Path, file_name: str, text: str) -> str:
-    """Save a hand-edited caption to both formats (sidecar and metadata.jsonl), atomically.
-
-    Args:
-        dataset_dir: the dataset folder.
-        file_name: the image, relative to ``dataset_dir`` (as in :func:`load_captions`).
-        text: the caption; surrounding whitespace and line breaks are collapsed.
-
-    Returns:
-        The caption as saved.
-
-    Raises:
-        CaptionError: for an empty caption or an image not in the dataset.
-    """
-    dataset_dir = Path(dataset_dir)
-    text = re.sub(r"\s+", " ", text or "").strip()
-    if not text:
-        raise CaptionError(f"{file_name}: empty caption not saved; write a caption", {file_name: "empty caption"})
-    entries, _ = _entries(dataset_dir)
-    match = [e for e in entries if e.file_name == file_name]
-    if not match:
-        raise CaptionError(f"{file_name}: not an image of {dataset_dir}", {file_name: "unknown image"})
-    write_text(match[0].sidecar_path, text + "\n")
-    captions = {e.file_name: t for e in entries if (t := _text_of(e))}
-    captions[file_name] = text
-    _write_metadata(dataset_dir, entries, captions)
-    return text
-
-
 # --------------------------------------------------------------------------- CLI
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``python -m lora_helpers caption``."""
+    """Add the flags of ``python -m lora_helpers caption`` to ``parser``."""
     d = CaptionConfig()
     parser.add_argument("dataset_dir", type=Path, help="dataset folder (prepare's output, images/, or a folder of images)")
     parser.add_argument("--token", default=d.token, help="rare identifier word (default %(default)s)")
@@ -622,7 +273,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """Caption the dataset and print each caption; exit 1 when an image got no caption."""
+    """Caption the dataset and print each caption.
+
+    Args:
+        args: arguments parsed with the flags of :func:`add_cli_arguments`.
+
+    Returns:
+        The exit code: 0 done, 1 an image got no caption or the folder has none.
+    """
     config = CaptionConfig(
         model=args.model, token=args.token, class_noun=args.class_noun, name=args.name,
         identifier_format=args.identifier_format, template=args.template, batch_size=args.batch_size,

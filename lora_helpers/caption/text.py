@@ -11,6 +11,8 @@ import math
 import re
 from pathlib import Path
 
+from lora_helpers.core.config import resolve_models
+
 __all__ = [
     "CLIP_MAX_TOKENS",
     "COMMON_WORDS",
@@ -182,11 +184,10 @@ def load_clip_tokenizer(model: str | None = None, *, download: bool = False):
     Returns:
         A ``CLIPTokenizer``, or None (callers then use a rough estimate).
     """
+    # transformers is slow to import; only the token counts need the tokenizer.
     from transformers import CLIPTokenizer
 
     if model is None:
-        from lora_helpers.core.config import resolve_models
-
         model = resolve_models().sdxl
     try:
         if Path(model).exists():
@@ -194,7 +195,7 @@ def load_clip_tokenizer(model: str | None = None, *, download: bool = False):
             if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
                 return None
         else:
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download  # only a hub id needs it
 
             # Fetch the files explicitly: from_pretrained without them quietly builds an
             # empty tokenizer instead of failing.

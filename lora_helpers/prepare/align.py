@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_helpers.prepare.faces import Face
+from lora_helpers.prepare.face_geometry import Face
 
 __all__ = [
     "SDXL_BUCKETS",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lora_helpers.prepare.align import AlignSpec, face_mask, plan_alignment, warp
-from lora_helpers.prepare.faces import Face
+from lora_helpers.prepare.face_geometry import Face
 
 __all__ = [
     "FACE_CROP_SIZE",

@@ -1,4 +1,4 @@
-"""What preparation shows a person: report.csv, a contact sheet, grids and override widgets.
+"""What preparation shows a person: report.csv, a contact sheet and grids of the photos.
 
 The contact sheet puts every input file on one page with its verdict colour (green
 pass, orange warn, red reject, grey skip), the face box, the crop outline and the
@@ -167,7 +167,7 @@ def accepted_grid(result, *, columns: int = 4, masks: bool = False):
     """The accepted training crops (as written to ``images/``) with their file names.
 
     Args:
-        result: a :class:`lora_helpers.prepare.stage.PrepareResult`.
+        result: a :class:`lora_helpers.prepare.records.PrepareResult`.
         columns: tiles per row.
         masks: dim everything outside the face mask, to show what the masked loss weights.
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from lora_helpers.caption.stage import load_captions
+from lora_helpers.caption import load_captions
 from lora_helpers.core.fileio import read_jsonl
 from lora_helpers.core.images import list_images
 
@@ -64,7 +64,7 @@ def read_training_images(dataset_dir: str | os.PathLike, *, instance_prompt: str
     """List the images to train on with their captions and micro-conditioning.
 
     Images come from ``metadata.jsonl`` (the prepare stage), else from ``images/`` or the
-    folder itself. Captions come from :func:`lora_helpers.caption.stage.load_captions`; with
+    folder itself. Captions come from :func:`lora_helpers.caption.load_captions`; with
     ``use_captions=False``, or when the dataset has no captions, every image gets
     ``instance_prompt``. A listed image that is missing is skipped with a warning.
 

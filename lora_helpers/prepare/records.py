@@ -1,0 +1,121 @@
+"""What the prepare stage found: one :class:`PhotoRecord` per input file, the run's
+:class:`PrepareResult`, and the error raised when no photo can be used.
+
+A record collects findings as ``(level, text)`` issues while the photo is processed and
+the set is judged; its ``verdict`` and ``reasons`` are derived from them at the end
+(:func:`lora_helpers.prepare.judge.finalise`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lora_helpers.prepare.config import PrepareConfig
+
+__all__ = ["VERDICTS", "ACCEPTED", "PhotoRecord", "PrepareResult", "NoPhotosAcceptedError"]
+
+VERDICTS = ("pass", "warn", "reject", "skip")
+ACCEPTED = ("pass", "warn")
+
+
+@dataclass
+class PhotoRecord:
+    """What preparation found and did for one input file (one row of ``report.csv``).
+
+    ``measures`` holds the raw numbers (sharpness, brightness, ...), ``scores`` their
+    0..1 scores; ``crop`` describes the transform (bucket, box, rotation, padding).
+    """
+
+    file: str
+    path: Path
+    verdict: str = "reject"
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    mode: str | None = None
+    original_size: tuple[int, int] | None = None
+    faces: int | None = None
+    face_box: tuple[float, float, float, float] | None = None
+    measures: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    face_clarity_score: float | None = None
+    crop: dict = field(default_factory=dict)
+    duplicate_of: str | None = None
+    image_file: str | None = None
+    mask_file: str | None = None
+    override: str | None = None
+    stem: str | None = None
+    thumbnail: object = field(default=None, repr=False)
+    crop_thumbnail: object = field(default=None, repr=False)
+    # (level, text) found by the checks; verdict and reasons are derived from them.
+    issues: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    embedding: np.ndarray | None = field(default=None, repr=False)
+    phash: int | None = field(default=None, repr=False)
+    rendered: tuple[bytes, bytes] | None = field(default=None, repr=False)
+    metadata: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def accepted(self) -> bool:
+        return self.verdict in ACCEPTED
+
+    def add(self, level: str, text: str) -> None:
+        """Record a finding: level is "warn", "reject" or "skip"."""
+        self.issues.append((level, text))
+
+
+@dataclass
+class PrepareResult:
+    """All records of a run, in input order, and where the outputs are."""
+
+    out_dir: Path
+    records: list[PhotoRecord]
+    config: PrepareConfig
+    # name -> (what the photo's processing depended on, the record before set-level checks):
+    # lets a re-run after an override redo only the photos that changed.
+    processed: dict = field(default_factory=dict, repr=False)
+    reused: int = 0
+
+    @property
+    def accepted(self) -> list[PhotoRecord]:
+        return [r for r in self.records if r.accepted]
+
+    @property
+    def rejected(self) -> list[PhotoRecord]:
+        return [r for r in self.records if r.verdict == "reject"]
+
+    @property
+    def skipped(self) -> list[PhotoRecord]:
+        return [r for r in self.records if r.verdict == "skip"]
+
+    def record(self, file: str) -> PhotoRecord:
+        """The record for an input file name."""
+        for r in self.records:
+            if r.file == file or r.path.name == file:
+                return r
+        raise KeyError(f"{file} is not among the prepared photos")
+
+    def summary(self) -> str:
+        """One line per photo: verdict, file and reasons."""
+        lines = [f"{len(self.accepted)} of {len(self.records)} files accepted -> {self.out_dir}"
+                 + (f" ({len(self.records) - self.reused} photos redone, {self.reused} unchanged)" if self.reused else "")]
+        for r in self.records:
+            why = "; ".join(r.reasons)
+            lines.append(f"  {r.verdict:6s} {r.file}" + (f"  ({why})" if why else ""))
+        return "\n".join(lines)
+
+
+class NoPhotosAcceptedError(RuntimeError):
+    """No photo passed; the message lists why each was rejected (report.csv has more)."""
+
+    def __init__(self, result: PrepareResult):
+        self.result = result
+        if not result.records:
+            super().__init__("the photo folder is empty: add 10-15 photos of one person (JPEG, PNG, WebP)")
+            return
+        lines = [f"none of the {len(result.records)} files in the photo folder can be used for training:"]
+        for r in result.records:
+            lines.append(f"  {r.file}: {r.verdict}: {'; '.join(r.reasons) or 'no reason recorded'}")
+        lines.append(f"see {result.out_dir / 'report.csv'} and contact_sheet.png; add photos with one clear face each")
+        super().__init__("\n".join(lines))
