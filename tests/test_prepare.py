@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from lora_helpers.core import fileio
-from lora_helpers.prepare.align import AlignSpec, bucket_sizes, nearest_bucket, plan_alignment, transform_points
+from lora_helpers.core.buckets import bucket_sizes, nearest_bucket
+from lora_helpers.prepare.align import AlignSpec, plan_alignment, transform_points
 from lora_helpers.prepare.faces import SAME_PERSON_COSINE, Face, detect_faces, get_backend
 from lora_helpers.prepare.stage import (
     NoPhotosAcceptedError,

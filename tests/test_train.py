@@ -246,7 +246,8 @@ def test_out_of_memory_is_reported_with_advice(dataset, tiny_models, tmp_path, m
 
 
 def test_buckets_keep_prepared_sizes_and_batches_never_mix_them():
-    from lora_helpers.train.data import batch_plan, bucket_size
+    from lora_helpers.core.buckets import training_size as bucket_size
+    from lora_helpers.train.data import batch_plan
 
     assert bucket_size(832, 1216, 1024) == (832, 1216)  # an SDXL bucket from the prepare stage stays
     w, h = bucket_size(3000, 4000, 1024)  # a phone photo goes to a 3:4 bucket of about 1024^2 px

@@ -24,11 +24,8 @@ import numpy as np
 from lora_helpers.prepare.face_geometry import Face
 
 __all__ = [
-    "SDXL_BUCKETS",
     "AlignSpec",
     "Alignment",
-    "bucket_sizes",
-    "nearest_bucket",
     "plan_alignment",
     "centre_alignment",
     "warp",
@@ -37,46 +34,6 @@ __all__ = [
 ]
 
 # (width, height) buckets SDXL was trained on around 1024x1024 pixels.
-SDXL_BUCKETS: list[tuple[int, int]] = [
-    (1024, 1024),
-    (1152, 896),
-    (896, 1152),
-    (1216, 832),
-    (832, 1216),
-    (1344, 768),
-    (768, 1344),
-    (1536, 640),
-    (640, 1536),
-]
-
-
-def bucket_sizes(resolution: int = 1024) -> list[tuple[int, int]]:
-    """SDXL buckets scaled to ``resolution`` (1024: the real sizes), multiples of 8.
-
-    Args:
-        resolution: side of the square bucket; 64 gives 64x64, 72x56, 56x72, ...
-
-    Returns:
-        Unique ``(width, height)`` pairs, square first.
-    """
-    k = resolution / 1024.0
-    out: list[tuple[int, int]] = []
-    for w, h in SDXL_BUCKETS:
-        size = (max(8, 8 * round(w * k / 8)), max(8, 8 * round(h * k / 8)))
-        if size not in out:
-            out.append(size)
-    return out
-
-
-def nearest_bucket(width: int, height: int, *, resolution: int = 1024, square_only: bool = False) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest to ``width / height`` (in log terms)."""
-    if square_only:
-        side = max(8, 8 * round(resolution / 8))
-        return (side, side)
-    aspect = math.log(width / height)
-    return min(bucket_sizes(resolution), key=lambda b: abs(math.log(b[0] / b[1]) - aspect))
-
-
 @dataclass(frozen=True)
 class AlignSpec:
     """Where the face goes in the output.

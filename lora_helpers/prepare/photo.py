@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lora_helpers.core.buckets import nearest_bucket
 from lora_helpers.core.images import IMAGE_SUFFIXES, ImageLoadError
 from lora_helpers.prepare import align, quality
 from lora_helpers.prepare.config import PrepareConfig
@@ -130,7 +131,7 @@ def process_photo(path: Path, name: str, config: PrepareConfig, backend: FaceBac
 
     faces = detect_faces(image, backend=backend, max_side=config.detect_max_side)
     rec.faces = len(faces)
-    bucket = align.nearest_bucket(width, height, resolution=config.resolution, square_only=config.square_only)
+    bucket = nearest_bucket(width, height, resolution=config.resolution, square_only=config.square_only)
     small = np.asarray(rec.thumbnail)
     rec.phash = quality.perceptual_hash(small)
 

@@ -19,7 +19,7 @@ from lora_helpers.caption import load_captions
 from lora_helpers.core.fileio import read_jsonl
 from lora_helpers.core.images import list_images
 
-__all__ = ["TrainImage", "read_training_images", "bucket_size", "batch_plan"]
+__all__ = ["TrainImage", "read_training_images", "batch_plan"]
 
 
 @dataclass
@@ -125,26 +125,6 @@ def read_training_images(dataset_dir: str | os.PathLike, *, instance_prompt: str
     if not images:
         raise ValueError(f"no training images in {dataset_dir}; run the prepare stage (or put images in images/)")
     return images
-
-
-def bucket_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """The (width, height) an image trains at: its aspect ratio at about ``resolution``² pixels.
-
-    Sides are multiples of 64 at SDXL sizes (8 below 512 px, for the tiny models). An
-    image already at such a size (what the prepare stage writes) keeps it.
-
-    Args:
-        width, height: the image's size in px.
-        resolution: the training side (1024 for SDXL).
-
-    Returns:
-        ``(width, height)`` to train at.
-    """
-    step = 64 if resolution >= 512 else 8
-    if width % step == 0 and height % step == 0 and abs(width * height / resolution**2 - 1) <= 0.15:
-        return width, height
-    scale = resolution / (width * height) ** 0.5
-    return max(step, round(width * scale / step) * step), max(step, round(height * scale / step) * step)
 
 
 def batch_plan(sizes: Sequence[tuple[int, int]], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:

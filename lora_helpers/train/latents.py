@@ -8,7 +8,7 @@ prompt embeddings (plus the pooled embedding), then those models are deleted fro
 ``run/cache/`` with a fingerprint of everything they depend on, so a resumed run reuses
 them and a changed dataset or caption rebuilds them.
 
-Images keep their aspect bucket (:func:`lora_helpers.train.data.bucket_size`): each becomes a
+Images keep their aspect bucket (:func:`lora_helpers.core.buckets.training_size`): each becomes a
 latent of its own size, and batches are drawn from one size at a time.
 
 diffusers and transformers are imported inside the functions that load models: importing
@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from lora_helpers.core.fileio import atomic_path, sha256_file, write_json
 from lora_helpers.core.images import load_image
 from lora_helpers.core.runtime import free_memory
-from lora_helpers.train.data import TrainImage, bucket_size
+from lora_helpers.core.buckets import training_size
+from lora_helpers.train.data import TrainImage
 
 __all__ = [
     "CACHE_VERSION",
@@ -266,7 +267,7 @@ def build_cache(cache_dir: str | os.PathLike, *, model: str, images: Sequence[Tr
     sizes = []
     for im in images:
         with Image.open(im.path) as probe:
-            sizes.append(bucket_size(*probe.size, resolution))
+            sizes.append(training_size(*probe.size, resolution))
     parts = {
         "version": CACHE_VERSION, "model": model, "vae": vae, "vae_dtype": str(vae_dtype), "text_dtype": str(text_dtype),
         "resolution": resolution, "use_masks": use_masks, "background_weight": background_weight,
