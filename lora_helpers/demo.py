@@ -134,8 +134,7 @@ def run_demo(config: DemoConfig | None = None, *, log=print) -> DemoResult:
 
 
 def _grids(run: Path, out: Path, base_model: str) -> dict[str, Path]:
-    from lora_helpers.generate.images import checkpoint_progress, prompt_seed_grid, scale_sweep
-    from lora_helpers.generate.pipeline import load_lora, load_pipeline
+    from lora_helpers.generate import checkpoint_progress, load_lora, load_pipeline, prompt_seed_grid, scale_sweep
 
     pipe = load_pipeline(base_model)
     lora = load_lora(pipe, run)

@@ -565,6 +565,8 @@ def _generate_missing(run_dir: Path, subject: str, jobs: list[tuple[str, int | N
     from tqdm.auto import tqdm
 
     from lora_helpers.generate import images as gen
+    from lora_helpers.generate.lora import load_lora
+    from lora_helpers.generate.pipeline import choose_base_model, load_pipeline
     from lora_helpers.core.fileio import sha256_file
     from lora_helpers.core.grids import save_png_with_metadata
     from lora_helpers.core.runtime import free_memory
@@ -584,13 +586,13 @@ def _generate_missing(run_dir: Path, subject: str, jobs: list[tuple[str, int | N
     total = sum(len(t[-1]) for t in todo)
     if not total:
         return
-    pipe = gen.load_pipeline(gen.choose_base_model(run_dir))
+    pipe = load_pipeline(choose_base_model(run_dir))
     bar = tqdm(total=total, desc="generating", unit="image", disable=not progress)
     try:
         info, loaded = None, None
         for name, step, weights, scale, folder, missing in todo:
             if weights is not None and loaded != weights:
-                info = gen.load_lora(pipe, weights, trigger=subject)  # replaces the previous checkpoint
+                info = load_lora(pipe, weights, trigger=subject)  # replaces the previous checkpoint
                 loaded = weights
             by_prompt: dict[EvalPrompt, list[int]] = {}
             for p, s in missing:
