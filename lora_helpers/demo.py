@@ -118,7 +118,7 @@ def run_demo(config: DemoConfig | None = None, *, log=print) -> DemoResult:
     log(f"generate grids -> {generated}")
 
     if config.evaluate:
-        from lora_helpers.evaluate.scoring import EvaluateConfig, evaluate_run, format_summary
+        from lora_helpers.evaluate import EvaluateConfig, evaluate_run, format_summary
 
         t = time.perf_counter()
         # A small slice of the standard prompt set keeps the demo to minutes; 05_evaluate runs it all.
