@@ -20,8 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("lora_helpers.prepare.stage", "check photos and write face-centred aligned crops, masks and a report"),
     "caption": ("lora_helpers.caption.stage", "caption prepared photos with BLIP and an identifier such as 'TOK person'"),
     "train": ("lora_helpers.train.stage", "train an SDXL LoRA (DreamBooth) on a captioned dataset"),
-    "generate": ("lora_helpers.generate.images", "generate images and grids with a trained LoRA"),
-    "evaluate": ("lora_helpers.evaluate.scoring", "score identity likeness and prompt adherence of generated images"),
+    "generate": ("lora_helpers.generate.cli", "generate images and grids with a trained LoRA"),
+    "evaluate": ("lora_helpers.evaluate.cli", "score identity likeness and prompt adherence of generated images"),
     "demo": ("lora_helpers.demo", "run the whole pipeline on sample_data/ (tiny models on CPU, or real SDXL)"),
 }
 

@@ -193,7 +193,7 @@ def test_pruning_keeps_every_checkpoints_lora_and_only_the_newest_resume_state(t
 
 
 def test_evaluation_scores_the_final_lora_and_the_identical_last_checkpoint_once(tmp_path):
-    from lora_helpers.evaluate.scoring import _run_checkpoints
+    from lora_helpers.evaluate.run import _run_checkpoints
 
     for step in (10, 20):
         _fake_checkpoint(tmp_path, step)

@@ -153,7 +153,7 @@ def test_validation_hook_returns_identity_keys(tmp_path, refs, person, sample_da
 
 def test_evaluate_run_generates_scores_plots_and_resumes(tmp_path, tiny_models, refs, monkeypatch):
     from lora_helpers.core.random_lora import make_random_lora
-    from lora_helpers.generate import images as generate
+    from lora_helpers.evaluate import run as evaluate_run_module
     from lora_helpers.cli import main
 
     run = make_random_lora(tmp_path / "run", tiny_models / "sdxl", checkpoint_steps=(1, 2))
@@ -185,7 +185,7 @@ def test_evaluate_run_generates_scores_plots_and_resumes(tmp_path, tiny_models, 
     def no_generation(*a, **k):
         raise AssertionError("images on disk must be reused")
 
-    monkeypatch.setattr(generate, "generate_images", no_generation)
+    monkeypatch.setattr(evaluate_run_module, "generate_images", no_generation)  # where evaluate_run looks it up
     refs_dir = tmp_path / "refs"
     refs_dir.mkdir()
     for name in refs.names[:2]:

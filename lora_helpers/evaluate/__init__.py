@@ -1,15 +1,19 @@
 """Stage 5: identity likeness and prompt adherence of generated images, scores.csv and plots (notebook 05)."""
 
+from lora_helpers.evaluate.choice import Choice, best_checkpoint
+from lora_helpers.evaluate.config import EvaluateConfig
+from lora_helpers.evaluate.hooks import identity_validation_hook
 from lora_helpers.evaluate.metrics import (
     ARCFACE_SAME_PERSON_COSINE, ClipScorer, IdentityScore, ReferenceSet, clip_image_scores, clip_scores, diversity,
     face_backend, identity_scores, identity_summary, load_clip, reference_embeddings, remove_identifier,
 )
 from lora_helpers.evaluate.plots import plot_identity_vs_prompt
-from lora_helpers.evaluate.scoring import (
-    PROMPTS_PEOPLE, Choice, EvalPrompt, EvaluateConfig, EvaluationResult, best_checkpoint, evaluate_images,
-    evaluate_run, format_summary, identity_validation_hook, people_prompts, read_scores_csv, summarize,
-    write_scores_csv,
-)
+from lora_helpers.evaluate.prompts import PROMPTS_PEOPLE, EvalPrompt, people_prompts
+from lora_helpers.evaluate.report import EvaluationResult, format_summary
+from lora_helpers.evaluate.run import evaluate_run
+from lora_helpers.evaluate.scores_csv import read_scores_csv, write_scores_csv
+from lora_helpers.evaluate.scoring import evaluate_images
+from lora_helpers.evaluate.summary import summarize
 
 __all__ = [
     "ARCFACE_SAME_PERSON_COSINE", "ClipScorer", "IdentityScore", "ReferenceSet", "clip_image_scores", "clip_scores",

@@ -9,7 +9,7 @@ bound a perfect likeness reaches.
 CLIP (as in the DreamBooth paper): CLIP-T is the cosine of image and prompt embeddings
 with the identifier removed from the prompt, CLIP-I the similarity to the reference
 photos, and diversity the mean pairwise CLIP distance of images of one prompt.
-:mod:`lora_helpers.evaluate.scoring` puts these together for whole runs.
+:mod:`lora_helpers.evaluate.scoring` applies them to images, :mod:`lora_helpers.evaluate.run` to whole runs.
 """
 
 from __future__ import annotations
@@ -21,9 +21,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
+from lora_helpers.core.config import resolve_models
 from lora_helpers.core.images import ImageLoadError, list_images, load_image
+from lora_helpers.core.runtime import default_device, default_dtype
+from lora_helpers.prepare.faces import SAME_PERSON_COSINE, Face, detect_faces, get_backend
 
 __all__ = [
     "ARCFACE_SAME_PERSON_COSINE",
@@ -55,6 +60,7 @@ class _InsightFaceBackend:
     """ArcFace (insightface ``buffalo_l``): detector, 5 key points, 512-d embedding."""
 
     def __init__(self, name: str = "buffalo_l", det_size: tuple[int, int] = (640, 640)):
+        # Optional (not installed by default): imported only when the ArcFace backend is asked for.
         import onnxruntime  # noqa: F401  (insightface needs it; fail here with its name)
         from insightface.app import FaceAnalysis
 
@@ -64,15 +70,13 @@ class _InsightFaceBackend:
         self._app.prepare(ctx_id=0, det_size=det_size)
 
     def detect(self, image: np.ndarray) -> list:
-        from lora_helpers.prepare.faces import Face
-
         found = self._app.get(np.ascontiguousarray(image[:, :, ::-1]))  # insightface wants BGR
         faces = [Face(box=tuple(float(v) for v in f.bbox), landmarks=np.asarray(f.kps, dtype=np.float64),
                       score=float(f.det_score)) for f in found]
         return sorted(faces, key=lambda f: f.area, reverse=True)
 
     def embed(self, image: np.ndarray, face) -> np.ndarray:
-        from insightface.app.common import Face as InsightFace
+        from insightface.app.common import Face as InsightFace  # optional, as in __init__
 
         f = InsightFace(bbox=np.asarray(face.box), kps=np.asarray(face.landmarks, dtype=np.float32), det_score=face.score)
         vec = self._app.models["recognition"].get(np.ascontiguousarray(image[:, :, ::-1]), f)
@@ -98,14 +102,10 @@ def face_backend(name: str = "dlib"):
                     "(or use face_backend='dlib', which works offline)"
                 ) from exc
         return _EXTRA_BACKENDS["insightface"]
-    from lora_helpers.prepare.faces import get_backend
-
     return get_backend(name)
 
 
 def _default_threshold(backend_name: str) -> float:
-    from lora_helpers.prepare.faces import SAME_PERSON_COSINE
-
     return ARCFACE_SAME_PERSON_COSINE if backend_name in ("insightface", "arcface") else SAME_PERSON_COSINE
 
 
@@ -117,9 +117,7 @@ def _as_image(item) -> Image.Image:
 
 def _largest_face_embedding(image: Image.Image, backend) -> tuple[np.ndarray | None, int]:
     """(embedding of the largest face or None, number of faces)."""
-    import cv2
-
-    from lora_helpers.prepare.faces import detect_faces
+    import cv2  # as in prepare.faces: importing this module does not load OpenCV
 
     array = np.asarray(image)
     longest = max(array.shape[:2])
@@ -207,8 +205,6 @@ def reference_embeddings(
     """
     if isinstance(source, ReferenceSet):
         return source
-    from tqdm.auto import tqdm
-
     fb = face_backend(backend)
     names, vecs, images, without = [], [], [], []
     for name, item in tqdm(_reference_items(source), desc="reference faces", disable=not progress):
@@ -260,8 +256,6 @@ def identity_scores(images: Sequence, references: ReferenceSet, *, progress: boo
     Returns:
         One :class:`IdentityScore` per image, in order.
     """
-    from tqdm.auto import tqdm
-
     fb = face_backend(references.backend)
     out = []
     for item in tqdm(images, desc="identity", disable=not progress):
@@ -300,11 +294,7 @@ class ClipScorer:
     """
 
     def __init__(self, model: str | Path | None = None, *, device=None, batch_size: int = 16):
-        import torch
-        from transformers import CLIPModel, CLIPProcessor
-
-        from lora_helpers.core.config import resolve_models
-        from lora_helpers.core.runtime import default_device, default_dtype
+        from transformers import CLIPModel, CLIPProcessor  # seconds to import; only CLIP scoring needs it
 
         self.name = str(model or resolve_models().clip)
         self.device = torch.device(device) if device is not None else default_device()
@@ -314,8 +304,6 @@ class ClipScorer:
         self.batch_size = batch_size
 
     def _run(self, items: list, fn) -> np.ndarray:
-        import torch
-
         chunks = []
         with torch.inference_mode():
             for i in range(0, len(items), self.batch_size):

@@ -34,11 +34,11 @@ def plot_identity_vs_prompt(
     leave-one-out upper bound a dashed line, the same-person threshold a dotted one.
 
     Args:
-        summary: rows from :func:`lora_helpers.evaluate.scoring.summarize`.
+        summary: rows from :func:`lora_helpers.evaluate.summary.summarize`.
         path: PNG file to write.
         upper_bound: leave-one-out similarity among the references.
         threshold: same-person cosine.
-        choice: a :class:`lora_helpers.evaluate.scoring.Choice` to ring.
+        choice: a :class:`lora_helpers.evaluate.choice.Choice` to ring.
 
     Returns:
         ``path``.

@@ -22,7 +22,7 @@ from lora_helpers.core.config import smoke_mode
 from lora_helpers.generate.images import GenerateConfig, GeneratedImage, generate_images, resolve_size, resolve_steps
 from lora_helpers.core.grids import make_grid, save_png_with_metadata
 from lora_helpers.generate.cache import ImageCache
-from lora_helpers.generate.pipeline import LoraInfo
+from lora_helpers.generate.lora import LoraInfo
 
 __all__ = ["GenerationPanel", "generation_panel"]
 
@@ -157,7 +157,7 @@ def generation_panel(pipe, *, lora_info: LoraInfo | None = None, cache: ImageCac
     size (512/1024), Generate, the picture (one image or a prompt × seed grid) and Save.
 
     Args:
-        pipe: from :func:`lora_helpers.generate.images.load_pipeline`.
+        pipe: from :func:`lora_helpers.generate.pipeline.load_pipeline`.
         lora_info: the loaded LoRA (None: base model; the scale slider is disabled).
         cache: an :class:`ImageCache` shared with the notebook (repeats are instant).
         out_dir: where Save writes PNGs with their parameters.

@@ -1,0 +1,89 @@
+"""The standard evaluation prompts for a person, filled in with the run's subject phrase."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from lora_helpers.core.run_folder import DEFAULT_TRIGGER
+
+__all__ = ["PROMPTS_PEOPLE", "EvalPrompt", "people_prompts"]
+
+
+# Standard prompts for a person, in the spirit of the DreamBooth paper's live-subject
+# prompts: the same face must survive framing, places, activities, outfits and styles.
+PROMPTS_PEOPLE: dict[str, tuple[str, ...]] = {
+    "portrait": (
+        "a close-up portrait photo of {subject}",
+        "a headshot of {subject}, studio lighting, plain background",
+        "a photo of {subject} smiling at the camera",
+        "a black and white portrait photo of {subject}",
+    ),
+    "full_body": (
+        "a full body photo of {subject} standing in a park",
+        "a full body photo of {subject} walking down a city street",
+    ),
+    "place": (
+        "a photo of {subject} on the beach",
+        "a photo of {subject} in the snow",
+        "a photo of {subject} in the jungle",
+        "a photo of {subject} with a mountain in the background",
+    ),
+    "activity": (
+        "a photo of {subject} reading a book in a cafe",
+        "a photo of {subject} riding a bicycle",
+        "a photo of {subject} cooking in a kitchen",
+    ),
+    "outfit": (
+        "a photo of {subject} wearing a red hat",
+        "a photo of {subject} in a chef outfit",
+        "a photo of {subject} in a firefighter outfit",
+    ),
+    "style": (
+        "an oil painting of {subject}",
+        "a pencil sketch of {subject}",
+        "a watercolor painting of {subject}",
+        "a comic book illustration of {subject}",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """One evaluation prompt: ``text`` is what the generator sees."""
+
+    prompt_id: str
+    category: str
+    template: str
+    text: str
+
+
+def people_prompts(
+    subject: str = DEFAULT_TRIGGER,
+    *,
+    categories: Iterable[str] | None = None,
+    per_category: int | None = None,
+    templates: Sequence[str] | None = None,
+) -> list[EvalPrompt]:
+    """The standard prompt set (or your own templates) filled in with ``subject``.
+
+    Args:
+        subject: identifier and class, e.g. ``"TOK person"``.
+        categories: categories of :data:`PROMPTS_PEOPLE` to use (None: all).
+        per_category: keep the first N prompts of each category.
+        templates: your own prompts instead; ``{subject}`` is filled in when present.
+
+    Returns:
+        A list of :class:`EvalPrompt` with stable ids such as ``"place-01"``.
+    """
+    if templates is not None:
+        return [EvalPrompt(f"custom-{i:02d}", "custom", t, t.replace("{subject}", subject)) for i, t in enumerate(templates)]
+    chosen = list(categories) if categories is not None else list(PROMPTS_PEOPLE)
+    unknown = [c for c in chosen if c not in PROMPTS_PEOPLE]
+    if unknown:
+        raise ValueError(f"unknown prompt categories {unknown}; choose from {list(PROMPTS_PEOPLE)}")
+    out = []
+    for cat in chosen:
+        for i, t in enumerate(PROMPTS_PEOPLE[cat][:per_category]):
+            out.append(EvalPrompt(f"{cat}-{i:02d}", cat, t, t.replace("{subject}", subject)))
+    return out

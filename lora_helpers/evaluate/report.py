@@ -1,0 +1,112 @@
+"""What evaluation produced: per-image rows, the summary, the choice, and the files written.
+
+:func:`write_evaluation` writes ``scores.csv``, ``summary.csv``, ``identity_vs_prompt.png``
+and ``evaluation.json`` for a run or a folder of images; :func:`format_summary` prints
+the summary as a short table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lora_helpers.core.fileio import write_json
+from lora_helpers.evaluate.choice import Choice, best_checkpoint
+from lora_helpers.evaluate.config import EvaluateConfig
+from lora_helpers.evaluate.metrics import ReferenceSet
+from lora_helpers.evaluate.plots import plot_identity_vs_prompt
+from lora_helpers.evaluate.scores_csv import write_scores_csv
+from lora_helpers.evaluate.summary import is_base, summarize
+
+__all__ = ["EvaluationResult", "write_evaluation", "format_summary"]
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`lora_helpers.evaluate.run.evaluate_run` or the CLI produced."""
+
+    rows: list[dict]
+    summary: list[dict]
+    choice: Choice | None
+    references: ReferenceSet
+    out_dir: Path
+    files: dict[str, Path]
+
+    @property
+    def lower_bound(self) -> float | None:
+        """Identity mean of the base model without the LoRA (None when not generated)."""
+        base = [s for s in self.summary if is_base(s)]
+        return base[0]["identity_mean"] if base else None
+
+
+def write_evaluation(rows: list[dict], refs: ReferenceSet, config: EvaluateConfig, out_dir: Path, *,
+                     extra: dict) -> EvaluationResult:
+    """Summarise scored rows, choose a checkpoint, and write the outputs into ``out_dir``.
+
+    Args:
+        rows: per-image rows from :func:`lora_helpers.evaluate.scoring.score_rows` or
+            :func:`lora_helpers.evaluate.scoring.evaluate_images`.
+        refs: the reference set the rows were scored against (bounds and threshold).
+        config: the settings (choice weights and floors; recorded in ``evaluation.json``).
+        out_dir: folder for ``scores.csv``, ``summary.csv``, ``identity_vs_prompt.png``
+            (when rows have scales) and ``evaluation.json``.
+        extra: more fields for ``evaluation.json`` (the run folder, subject, ...).
+
+    Returns:
+        An :class:`EvaluationResult`; ``choice`` is None without a LoRA candidate.
+    """
+    summary = summarize(rows)
+    choice = None
+    if any(not is_base(s) and s.get("scale") is not None for s in summary):
+        choice = best_checkpoint(summary, identity_weight=config.identity_weight,
+                                 min_prompt_adherence=config.min_prompt_adherence,
+                                 min_adherence_vs_base=config.min_adherence_vs_base, upper_bound=refs.upper_bound)
+    files = {"scores": write_scores_csv(out_dir / "scores.csv", rows),
+             "summary": write_scores_csv(out_dir / "summary.csv", [{k: _round(v) for k, v in s.items()} for s in summary])}
+    if any(s.get("scale") is not None for s in summary):
+        files["plot"] = plot_identity_vs_prompt(summary, out_dir / "identity_vs_prompt.png", upper_bound=refs.upper_bound,
+                                                threshold=refs.threshold, choice=choice)
+    base = [s for s in summary if is_base(s)]
+    report = {
+        **extra,
+        "upper_bound_leave_one_out": _round(refs.upper_bound),
+        "lower_bound_base_model": _round(base[0]["identity_mean"]) if base else None,
+        "threshold": refs.threshold, "face_backend": refs.backend,
+        "references": refs.names, "references_without_face": refs.without_face,
+        "choice": asdict(choice) if choice else None, "summary": summary,
+        "config": asdict(config),
+    }
+    files["report"] = write_json(out_dir / "evaluation.json", report)
+    return EvaluationResult(rows=rows, summary=summary, choice=choice, references=refs, out_dir=out_dir, files=files)
+
+
+def _round(v, nd: int = 5):
+    return round(v, nd) if isinstance(v, float) and not math.isnan(v) else (None if isinstance(v, float) else v)
+
+
+def format_summary(result: EvaluationResult) -> str:
+    """A short text table of the summary, the bounds and the choice.
+
+    Args:
+        result: from :func:`lora_helpers.evaluate.run.evaluate_run` or :func:`write_evaluation`.
+
+    Returns:
+        The table, one line per checkpoint and scale.
+    """
+    refs = result.references
+    lines = [f"references: {len(refs.names)} with a face"
+             + (f", leave-one-out similarity {refs.upper_bound:.3f} (upper bound)" if refs.leave_one_out else "")
+             + f"; same-person threshold {refs.threshold:.2f}"]
+    lines.append(f"{'checkpoint':<18} {'scale':>5} {'images':>6} {'faces':>6} {'identity':>8} {'pass':>5} {'CLIP-T':>7} {'CLIP-I':>7} {'div':>6}")
+    for s in result.summary:
+        f = lambda v, w=7: f"{v:>{w}.3f}" if isinstance(v, float) and not math.isnan(v) else f"{'-':>{w}}"
+        scale = "-" if s["scale"] is None else f"{s['scale']:g}"
+        lines.append(f"{str(s['checkpoint'] or '-'):<18} {scale:>5} {s['images']:>6} {s['faces_found']:>6.0%} "
+                     f"{f(s['identity_mean'], 8)} {s['identity_pass_rate']:>5.0%} {f(s['clip_t_mean'])} "
+                     f"{f(s['clip_i_mean'])} {f(s['diversity_mean'], 6)}")
+    if result.lower_bound is not None:
+        lines.append(f"base model without the LoRA (lower bound): identity {result.lower_bound:.3f}")
+    if result.choice:
+        lines.append(str(result.choice))
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Summarising per-image scores by checkpoint and LoRA scale."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["summarize", "is_base"]
+
+
+def _nanmean(values) -> float:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """Aggregate per-image rows by (checkpoint, scale).
+
+    Args:
+        rows: per-image rows, as in ``scores.csv``.
+
+    Returns:
+        Rows with checkpoint, step, scale, images, faces_found (share), identity_mean
+        (no face counts 0), identity_pass_rate, clip_t_mean, clip_i_mean, diversity_mean;
+        ordered by step, then scale.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("checkpoint"), r.get("scale")), []).append(r)
+    out = []
+    for (ckpt, scale), rs in groups.items():
+        out.append({
+            "checkpoint": ckpt, "step": rs[0].get("step"), "scale": scale, "images": len(rs),
+            "faces_found": sum(bool(r.get("face_found")) for r in rs) / len(rs),
+            "identity_mean": _nanmean(r.get("identity") or 0.0 for r in rs),
+            "identity_pass_rate": sum(bool(r.get("identity_pass")) for r in rs) / len(rs),
+            "clip_t_mean": _nanmean(r.get("clip_t") for r in rs),
+            "clip_i_mean": _nanmean(r.get("clip_i") for r in rs),
+            "diversity_mean": _nanmean(r.get("diversity") for r in rs),
+        })
+    big = float("inf")
+    return sorted(out, key=lambda s: (s["step"] if isinstance(s["step"], (int, float)) else big,
+                                      str(s["checkpoint"]), s["scale"] if s["scale"] is not None else -1))
+
+
+def is_base(s: dict) -> bool:
+    """True for a row of the base model without the LoRA (scale 0, or checkpoint "base").
+
+    Args:
+        s: a per-image or summary row.
+    """
+    return s.get("scale") in (0, 0.0) or s.get("checkpoint") == "base"
+

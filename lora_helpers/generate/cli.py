@@ -1,0 +1,93 @@
+"""``python -m lora_helpers generate``: images and a grid from a run folder or a LoRA file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lora_helpers.core.lora_files import LoraFileError
+from lora_helpers.generate.cache import ImageCache
+from lora_helpers.generate.grids import (
+    DEFAULT_SCALES, GRID_KINDS, base_vs_lora, checkpoint_progress, prompt_seed_grid, scale_sweep,
+)
+from lora_helpers.generate.images import SCHEDULERS, GenerateConfig, generate_images, save_images
+from lora_helpers.generate.lora import find_lora_file, fuse_lora, load_lora
+from lora_helpers.generate.pipeline import MEMORY_SAVING_MODES, choose_base_model, load_pipeline
+
+__all__ = ["add_cli_arguments", "run_cli"]
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of ``python -m lora_helpers generate`` to ``parser``.
+
+    Args:
+        parser: the subcommand's parser.
+    """
+    parser.add_argument("source", help="run folder, or a LoRA .safetensors file (diffusers or kohya/A1111 layout)")
+    parser.add_argument("--prompt", "-p", dest="prompts", action="append", required=True,
+                        help="prompt; repeat for several. {subject} becomes the run's trigger phrase")
+    parser.add_argument("--negative-prompt", default="", help="what to avoid (default: none)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
+    parser.add_argument("--size", type=int, default=None, help="square size in px: 512 or 1024 (default 1024; 64 in smoke mode)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 30; 2 in smoke mode)")
+    parser.add_argument("--guidance", type=float, default=GenerateConfig.guidance, help="guidance scale (default %(default)s)")
+    parser.add_argument("--scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="strengths for --grid scale")
+    parser.add_argument("--grid", choices=GRID_KINDS, default=None, help="also write a grid of this kind")
+    parser.add_argument("--out", type=Path, default=Path("outputs/generate"), help="output folder (default %(default)s)")
+    parser.add_argument("--base-model", default=None, help="SDXL hub id or folder (default: the run's, else SDXL base 1.0)")
+    parser.add_argument("--vae", default="auto", help="VAE hub id or folder; 'auto' = fp16-fix VAE on GPU; 'none' = the base model's")
+    parser.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULERS)} or a diffusers class name")
+    parser.add_argument("--trigger", default=None, help="phrase for {subject} (default: the run's config.json)")
+    parser.add_argument("--fuse", action="store_true", help="fuse the LoRA into the weights (faster at one scale)")
+    parser.add_argument("--memory-saving", choices=MEMORY_SAVING_MODES, default="auto", help="default %(default)s")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="image cache folder (default: OUT/cache)")
+    parser.add_argument("--no-cache", action="store_true", help="always run the model")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Generate the requested images (and grid) and print where they went.
+
+    Args:
+        args: parsed flags (see :func:`add_cli_arguments`).
+
+    Returns:
+        The exit code: 0, or 2 on bad input (the message goes to stderr).
+    """
+    try:
+        base = choose_base_model(args.source, args.base_model)
+        if args.grid == "checkpoints" and not Path(args.source).is_dir():
+            raise ValueError("--grid checkpoints needs a run folder as SOURCE")
+        find_lora_file(args.source)  # fail on a bad path before the slow model load
+        pipe = load_pipeline(base, vae=None if str(args.vae).lower() == "none" else args.vae, device=args.device,
+                             memory_saving=args.memory_saving)
+        info = load_lora(pipe, args.source, scale=args.scale, trigger=args.trigger)
+        if args.fuse:
+            fuse_lora(pipe, info)
+        cache = None if args.no_cache else ImageCache(args.cache_dir or args.out / "cache")
+        config = GenerateConfig(negative_prompt=args.negative_prompt, size=args.size, steps=args.steps,
+                                guidance=args.guidance, scheduler=args.scheduler)
+        print(info)
+        items = generate_images(pipe, args.prompts, args.seeds, config=config, lora_info=info, cache=cache)
+        for path in save_images(items, args.out / "images"):
+            print(path)
+        if args.grid:
+            if args.grid == "prompt-seed":
+                grid = prompt_seed_grid(pipe, args.prompts, args.seeds, config=config, lora_info=info, cache=cache)
+            elif args.grid == "scale":
+                grid = scale_sweep(pipe, info, args.prompts, args.seeds, scales=args.scales, config=config, cache=cache)
+            elif args.grid == "checkpoints":
+                grid = checkpoint_progress(pipe, args.source, args.prompts, seeds=args.seeds, config=config,
+                                           cache=cache, scale=args.scale)
+            else:
+                grid = base_vs_lora(pipe, info, args.prompts, args.seeds, config=config, cache=cache)
+            print(grid.save(args.out / f"grid_{args.grid}.png"))
+        hits = sum(it.cached for it in items)
+        print(f"{len(items)} images in {args.out / 'images'} ({hits} from the cache)"
+              + (f", grid in {args.out / f'grid_{args.grid}.png'}" if args.grid else ""))
+        return 0
+    except (LoraFileError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
