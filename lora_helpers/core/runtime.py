@@ -16,6 +16,7 @@ __all__ = [
     "default_device",
     "default_dtype",
     "free_memory",
+    "available_host_memory_gb",
     "MachineReport",
     "machine_report",
     "package_report",
@@ -88,6 +89,18 @@ def _host_memory_gb() -> float | None:
         return pages * size / 1e9
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
         return None
+
+
+def available_host_memory_gb() -> float | None:
+    """Host RAM free for a new allocation now (Linux ``MemAvailable``), in GiB; None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / 2**30
+    except OSError:
+        pass
+    return None
 
 
 def machine_report() -> MachineReport:

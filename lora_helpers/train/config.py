@@ -33,7 +33,8 @@ __all__ = [
 PRESETS: dict[str, dict[str, Any]] = {
     # Colab's free T4: fp16 only (no bf16), 8 GB of its 15 GB budgeted, 12.7 GB host RAM.
     "t4-8gb": dict(resolution=1024, train_batch_size=1, lora_rank=16, learning_rate=1e-4, mixed_precision="fp16",
-                   gradient_checkpointing=True, optimizer="auto", memory_budget_gb=8.0, checkpointing_steps=200,
+                   gradient_checkpointing=True, optimizer="auto", memory_budget_gb=8.0, host_memory_budget_gb=12.7,
+                   checkpointing_steps=200,
                    validation_steps=200, validation_inference_steps=25, max_train_steps=None),
     # 40/80 GB: no checkpointing (faster), larger batch and rank, bf16 where the GPU has it.
     "a100": dict(resolution=1024, train_batch_size=2, lora_rank=32, learning_rate=1e-4, mixed_precision="auto",
@@ -72,6 +73,12 @@ class TrainConfig:
         gradient_checkpointing: recompute activations in the backward pass (less memory).
         optimizer: "auto" (8-bit AdamW on CUDA, AdamW elsewhere), "adamw8bit", "adamw".
         unet_8bit: store the frozen UNet in 8 bits (CUDA + bitsandbytes; below 8 GB).
+        unet_4bit: store the frozen UNet's Linear layers in 4 bits (bitsandbytes NF4, QLoRA-style;
+            about 4 GB at 1024 px). The LoRA learns against a slightly perturbed UNet (NF4 keeps
+            ~91 % of each weight's detail on random weights), so likeness may drop a little; the
+            saved LoRA is applied to the full-precision UNet at generation.
+        host_memory_budget_gb: host RAM the run may use while loading (Colab: 12.7 GB); the
+            plan says whether it fits, and training refuses to start with less free.
         trigger: the phrase that calls the person ("TOK person"); None: the dataset's caption
             config, else "TOK person".
         instance_prompt: one prompt for every image (used when there are no captions, or
@@ -127,6 +134,8 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     unet_8bit: bool = False
+    unet_4bit: bool = False
+    host_memory_budget_gb: float | None = None
     trigger: str | None = None
     instance_prompt: str | None = None
     use_captions: bool = True
@@ -198,6 +207,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be fp16, bf16, no or auto, not {self.mixed_precision!r}")
         if self.optimizer not in ("auto", "adamw8bit", "adamw"):
             raise ValueError(f"optimizer must be auto, adamw8bit or adamw, not {self.optimizer!r}")
+        if self.unet_8bit and self.unet_4bit:
+            raise ValueError("unet_8bit and unet_4bit: choose one (unet_4bit needs less memory)")
         self._check_numbers()
         if not 0.0 <= self.background_weight <= 1.0:
             raise ValueError(f"background_weight must be in [0, 1], not {self.background_weight}")
@@ -303,8 +314,10 @@ def _mixed_precision(config: TrainConfig, device_type: str) -> str:
     if device_type != "cuda":
         return "no"  # fp16 kernels on CPU are slow or missing; tests and smoke runs use fp32
     if config.mixed_precision == "auto":
+        if not torch.cuda.is_available():  # planning for a GPU from a machine without one: 2 bytes either way
+            return "fp16"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if config.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if config.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU has no bf16 (a T4 does not): use mixed_precision='fp16' (the t4-8gb preset)")
     return config.mixed_precision
 

@@ -37,6 +37,7 @@ import torch
 
 from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
 from lora_helpers.core.lora_files import UNET_TARGET_MODULES
+from lora_helpers.core.runtime import available_host_memory_gb
 
 __all__ = [
     "GB",
@@ -46,6 +47,8 @@ __all__ = [
     "count_unet_parameters",
     "estimate_peak_memory",
     "check_budget",
+    "check_host_memory",
+    "HostMemoryError",
 ]
 
 GB = 2**30
@@ -60,6 +63,10 @@ CUDA_OVERHEAD_GB = 0.5  # cuBLAS/cuDNN workspaces, allocator rounding and fragme
 HOST_BASELINE_GB = 1.5  # Python, torch, CUDA runtime in host RAM
 _SDXL_TEXT_ENCODER_PARAMS = 123_060_480 + 694_659_840  # CLIP ViT-L text + OpenCLIP bigG text
 _SDXL_VAE_PARAMS = 83_653_863
+
+
+class HostMemoryError(RuntimeError):
+    """Not enough free host RAM to load the models; the message says what to do."""
 
 
 class MemoryBudgetError(RuntimeError):
@@ -91,6 +98,8 @@ class MemoryPlan:
     budget_gb: float | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    target: str = ""
+    host_budget_gb: float | None = None
 
     @property
     def peak_gb(self) -> float:
@@ -106,7 +115,8 @@ class MemoryPlan:
         """Rounded figures for ``config.json`` (the UNet config itself left out)."""
         return {"peak_gb": round(self.peak_gb, 3), "train_peak_gb": round(self.train_peak_gb, 3),
                 "validation_peak_gb": round(self.validation_peak_gb, 3), "host_peak_gb": round(self.host_peak_gb, 3),
-                "budget_gb": self.budget_gb, "items": {k: round(v, 4) for k, v in self.items.items()},
+                "budget_gb": self.budget_gb, "target": self.target, "host_budget_gb": self.host_budget_gb,
+                "items": {k: round(v, 4) for k, v in self.items.items()},
                 "inputs": {k: v for k, v in self.inputs.items() if k != "unet_config"}, "notes": self.notes}
 
     def __str__(self) -> str:
@@ -117,8 +127,12 @@ class MemoryPlan:
         budget = "no budget" if self.budget_gb is None else f"budget {self.budget_gb:.2f} GB"
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"  => estimated peak {self.peak_gb:.2f} GB, {budget}: {verdict}")
-        lines.append(f"  host RAM while loading: about {self.host_peak_gb:.1f} GB")
-        return "memory plan (GPU, GiB):\n" + "\n".join(lines)
+        host = f"  host RAM while loading: about {self.host_peak_gb:.1f} GB"
+        if self.host_budget_gb:
+            host += f" of {self.host_budget_gb:g} GB: {'fits' if self.host_peak_gb <= self.host_budget_gb else 'DOES NOT FIT'}"
+        lines.append(host)
+        head = f"memory plan for {self.target} (GPU, GiB):" if self.target else "memory plan (GPU, GiB):"
+        return head + "\n" + "\n".join(lines)
 
 
 def unet_config_for(model: str) -> dict:
@@ -215,7 +229,8 @@ def _activation_elements(unet_config: dict, latent_h: int, latent_w: int) -> flo
 def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None = None, resolution: int = 1024,
                          batch_size: int = 1, lora_rank: int = 16,
                          target_modules: tuple[str, ...] = UNET_TARGET_MODULES,
-                         weight_dtype: str = "fp16", unet_8bit: bool = False, gradient_checkpointing: bool = True,
+                         weight_dtype: str = "fp16", unet_8bit: bool = False, unet_4bit: bool = False,
+                         gradient_checkpointing: bool = True,
                          optimizer: str = "adamw8bit", train_text_encoder: bool = False,
                          text_encoder_rank: int | None = None, prior_preservation: bool = False,
                          device_type: str = "cuda", budget_gb: float | None = None) -> MemoryPlan:
@@ -230,6 +245,8 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
         target_modules: the UNet layers that get LoRA weights.
         weight_dtype: "fp16"/"bf16" (2 bytes) or "fp32" (4 bytes) for the frozen UNet.
         unet_8bit: the frozen UNet's Linear layers stored in 8 bits (bitsandbytes).
+        unet_4bit: the frozen UNet's Linear layers stored in 4 bits (bitsandbytes NF4 with
+            double quantization, QLoRA-style); the LoRA and its optimizer stay in full precision.
         gradient_checkpointing: recompute block activations in the backward pass.
         optimizer: "adamw8bit" (2 bytes of state per LoRA parameter) or "adamw" (8 bytes).
         train_text_encoder: both text encoders stay on the GPU with their own LoRA.
@@ -250,7 +267,12 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
     counts = count_unet_parameters(unet_config, target_modules=target_modules, rank=lora_rank)
     n_lora = counts["lora"]
     items: dict[str, float] = {}
-    if unet_8bit:
+    if unet_4bit:
+        # NF4: half a byte per weight plus one fp32 absmax per 64 weights, itself quantized to
+        # 8 bits per 256 blocks (double quantization): 0.5 + 1/64 + 4/(64*256) bytes per weight.
+        unet_bytes = counts["linear"] * (0.5 + 1 / 64 + 4 / (64 * 256)) + (counts["total"] - counts["linear"]) * wbytes
+        items["UNet weights (Linear in 4 bits NF4, rest fp16)"] = unet_bytes / GB
+    elif unet_8bit:
         # bitsandbytes quantizes the Linear layers; convolutions and norms stay in 16 bits
         unet_bytes = counts["linear"] * 1 + (counts["total"] - counts["linear"]) * wbytes
         items["UNet weights (Linear in 8 bits, rest fp16)"] = unet_bytes / GB
@@ -368,3 +390,25 @@ def check_budget(plan: MemoryPlan, budget_gb: float | None = None) -> MemoryPlan
     else:
         lines.append("nothing in reach fits: raise the budget (memory_budget_gb) or use a GPU with more memory")
     raise MemoryBudgetError("\n".join(lines), plan)
+
+
+def check_host_memory(plan: MemoryPlan, *, available_gb: float | None = None) -> None:
+    """Refuse to start loading when the plan needs more host RAM than is free.
+
+    Colab kills the whole session (no message, nothing saved) when host RAM runs out while
+    a model loads, so this runs before any model is read.
+
+    Args:
+        plan: the memory plan (its ``host_peak_gb``).
+        available_gb: free host RAM; None reads it now.
+
+    Raises:
+        HostMemoryError: with the figures and what to do.
+    """
+    available = available_host_memory_gb() if available_gb is None else available_gb
+    if available is None or plan.host_peak_gb <= available:
+        return
+    raise HostMemoryError(
+        f"loading the models needs about {plan.host_peak_gb:.1f} GB of host RAM and only {available:.1f} GB is free: "
+        "close other notebooks and programs (in Colab: Runtime > Restart session frees what earlier cells hold), "
+        "then run again; or use a runtime with more RAM")

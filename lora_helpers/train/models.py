@@ -70,6 +70,8 @@ def build_models(cfg: TrainConfig, accelerator) -> TrainingModels:
     torch.manual_seed(cfg.seed)  # the LoRA's initial weights are a function of the seed
     if cfg.unet_8bit:
         unet = _load_unet_8bit(cfg.model, device)
+    elif cfg.unet_4bit:
+        unet = _load_unet_4bit(cfg.model, device, dtype)
     else:
         unet = load_component(UNet2DConditionModel, cfg.model, subfolder="unet", dtype=dtype).to(device)
     unet.requires_grad_(False)
@@ -137,6 +139,37 @@ def _load_unet_8bit(model: str, device: torch.device):
 
     return load_component(UNet2DConditionModel, model, subfolder="unet", dtype=torch.float16,
                           quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device.index or 0})
+
+
+def _load_unet_4bit(model: str, device: torch.device, dtype: torch.dtype):
+    """The frozen UNet with its Linear layers in 4 bits (NF4 + double quantization), QLoRA-style.
+
+    The same ``from_pretrained`` load as always, then every Linear layer is swapped for a
+    bitsandbytes ``Linear4bit``; the weights are quantized when moved to the device. Done here
+    rather than through diffusers' quantization config, which refuses to run without a GPU:
+    this way the path also runs (slowly) on CPU, where tests check it.
+    """
+    import bitsandbytes as bnb
+    from diffusers import UNet2DConditionModel
+
+    unet = load_component(UNet2DConditionModel, model, subfolder="unet", dtype=dtype)
+    compute = dtype if device.type == "cuda" else torch.float32
+
+    def swap(module: torch.nn.Module) -> None:
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                              compute_dtype=compute, quant_type="nf4", compress_statistics=True)
+                quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                                     compress_statistics=True)
+                if child.bias is not None:
+                    quantized.bias = torch.nn.Parameter(child.bias.data.to(compute), requires_grad=False)
+                setattr(module, name, quantized)
+            else:
+                swap(child)
+
+    swap(unet)
+    return unet.to(device)
 
 
 def encode_live(text_encoders, tokenizers, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:

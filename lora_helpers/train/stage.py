@@ -42,32 +42,63 @@ from lora_helpers.train.config import (PRESETS, TrainConfig, TrainingDivergedErr
 from lora_helpers.train.events import ValidationHook, ValidationHooks
 from lora_helpers.train.listeners import ProgressBar
 from lora_helpers.train.loop import run_training
-from lora_helpers.train.memory import GB, MemoryBudgetError, MemoryPlan, check_budget, estimate_peak_memory
+from lora_helpers.train.memory import (
+    GB, MemoryBudgetError, MemoryPlan, check_budget, check_host_memory, estimate_peak_memory,
+)
 from lora_helpers.train.outputs import check_hub_access
 
 __all__ = ["plan_memory", "train", "add_cli_arguments", "run_cli"]
 
 
+# What each preset is made for: a plan made on a machine without a GPU is for this.
+_PRESET_TARGETS = {"t4-8gb": "a Colab T4", "a100": "an A100-class GPU"}
+
+
+def _plan_device(config: TrainConfig) -> tuple[str, str]:
+    """(device type to plan for, words for it): this machine's GPU, else the preset's target."""
+    here = _device_type(config)
+    if here == "cuda":
+        return "cuda", f"this GPU ({torch.cuda.get_device_name()})"
+    if config.device == "cpu" or (config.preset == "cpu-smoke" and config.device != "cuda"):
+        return "cpu", "this CPU"
+    # A laptop checking a plan for Colab: plan for the GPU the preset is made for, not for this CPU.
+    target = _PRESET_TARGETS.get(config.preset, "a CUDA GPU")
+    return "cuda", f"{target} (no GPU here: planned for the {config.preset} preset's GPU)"
+
+
 def plan_memory(config: TrainConfig, *, device_type: str | None = None) -> MemoryPlan:
-    """The GPU memory plan of a config on this machine (or ``device_type``), before loading anything.
+    """The memory plan of a config, before anything is loaded: GPU memory and host RAM.
+
+    Without a GPU here, a GPU preset (``t4-8gb``, ``a100``) is planned for the GPU it is made for
+    (the T4: fp16, 8-bit AdamW), so a plan checked on a laptop is the plan Colab will run.
 
     Args:
-        config: the training settings ("auto" fields are resolved for this machine first).
-        device_type: "cuda" or "cpu"; None: this machine's.
+        config: the training settings ("auto" fields are resolved for the planned device first).
+        device_type: "cuda" or "cpu"; None: this machine's GPU, else the preset's target.
 
     Returns:
-        A :class:`lora_helpers.train.memory.MemoryPlan`; ``print`` it for a table.
+        A :class:`lora_helpers.train.memory.MemoryPlan` naming the device it assumes; ``print`` it
+        for a table.
     """
-    device_type = device_type or _device_type(config)
+    if device_type is None:
+        device_type, where = _plan_device(config)
+    else:
+        where = "this CPU" if device_type == "cpu" else "a CUDA GPU"
     cfg = _resolve(config, device_type)  # idempotent: a resolved config stays as it is
     weight_dtype = {"fp16": "fp16", "bf16": "bf16"}.get(cfg.mixed_precision, "fp32")
-    return estimate_peak_memory(
+    plan = estimate_peak_memory(
         model=cfg.model, resolution=cfg.resolution, batch_size=cfg.train_batch_size, lora_rank=cfg.lora_rank,
         target_modules=tuple(cfg.target_modules), weight_dtype=weight_dtype, unet_8bit=cfg.unet_8bit,
+        unet_4bit=cfg.unet_4bit,
         gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
         train_text_encoder=cfg.train_text_encoder, prior_preservation=cfg.with_prior_preservation,
         device_type=device_type, budget_gb=cfg.memory_budget_gb,
     )
+    weights = "8-bit" if cfg.unet_8bit else "4-bit NF4" if cfg.unet_4bit else {"no": "fp32"}.get(
+        cfg.mixed_precision, cfg.mixed_precision)
+    plan.target = f"{where}, {weights} UNet, {cfg.optimizer}"
+    plan.host_budget_gb = cfg.host_memory_budget_gb
+    return plan
 
 
 def _make_accelerator(mixed_precision: str, cpu: bool):
@@ -162,6 +193,7 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
     plan = plan_memory(cfg, device_type=device_type)
     if cfg.memory_budget_gb:
         plan = check_budget(plan, cfg.memory_budget_gb)
+    check_host_memory(plan)  # Colab ends the whole session when host RAM runs out mid-load
     if cfg.hub_repo_id:  # a push that cannot work must fail now, not after an hour of training
         check_hub_access(cfg.hub_repo_id, private=cfg.hub_private)
     accelerator = _make_accelerator(cfg.mixed_precision, cpu=device_type == "cpu")
@@ -210,6 +242,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                         default=None)
     parser.add_argument("--unet-8bit", action="store_true", default=None, help="frozen UNet in 8 bits (below 8 GB)")
+    parser.add_argument("--unet-4bit", action="store_true", default=None,
+                        help="frozen UNet in 4 bits, NF4 (about 4 GB at 1024 px; may cost a little likeness)")
     parser.add_argument("--vae", default=None, help="'auto', a VAE hub id/folder, or 'none' (the model's, fp32)")
     parser.add_argument("--trigger", default=None, help="trigger phrase (default: the dataset's, else 'TOK person')")
     parser.add_argument("--instance-prompt", default=None, help="one prompt for all images (no per-image captions)")
