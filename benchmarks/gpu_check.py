@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -52,6 +53,7 @@ from lora_helpers.train import TrainConfig, plan_memory, train  # noqa: E402
 
 def _train_row(name: str, config: TrainConfig, dataset: Path, run: Path) -> dict:
     plan = plan_memory(config)
+    shutil.rmtree(run, ignore_errors=True)  # this script's own scratch run from an earlier check
     start = time.perf_counter()
     result = train(dataset, run, config=config)
     record = json.loads((run / "config.json").read_text())
