@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
+from lora_helpers.core.config import HUB_MODELS
 from lora_helpers.core.lora_files import UNET_TARGET_MODULES
 from lora_helpers.core.runtime import available_host_memory_gb
 
@@ -143,6 +144,9 @@ def unet_config_for(model: str) -> dict:
     """
     from diffusers import UNet2DConditionModel
 
+    if str(model) == HUB_MODELS.sdxl:
+        # Known exactly: no hub round trip (which, without a network, retries for about a minute).
+        return dict(SDXL_UNET_CONFIG)
     try:
         with warnings.catch_warnings():  # huggingface_hub deprecation chatter on offline lookups
             warnings.simplefilter("ignore")
@@ -161,7 +165,7 @@ def _matches(name: str, targets: tuple[str, ...]) -> bool:
 @functools.lru_cache(maxsize=16)
 def _vae_parameters(model: str | None) -> int:
     """Parameters of the model's VAE, from its config on the meta device (SDXL's when unknown)."""
-    if model is None:
+    if model is None or str(model) == HUB_MODELS.sdxl:
         return _SDXL_VAE_PARAMS
     from diffusers import AutoencoderKL
 
