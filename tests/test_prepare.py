@@ -262,8 +262,9 @@ def test_cli_prepare(tmp_path, capsys):
     (photos / "astronaut_07_closeup_tilt.jpg").unlink()
     (photos / "notes.txt").write_text("not a photo")
     assert main(["prepare", str(photos), str(tmp_path / "out"), "--no-progress"]) == 1
-    assert "notes.txt" in capsys.readouterr().err
-    assert not list((tmp_path / "out" / "images").glob("*.png"))  # stale crops removed
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "left as it was" in err
+    assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 2  # an unusable folder wipes nothing
 
 
 # --------------------------------------------------------------------------- building blocks (no models)

@@ -1,7 +1,9 @@
 """Stage 2: BLIP captions with one identifier per caption ("TOK person"), written beside dataset/ (notebook 02)."""
 
 from lora_helpers.caption.blip import BLIP_MODELS, generate_captions, load_blip
-from lora_helpers.caption.files import CaptionError, CaptionRow, CaptionWarning, caption_table, load_captions, save_caption
+from lora_helpers.caption.files import (
+    CaptionError, CaptionRow, CaptionWarning, caption_table, load_captions, read_metadata, save_caption,
+)
 from lora_helpers.caption.stage import CaptionConfig, CaptionResult, caption_dataset, subject_phrase
 from lora_helpers.caption.text import (
     CLIP_MAX_TOKENS, COMMON_WORDS, check_identifier, clip_token_count, count_identifier, identifier_of,
@@ -10,7 +12,7 @@ from lora_helpers.caption.text import (
 
 __all__ = [
     "BLIP_MODELS", "CaptionConfig", "CaptionError", "CaptionResult", "CaptionRow", "CaptionWarning", "caption_dataset",
-    "caption_table", "generate_captions", "load_blip", "load_captions", "save_caption", "subject_phrase",
+    "caption_table", "generate_captions", "load_blip", "load_captions", "read_metadata", "save_caption", "subject_phrase",
     "CLIP_MAX_TOKENS", "COMMON_WORDS", "check_identifier", "clip_token_count", "count_identifier", "identifier_of",
     "load_clip_tokenizer", "standardise_caption",
 ]

@@ -2,8 +2,12 @@
 
 * ``metadata.jsonl``: the Hugging Face ``imagefolder`` format; each row keeps the keys the
   prepare stage wrote and gains ``"text"``.
-* ``images/<stem>.txt``: kohya's sidecar format. People edit these by hand, so they win
-  over ``metadata.jsonl`` when the two differ.
+* ``images/<stem>.txt``: kohya's sidecar format.
+
+People edit captions by hand in either file; a hand edit wins over the file the caption
+stage wrote, and two different edits stop with a message (:mod:`~lora_helpers.caption.edits`).
+Every path a row names must stay inside the dataset folder: a shared or downloaded dataset
+must not make us read or write elsewhere.
 
 :func:`load_captions` is the one reader of captions (the trainer uses it);
 :func:`caption_table` and :func:`save_caption` serve the notebook's editor. The caption
@@ -12,13 +16,15 @@ stage writes both formats through :func:`write_metadata` and the sidecars.
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from lora_helpers.caption.edits import CurrentCaption, current_caption, written_captions
 from lora_helpers.caption.text import clip_token_count, identifier_pattern
-from lora_helpers.core.fileio import read_jsonl, write_jsonl, write_text
+from lora_helpers.core.fileio import path_inside, write_jsonl, write_text
 from lora_helpers.core.images import list_images
 from lora_helpers.core.run_folder import read_caption_config
 
@@ -29,7 +35,7 @@ __all__ = [
     "CaptionRow",
     "DatasetEntry",
     "dataset_entries",
-    "existing_caption",
+    "read_metadata",
     "write_metadata",
     "load_captions",
     "caption_table",
@@ -40,10 +46,16 @@ METADATA = "metadata.jsonl"
 
 
 class CaptionError(ValueError):
-    """Captions that cannot be trained on; ``problems`` maps file name to reason."""
+    """Captions that cannot be trained on; ``problems`` maps file name to reason.
 
-    def __init__(self, message: str, problems: dict[str, str] | None = None):
+    ``undecided`` names the files whose caption exists but cannot be used as it is (edited
+    differently in both files, or an unreadable ``.txt``): a person has to look at those,
+    so no fallback (one instance prompt for all) may replace them.
+    """
+
+    def __init__(self, message: str, problems: dict[str, str] | None = None, undecided: list[str] | None = None):
         self.problems = dict(problems or {})
+        self.undecided = list(undecided or [])
         super().__init__(message)
 
 
@@ -71,14 +83,85 @@ class DatasetEntry:
     path: Path
     row: dict | None  # the metadata.jsonl row (None for folders without one)
     sidecar: str | None  # text of the .txt file (None when there is none)
+    sidecar_problem: str | None = None  # why the .txt file cannot be read
 
     @property
     def sidecar_path(self) -> Path:
         return self.path.with_suffix(".txt")
 
+    @property
+    def sidecar_name(self) -> str:
+        return PurePosixPath(self.file_name).with_suffix(".txt").as_posix()
 
-def _read_sidecar(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+    def current(self, written: dict[str, str]) -> CurrentCaption:
+        """The caption this image has now.
+
+        Args:
+            written: ``{file_name: caption}`` the caption stage last wrote (:func:`written_captions`).
+
+        Returns:
+            A :class:`~lora_helpers.caption.edits.CurrentCaption`.
+        """
+        return current_caption(self.sidecar_name, self.sidecar, self.sidecar_problem, (self.row or {}).get("text"),
+                               written.get(self.file_name))
+
+
+def _entry(dataset_dir: Path, name: str, row: dict | None) -> DatasetEntry:
+    path = dataset_dir / name
+    sidecar = path.with_suffix(".txt")
+    text, problem = None, None
+    if sidecar.is_file():
+        try:
+            text = sidecar.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as exc:
+            problem = (f"{sidecar.relative_to(dataset_dir).as_posix()} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                       f"at position {exc.start}); save it as UTF-8")
+    return DatasetEntry(name, path, row, text, problem)
+
+
+def read_metadata(dataset_dir: str | Path) -> list[dict]:
+    """The rows of ``metadata.jsonl``, each checked to name files inside the dataset folder.
+
+    Args:
+        dataset_dir: the dataset folder (holding ``metadata.jsonl``).
+
+    Returns:
+        The rows, in file order (blank lines skipped).
+
+    Raises:
+        CaptionError: naming the file and line of a row that is not a JSON object with a
+            "file_name", or whose file_name, mask_file or sidecar lies outside the folder
+            (absolute, "..", a link out); or a file that is not UTF-8.
+    """
+    dataset_dir = Path(dataset_dir)
+    meta = dataset_dir / METADATA
+    try:
+        lines = meta.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise CaptionError(f"{meta}: not UTF-8 text (at byte {exc.start}); save it as UTF-8") from exc
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{meta}, line {i}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CaptionError(f"{where}: not valid JSON ({exc.msg}); fix or delete that line") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not row["file_name"]:
+            raise CaptionError(f"{where}: row without 'file_name'; fix or delete that line")
+        names = {"file_name": row["file_name"], "mask_file": row.get("mask_file"),
+                 "caption file": PurePosixPath(row["file_name"]).with_suffix(".txt").as_posix()}
+        for key, name in names.items():
+            if name is None:
+                continue
+            try:
+                path_inside(dataset_dir, name)
+            except ValueError as exc:
+                raise CaptionError(f"{where}: {key} {exc}; a row may name only files inside {dataset_dir}, "
+                                   "fix or delete that line", {row["file_name"]: "outside the dataset"}) from exc
+        rows.append(row)
+    return rows
 
 
 def dataset_entries(dataset_dir: Path) -> tuple[list[DatasetEntry], list[str]]:
@@ -93,7 +176,7 @@ def dataset_entries(dataset_dir: Path) -> tuple[list[DatasetEntry], list[str]]:
 
     Raises:
         FileNotFoundError: the folder does not exist.
-        CaptionError: a row without "file_name", or no images at all.
+        CaptionError: a row that cannot be used (see :func:`read_metadata`), or no images at all.
     """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
@@ -103,15 +186,13 @@ def dataset_entries(dataset_dir: Path) -> tuple[list[DatasetEntry], list[str]]:
     entries: list[DatasetEntry] = []
     if meta.is_file():
         listed = set()
-        for i, row in enumerate(read_jsonl(meta), 1):
-            name = row.get("file_name")
-            if not isinstance(name, str) or not name:
-                raise CaptionError(f"{meta}, line {i}: row without 'file_name'; fix or delete that line")
-            path = dataset_dir / name
-            listed.add(path.resolve())
-            if not path.is_file():
+        for row in read_metadata(dataset_dir):
+            name = row["file_name"]
+            entry = _entry(dataset_dir, name, row)
+            listed.add(entry.path.resolve())
+            if not entry.path.is_file():
                 notes.append(f"{name}: listed in {METADATA} but the file is missing; re-run prepare or remove the row")
-            entries.append(DatasetEntry(name, path, row, _read_sidecar(path.with_suffix(".txt"))))
+            entries.append(entry)
         folder = dataset_dir / "images" if (dataset_dir / "images").is_dir() else dataset_dir
         for path in list_images(folder):
             if path.resolve() not in listed:
@@ -119,22 +200,13 @@ def dataset_entries(dataset_dir: Path) -> tuple[list[DatasetEntry], list[str]]:
     else:
         folder = dataset_dir / "images" if (dataset_dir / "images").is_dir() else dataset_dir
         for path in list_images(folder):
-            name = path.relative_to(dataset_dir).as_posix()
-            entries.append(DatasetEntry(name, path, None, _read_sidecar(path.with_suffix(".txt"))))
+            entries.append(_entry(dataset_dir, path.relative_to(dataset_dir).as_posix(), None))
     if not entries:
         raise CaptionError(
             f"no images in {dataset_dir}: expected {METADATA}, an images/ folder, or image files "
             "(.png, .jpg) in the folder itself; run the prepare stage first"
         )
     return entries, notes
-
-
-def existing_caption(entry: DatasetEntry) -> str | None:
-    """The caption an image already has: its sidecar, else its row's "text"; None when empty."""
-    if entry.sidecar:
-        return entry.sidecar
-    text = (entry.row or {}).get("text")
-    return text.strip() if isinstance(text, str) and text.strip() else None
 
 
 def write_metadata(dataset_dir: Path, entries: list[DatasetEntry], captions: dict[str, str]) -> Path:
@@ -157,20 +229,12 @@ def write_metadata(dataset_dir: Path, entries: list[DatasetEntry], captions: dic
     return write_jsonl(Path(dataset_dir) / METADATA, rows)
 
 
-def _gather(dataset_dir: Path) -> tuple[list[DatasetEntry], list[str], list[str]]:
-    """Entries plus the notes and the files whose sidecar and metadata text differ."""
-    entries, notes = dataset_entries(dataset_dir)
-    differ = []
-    for e in entries:
-        text = (e.row or {}).get("text")
-        if e.sidecar is not None and isinstance(text, str) and text.strip() and text.strip() != e.sidecar:
-            differ.append(e.file_name)
-    return entries, notes, differ
-
-
-def _problem(e: DatasetEntry, text: str | None, identifier: str | None) -> str | None:
+def _problem(e: DatasetEntry, current: CurrentCaption, identifier: str | None) -> str | None:
+    text = current.text
     if not e.path.is_file():
         return "image file missing"
+    if current.problem:
+        return current.problem
     if text is None:
         return f"no caption ({e.sidecar_path.name} missing and no 'text' in {METADATA}); run the caption stage"
     if not text:
@@ -180,18 +244,13 @@ def _problem(e: DatasetEntry, text: str | None, identifier: str | None) -> str |
     return None
 
 
-def _text_of(e: DatasetEntry) -> str | None:
-    if e.sidecar is not None:
-        return e.sidecar
-    text = (e.row or {}).get("text")
-    return text.strip() if isinstance(text, str) else None
-
-
 def load_captions(dataset_dir: str | Path, *, require_identifier: str | None = None) -> dict[str, str]:
     """Read the training captions: the one reader every stage uses.
 
-    The ``.txt`` sidecar wins over ``metadata.jsonl``'s "text" (people edit sidecars);
-    when both exist and differ, one :class:`CaptionWarning` lists the files.
+    A caption edited by hand wins, whether the edit was made in the ``.txt`` sidecar or
+    in ``metadata.jsonl`` (the file that still holds what the caption stage wrote is the
+    stale one); one :class:`CaptionWarning` lists the files where the two differ. When
+    both were edited and differ, the image is named as a problem.
 
     Args:
         dataset_dir: the dataset folder.
@@ -202,31 +261,37 @@ def load_captions(dataset_dir: str | Path, *, require_identifier: str | None = N
         ``{file_name: caption}`` in dataset order; file names are relative to ``dataset_dir``.
 
     Raises:
-        CaptionError: naming every file without a caption, with an empty caption or without
-            the identifier; or when there are no images at all. Images listed in
-            ``metadata.jsonl`` but missing on disk are left out with a warning instead.
+        CaptionError: naming every file without a caption, with an empty, unreadable or
+            doubly edited caption, or without the identifier; a row naming a file outside
+            the folder; or no images at all. Images listed in ``metadata.jsonl`` but
+            missing on disk are left out with a warning instead.
     """
     dataset_dir = Path(dataset_dir)
-    entries, notes, differ = _gather(dataset_dir)
+    entries, notes = dataset_entries(dataset_dir)
+    written = written_captions(dataset_dir)
     for message in notes:
         warnings.warn(message, CaptionWarning, stacklevel=2)
-    if differ:
-        warnings.warn(f"{len(differ)} caption(s) differ between the .txt files and {METADATA}; using the .txt files: "
-                      + ", ".join(differ), CaptionWarning, stacklevel=2)
-    captions, problems = {}, {}
+    captions, problems, edited, undecided = {}, {}, [], []
     for e in entries:
         if not e.path.is_file():  # already warned about; training skips it
             continue
-        text = _text_of(e)
-        problem = _problem(e, text, require_identifier)
+        current = e.current(written)
+        if current.problem:
+            undecided.append(e.file_name)
+        if current.edited:
+            edited.append(f"{e.file_name} (edited in {e.sidecar_name if current.edited == 'sidecar' else METADATA})")
+        problem = _problem(e, current, require_identifier)
         if problem:
             problems[e.file_name] = problem
         else:
-            captions[e.file_name] = text
+            captions[e.file_name] = current.text
+    if edited:
+        warnings.warn(f"{len(edited)} caption(s) differ between the .txt files and {METADATA}; using the hand edit: "
+                      + ", ".join(edited) + "; run the caption stage to write it to both", CaptionWarning, stacklevel=2)
     if problems:
         lines = "\n".join(f"  {name}: {why}" for name, why in problems.items())
         raise CaptionError(f"{len(problems)} of {len(entries)} image(s) in {dataset_dir} cannot be trained on:\n{lines}",
-                           problems)
+                           problems, undecided)
     if not captions:
         raise CaptionError(f"no images in {dataset_dir}: every file listed in {METADATA} is missing; run prepare again")
     return captions
@@ -247,13 +312,15 @@ def caption_table(dataset_dir: str | Path, *, identifier: str | None = None, tok
     if identifier is None:
         identifier = read_caption_config(dataset_dir).get("identifier")
     rows = []
+    written = written_captions(dataset_dir)
     for e in dataset_entries(dataset_dir)[0]:
-        text = _text_of(e)
+        current = e.current(written)
+        text = current.text
         rows.append(CaptionRow(
             file_name=e.file_name, path=e.path, text=text,
             tokens=clip_token_count(text, tokenizer) if text else None,
             has_identifier=bool(text and identifier and identifier_pattern(identifier).search(text)),
-            problem=_problem(e, text, identifier),
+            problem=_problem(e, current, identifier),
         ))
     return rows
 
@@ -281,7 +348,6 @@ def save_caption(dataset_dir: str | Path, file_name: str, text: str) -> str:
     if not match:
         raise CaptionError(f"{file_name}: not an image of {dataset_dir}", {file_name: "unknown image"})
     write_text(match[0].sidecar_path, text + "\n")
-    captions = {e.file_name: t for e in entries if (t := _text_of(e))}
-    captions[file_name] = text
-    write_metadata(dataset_dir, entries, captions)
+    # Only this image's row changes: another image's edit in metadata.jsonl must survive.
+    write_metadata(dataset_dir, entries, {file_name: text})
     return text

@@ -8,9 +8,12 @@ by the identifier, exactly once, on word boundaries (a plain substring replace t
 "tokyo" into "TOK personyo").
 
 Outputs, beside the images in ``dataset/``: ``metadata.jsonl`` rows gain ``"text"``, every
-image gets an ``images/<stem>.txt`` sidecar (people edit these; a re-run keeps existing
-captions unless ``overwrite`` is asked), and ``caption_config.json`` records the subject
-phrase (the trigger the trainer records) and template.
+image gets an ``images/<stem>.txt`` sidecar, and ``caption_config.json`` records the subject
+phrase (the trigger the trainer records), the template and, under ``"written"``, the caption
+written for each image. People edit captions in either file; because the stage knows what
+it wrote, a re-run keeps a hand edit from whichever file holds it (and copies it to the
+other), and leaves both files alone, naming the image, when both were edited differently.
+``overwrite`` re-captions everything.
 
 The pieces live beside this module: :mod:`~lora_helpers.caption.blip` (the model),
 :mod:`~lora_helpers.caption.files` (reading and writing both caption formats,
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -29,9 +33,8 @@ from pathlib import Path
 from typing import Literal
 
 from lora_helpers.caption.blip import generate_captions, load_blip, resolve_blip
-from lora_helpers.caption.files import (
-    METADATA, CaptionError, CaptionWarning, DatasetEntry, dataset_entries, existing_caption, write_metadata,
-)
+from lora_helpers.caption.edits import WRITTEN_KEY, written_captions
+from lora_helpers.caption.files import METADATA, CaptionError, CaptionWarning, DatasetEntry, dataset_entries, write_metadata
 from lora_helpers.caption.text import (
     CLIP_MAX_TOKENS, check_identifier, clip_token_count, count_identifier, identifier_of, load_clip_tokenizer,
     standardise_caption,
@@ -69,7 +72,8 @@ class CaptionConfig:
         min_new_tokens: at least this many words-pieces, so captions describe something.
         repetition_penalty: >1 keeps BLIP from looping ("a man man man").
         prompt: optional text BLIP continues (conditional captioning, e.g. "a picture of").
-        overwrite: re-caption images that already have a caption (hand edits are lost).
+        overwrite: re-caption images that already have a caption (hand edits are lost, and
+            so are unreadable or conflicting captions).
         device: None picks CUDA when present, else CPU.
     """
 
@@ -109,7 +113,9 @@ class CaptionResult:
         captions: file name (relative to ``dataset_dir``) -> caption, for every captioned image.
         generated: file names captioned by BLIP in this run.
         kept: file names whose existing caption was kept.
-        failed: file name -> reason, for images that got no caption.
+        failed: file name -> reason, for images that got no caption (a missing or unreadable
+            image, an unreadable ``.txt`` file, a caption edited differently in both files;
+            the files of such an image are left as they were).
         warnings: messages also issued as :class:`CaptionWarning`.
         seconds: time spent in BLIP (loading excluded).
     """
@@ -157,9 +163,10 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
 
     Images come from ``metadata.jsonl`` rows when present (all other keys of each row are
     kept), else from ``images/``, else from the folder itself. Images that already have
-    a caption (``.txt`` sidecar, else the row's "text") keep it unless
-    ``config.overwrite``; BLIP is loaded only when something needs captioning and is
-    freed from GPU and host memory before returning (training needs that memory).
+    a caption keep it unless ``config.overwrite``: the hand-edited one when the ``.txt``
+    sidecar and the row's "text" differ (see :mod:`~lora_helpers.caption.edits`). BLIP is
+    loaded only when something needs captioning and is freed from GPU and host memory
+    before returning (training needs that memory).
 
     Args:
         dataset_dir: the dataset folder.
@@ -171,7 +178,8 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
         A :class:`CaptionResult`.
 
     Raises:
-        CaptionError: when the folder has no images.
+        CaptionError: when the folder has no images, or a row of ``metadata.jsonl`` cannot
+            be used (broken, or naming a file outside the folder); nothing is written then.
     """
     config = config or CaptionConfig()
     dataset_dir = Path(dataset_dir)
@@ -180,13 +188,19 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
     tokenizer = tokenizer if tokenizer is not None else load_clip_tokenizer()
     result = CaptionResult(dataset_dir=dataset_dir, subject=subject)
     entries, notes = dataset_entries(dataset_dir)
+    written = written_captions(dataset_dir)
     for message in notes + check_identifier(subject, tokenizer):
         _warn(result.warnings, message)
 
     todo: list[DatasetEntry] = []
     for e in entries:
-        existing = existing_caption(e)
-        if existing and not config.overwrite:
+        current = e.current(written)
+        existing = current.text
+        if current.problem and not config.overwrite:
+            # Both files stay as they are: which caption is meant is the person's call.
+            result.failed[e.file_name] = current.problem
+            _warn(result.warnings, f"{e.file_name}: {current.problem}")
+        elif existing and not config.overwrite:
             result.captions[e.file_name] = existing
             result.kept.append(e.file_name)
             if count_identifier(existing, identifier) != 1:
@@ -239,12 +253,15 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
     # Reorder to the dataset's order (kept and generated were collected apart).
     result.captions = {e.file_name: result.captions[e.file_name] for e in entries if e.file_name in result.captions}
     write_metadata(dataset_dir, entries, result.captions)
+    # Both files now hold these captions; a later difference from them is a hand edit.
+    written.update(result.captions)
     write_caption_config(dataset_dir, {
         "trigger": subject, "subject": subject, "identifier": identifier, "template": config.template,
         "identifier_format": config.identifier_format, "token": config.token, "class_noun": config.class_noun,
         "name": config.name, "model": resolve_blip(config.model),
         "generation": {k: v for k, v in asdict(config).items()
                        if k in ("num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty", "prompt")},
+        WRITTEN_KEY: written,
     })
     return result
 
@@ -288,9 +305,12 @@ def run_cli(args: argparse.Namespace) -> int:
         prompt=args.prompt, overwrite=args.overwrite,
     )
     try:
-        result = caption_dataset(args.dataset_dir, config=config)
+        with warnings.catch_warnings():
+            # Printed below as "warning:" lines, once each.
+            warnings.simplefilter("ignore", CaptionWarning)
+            result = caption_dataset(args.dataset_dir, config=config)
     except (CaptionError, FileNotFoundError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     for name, text in result.captions.items():
         how = "kept" if name in result.kept else "new"

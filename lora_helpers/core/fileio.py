@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "read_jsonl",
     "save_image",
     "sha256_file",
+    "path_inside",
 ]
 
 
@@ -138,3 +139,32 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def path_inside(folder: str | os.PathLike, name: str) -> Path:
+    """``folder / name``, provided ``name`` is a relative path that stays inside ``folder``.
+
+    Dataset files (metadata.jsonl rows, manifests) name other files; a shared or downloaded
+    dataset must not make us read or write outside its folder through them.
+
+    Args:
+        folder: the folder the path must stay in.
+        name: a relative path such as "images/a.png".
+
+    Returns:
+        ``Path(folder) / name``.
+
+    Raises:
+        ValueError: ``name`` is empty, absolute, holds "..", or leads outside through a link;
+            the message says which (the caller adds the file and line).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{name!r} is not a file name")
+    # Both flavours: a row written on Windows ("..\\x.png", "C:x.png") must not slip through.
+    for flavour in (PurePosixPath(name), PureWindowsPath(name)):
+        if flavour.is_absolute() or flavour.anchor or ".." in flavour.parts:
+            raise ValueError(f"{name!r} is not a path inside the folder (absolute, or with '..')")
+    path = Path(folder) / name
+    if not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise ValueError(f"{name!r} leads outside the folder through a link")
+    return path

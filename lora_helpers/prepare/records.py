@@ -76,6 +76,8 @@ class PrepareResult:
     # lets a re-run after an override redo only the photos that changed.
     processed: dict = field(default_factory=dict, repr=False)
     reused: int = 0
+    # What the person should know about the dataset folder (a crop renamed, a caption kept aside).
+    messages: list[str] = field(default_factory=list)
 
     @property
     def accepted(self) -> list[PhotoRecord]:
@@ -103,19 +105,27 @@ class PrepareResult:
         for r in self.records:
             why = "; ".join(r.reasons)
             lines.append(f"  {r.verdict:6s} {r.file}" + (f"  ({why})" if why else ""))
+        lines += [f"note: {m}" for m in self.messages]
         return "\n".join(lines)
 
 
 class NoPhotosAcceptedError(RuntimeError):
-    """No photo passed; the message lists why each was rejected (report.csv has more)."""
+    """No photo passed; the message lists why each was rejected (report.csv has more).
 
-    def __init__(self, result: PrepareResult):
-        self.result = result
+    Args:
+        result: the run's records.
+        unchanged: the dataset folder already held a dataset and was left exactly as it was.
+    """
+
+    def __init__(self, result: PrepareResult, *, unchanged: bool = False):
+        self.result, self.unchanged = result, unchanged
+        kept = f"; the dataset in {result.out_dir} was left as it was" if unchanged else ""
         if not result.records:
-            super().__init__("the photo folder is empty: add 10-15 photos of one person (JPEG, PNG, WebP)")
+            super().__init__(f"the photo folder is empty: add 10-15 photos of one person (JPEG, PNG, WebP){kept}")
             return
-        lines = [f"none of the {len(result.records)} files in the photo folder can be used for training:"]
+        lines = [f"none of the {len(result.records)} files in the photo folder can be used for training{kept}:"]
         for r in result.records:
             lines.append(f"  {r.file}: {r.verdict}: {'; '.join(r.reasons) or 'no reason recorded'}")
-        lines.append(f"see {result.out_dir / 'report.csv'} and contact_sheet.png; add photos with one clear face each")
+        where = "" if unchanged else f"see {result.out_dir / 'report.csv'} and contact_sheet.png; "
+        lines.append(f"{where}add photos with one clear face each")
         super().__init__("\n".join(lines))

@@ -8,6 +8,8 @@ modifying it) and writes, per the folder contract in DESIGN.md::
     out_dir/metadata.jsonl       one row per accepted photo (SDXL micro-conditioning)
     out_dir/report.csv           one row per input file: verdict, reasons, every measure
     out_dir/contact_sheet.png    every photo with its verdict colour and reasons
+    out_dir/.lora_helpers_manifest.json   what the stage wrote (it touches nothing else)
+    out_dir/dropped/             captions of photos no longer used, until they come back
 
 Each photo gets a verdict: ``pass``, ``warn`` (used, with a caveat), ``reject`` (not
 used, with the reason) or ``skip`` (not used, nothing wrong with it: a near-duplicate,
@@ -23,7 +25,9 @@ halo artefacts. The face masks let the trainer down-weight the background instea
 This module runs the stage and writes the folder; the steps live beside it:
 :mod:`~lora_helpers.prepare.config` (settings), :mod:`~lora_helpers.prepare.photo` (one
 photo), :mod:`~lora_helpers.prepare.judge` (set-level checks and verdicts) and
-:mod:`~lora_helpers.prepare.report` (report.csv and the contact sheet).
+:mod:`~lora_helpers.prepare.report` (report.csv and the contact sheet),
+:mod:`~lora_helpers.prepare.manifest` (what the stage owns in the dataset folder) and
+:mod:`~lora_helpers.prepare.outputs` (writing it without touching anything else).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from lora_helpers.prepare import photo, report
 from lora_helpers.prepare.config import PrepareConfig
 from lora_helpers.prepare.faces import get_backend
 from lora_helpers.prepare.judge import finalise, judge_set
+from lora_helpers.prepare.manifest import REPORT_FILES, Manifest
+from lora_helpers.prepare.outputs import name_outputs, record_reports, write_outputs
 from lora_helpers.prepare.records import NoPhotosAcceptedError, PhotoRecord, PrepareResult
 
 __all__ = [
@@ -130,17 +136,24 @@ def _inputs(photos) -> tuple[list[Path], list[Path]]:
     return files, sorted({p.parent.resolve() for p in files})
 
 
-def _output_names(records: list[PhotoRecord]) -> None:
-    """``images/<stem>.png`` names, unique even for IMG_1.jpg next to IMG_1.png."""
-    taken: set[str] = set()
-    for r in records:
-        stem = Path(r.file).stem
-        name = stem if stem.lower() not in taken else f"{stem}_{Path(r.file).suffix.lstrip('.').lower()}"
-        n = 2
-        while name.lower() in taken:
-            name, n = f"{stem}_{n}", n + 1
-        taken.add(name.lower())
-        r.stem = name
+def _check_apart(out_dir: Path, folders: list[Path]) -> None:
+    """Refuse a dataset folder that is, holds or sits inside a photo folder, before touching anything.
+
+    The stage rewrites images/ and removes its stale crops there; with the photos in
+    the same tree, a person's photos and notes would be at stake.
+    """
+    out = out_dir.resolve()
+    for folder in folders:
+        how = ("is" if out == folder else "lies inside" if out.is_relative_to(folder)
+               else "contains" if folder.is_relative_to(out) else None)
+        if how:
+            raise ValueError(f"the dataset folder {out_dir} {how} the photo folder {folder}; choose a dataset "
+                             "folder apart from the photos (for example a 'dataset' folder beside them)")
+
+
+def _shown(name: str) -> str:
+    """A file name as UTF-8 text: undecodable bytes (a name from another system) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def prepare_photos(
@@ -158,9 +171,12 @@ def prepare_photos(
     Args:
         photos_dir: a folder (every file in it is reported on, not recursive) or a
             list of photo files. Sources are only read.
-        out_dir: the dataset folder to (re)write; must not be the photo folder.
-            Re-running into the same folder gives the same files; stale crops of
-            photos no longer accepted are removed.
+        out_dir: the dataset folder to (re)write; must neither be, hold, nor lie inside a
+            photo folder. Re-running into the same folder gives the same files. The stage
+            overwrites or removes only files it wrote (listed, with their hashes, in
+            ``.lora_helpers_manifest.json``, see :mod:`~lora_helpers.prepare.manifest`);
+            crops of photos no longer accepted are removed and their ``.txt`` captions
+            moved to ``dropped/`` until the photo comes back.
         config: :class:`PrepareConfig`; default settings when None.
         overrides: ``{"file name": "accept" | "reject"}``; merged over ``overrides.json``
             in ``out_dir`` (what the notebook widgets save).
@@ -175,23 +191,29 @@ def prepare_photos(
 
     Raises:
         FileNotFoundError: the photo folder does not exist.
-        ValueError: ``out_dir`` is the photo folder, or an override is malformed.
-        NoPhotosAcceptedError: no photo can be used (after writing the report, so
-            ``report.csv`` and ``contact_sheet.png`` explain why).
+        ValueError: ``out_dir`` and a photo folder overlap, an override is malformed, or a
+            file of the dataset folder cannot be read (named).
+        NoPhotosAcceptedError: no photo can be used. A folder that already holds a
+            dataset is left exactly as it was; otherwise ``report.csv`` and
+            ``contact_sheet.png`` are written first, to explain why.
     """
     config = config or PrepareConfig()
     out_dir = Path(out_dir)
     files, folders = _inputs(photos_dir)
-    if out_dir.resolve() in folders:
-        raise ValueError(f"out_dir {out_dir} is the photo folder; choose a separate folder such as dataset/")
+    _check_apart(out_dir, folders)
+    manifest = Manifest.read(out_dir)
+    for name in REPORT_FILES:
+        # Rewritten every run, so listed is enough (no hash): only a stranger's report.csv is refused.
+        if (out_dir / name).exists() and name not in manifest.files:
+            raise ValueError(f"{out_dir / name} was not written by prepare; move it away or choose another dataset folder")
     merged = {**read_overrides(out_dir), **_check_overrides(overrides or {}, "overrides")}
     backend = backend or get_backend(config.backend)
 
     records: list[PhotoRecord] = []
     # Report files by name; only when two folders hold the same name add the folder.
-    names = [p.name for p in files]
+    names = [_shown(p.name) for p in files]
     if len(set(names)) < len(names):
-        names = [f"{p.parent.name}/{p.name}" for p in files]
+        names = [f"{_shown(p.parent.name)}/{_shown(p.name)}" for p in files]
     processed, reused = {}, 0
     for path, name in tqdm(list(zip(files, names)), desc="preparing photos", unit="photo", disable=not progress):
         override = merged.get(name) or merged.get(path.name)
@@ -206,18 +228,27 @@ def prepare_photos(
                 log.exception("unexpected error while preparing %s", path)
                 rec = PhotoRecord(file=name, path=path, override=override)
                 rec.add("reject", f"unexpected error while processing ({type(exc).__name__}: {exc})")
+            if _shown(path.name) != path.name:
+                rec.add("warn", f"file name {os.fsencode(path.name)!r} is not UTF-8 text; renaming the photo keeps "
+                                "names readable")
         processed[name] = (key, copy.deepcopy(rec))  # before judge_set adds set-level findings
         records.append(rec)
 
     judge_set(records, config)
     for rec in records:
         finalise(rec)
-    _output_names(records)
     result = PrepareResult(out_dir=out_dir, records=records, config=config, processed=processed, reused=reused)
-    _write_outputs(result)
-    report.write_report(result)
     if not result.accepted:
+        # An earlier dataset stays whole: an empty or mistaken photo folder must not wipe it.
+        if manifest.has_dataset():
+            raise NoPhotosAcceptedError(result, unchanged=True)
+        report.write_report(result)
+        record_reports(manifest, REPORT_FILES)
         raise NoPhotosAcceptedError(result)
+    result.messages = name_outputs(records, manifest)
+    result.messages += write_outputs(result, manifest)
+    report.write_report(result)
+    record_reports(manifest, REPORT_FILES)
     return result
 
 
@@ -228,43 +259,6 @@ def _photo_key(path: Path, config: PrepareConfig, override: str | None) -> tuple
     except OSError:
         stamp = None
     return (str(path.resolve()), stamp, repr(config), override)
-
-
-def _write_if_changed(path: Path, data: bytes) -> None:
-    # Skipping identical files keeps re-runs cheap and leaves timestamps alone.
-    if path.exists() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
-    fileio.write_bytes(path, data)
-
-
-def _write_outputs(result: PrepareResult) -> None:
-    out = result.out_dir
-    images, masks = out / "images", out / "masks"
-    images.mkdir(parents=True, exist_ok=True)
-    masks.mkdir(parents=True, exist_ok=True)
-    old_rows = {row.get("source"): row for row in (fileio.read_jsonl(out / "metadata.jsonl") if (out / "metadata.jsonl").exists() else [])}
-    rows, keep = [], set()
-    for r in result.records:
-        if not r.accepted or r.rendered is None:
-            continue
-        image_bytes, mask_bytes = r.rendered
-        r.image_file, r.mask_file = f"images/{r.stem}.png", f"masks/{r.stem}.png"
-        _write_if_changed(out / r.image_file, image_bytes)
-        _write_if_changed(out / r.mask_file, mask_bytes)
-        keep.add(r.stem)
-        row = {"file_name": r.image_file, "mask_file": r.mask_file, **r.metadata,
-               "source": r.file, "face_clarity_score": r.face_clarity_score}
-        previous = old_rows.get(r.file)
-        if previous and previous.get("file_name") == r.image_file and "text" in previous:
-            row["text"] = previous["text"]  # keep captions from an earlier caption run
-        rows.append(row)
-    fileio.write_jsonl(out / "metadata.jsonl", rows)
-    # Only now, with the new metadata in place, remove crops of photos no longer
-    # accepted (an override, a removed photo) so nothing stale is trained on.
-    for folder, suffixes in ((images, (".png", ".txt")), (masks, (".png",))):
-        for p in folder.iterdir():
-            if p.is_file() and p.suffix in suffixes and p.stem not in keep and not p.name.startswith("."):
-                p.unlink()
 
 
 # ---------------------------------------------------------------------------------------

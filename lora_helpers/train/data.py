@@ -15,8 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from lora_helpers.caption import load_captions
-from lora_helpers.core.fileio import read_jsonl
+from lora_helpers.caption import load_captions, read_metadata
 from lora_helpers.core.images import list_images
 
 __all__ = ["TrainImage", "read_training_images", "batch_plan"]
@@ -78,23 +77,28 @@ def read_training_images(dataset_dir: str | os.PathLike, *, instance_prompt: str
 
     Raises:
         FileNotFoundError: the folder does not exist.
-        ValueError: no usable image, or images without a caption and no ``instance_prompt``.
+        ValueError: no usable image; images without a caption and no ``instance_prompt``;
+            a caption edited differently in its ``.txt`` file and in metadata.jsonl; or a
+            metadata.jsonl row that names a file outside the folder (with its line).
     """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {dataset_dir} (run the prepare and caption stages first)")
     meta = dataset_dir / "metadata.jsonl"
     if meta.is_file():
-        rows = [r for r in read_jsonl(meta) if isinstance(r.get("file_name"), str)]
+        # Refuses, naming the line, a row whose image, mask or caption lies outside the dataset:
+        # a downloaded dataset must not make us train on (or read) files elsewhere.
+        rows = read_metadata(dataset_dir)
     else:
         folder = dataset_dir / "images" if (dataset_dir / "images").is_dir() else dataset_dir
         rows = [{"file_name": p.relative_to(dataset_dir).as_posix()} for p in list_images(folder)]
     captions: dict[str, str] = {}
     if use_captions:
         try:
-            captions = load_captions(dataset_dir)  # a .txt sidecar wins over metadata.jsonl
+            captions = load_captions(dataset_dir)  # a hand edit wins, in the .txt file or in metadata.jsonl
         except ValueError as exc:  # CaptionError: some images lack a caption
-            if not instance_prompt:
+            # A caption edited differently in both files needs a person, not the instance prompt.
+            if not instance_prompt or getattr(exc, "undecided", None):
                 raise ValueError(f"{exc}\nRun the caption stage, or train with one instance prompt "
                                  "(--instance-prompt 'a photo of TOK person')") from exc
             warnings.warn(f"captions incomplete in {dataset_dir}; every image uses the instance prompt "
