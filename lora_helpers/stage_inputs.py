@@ -15,7 +15,7 @@ from typing import Callable, Literal, Sequence
 from lora_helpers.caption import CaptionConfig, caption_dataset, load_captions, load_clip_tokenizer
 from lora_helpers.core.config import default_resolution, smoke_mode
 from lora_helpers.core.images import list_images
-from lora_helpers.core.run_folder import CONFIG_FILE, LORA_WEIGHT_NAME, list_checkpoints
+from lora_helpers.core.run_folder import CONFIG_FILE, LORA_WEIGHT_NAME, METADATA_FILE, list_checkpoints
 from lora_helpers.prepare import PrepareConfig, prepare_photos
 from lora_helpers.train import TrainConfig, train
 
@@ -60,8 +60,8 @@ def _smoke_photos() -> Path:
 
 
 def _captions_problem(dataset_dir: Path) -> str | None:
-    if not (dataset_dir / "metadata.jsonl").is_file():
-        return f"{dataset_dir} has no metadata.jsonl"
+    if not (dataset_dir / METADATA_FILE).is_file():
+        return f"{dataset_dir} has no {METADATA_FILE}"
     try:
         load_captions(dataset_dir)
     except (ValueError, FileNotFoundError) as problem:
@@ -103,7 +103,7 @@ def stage_input(kind: Kind, folder: str | os.PathLike, *, dataset_dir: str | os.
             return photos
         raise FileNotFoundError(f"no photos in {folder}: {_WRITTEN_BY['photos']}")
     if kind == "dataset":
-        if (folder / "images").is_dir() and (folder / "metadata.jsonl").is_file():
+        if (folder / "images").is_dir() and (folder / METADATA_FILE).is_file():
             return folder
         if not smoke:
             raise FileNotFoundError(f"{folder} holds no prepared photos: {_WRITTEN_BY['dataset']}")

@@ -16,7 +16,6 @@ stage writes both formats through :func:`write_metadata` and the sidecars.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -24,9 +23,11 @@ from pathlib import Path, PurePosixPath
 
 from lora_helpers.caption.edits import CurrentCaption, current_caption, written_captions
 from lora_helpers.caption.text import clip_token_count, identifier_pattern
-from lora_helpers.core.fileio import path_inside, write_jsonl, write_text
+from lora_helpers.core.fileio import write_text
 from lora_helpers.core.images import list_images
-from lora_helpers.core.run_folder import read_caption_config
+from lora_helpers.core import run_folder
+from lora_helpers.core.run_folder import METADATA_FILE as METADATA
+from lora_helpers.core.run_folder import RunFolderError, read_caption_config
 
 __all__ = [
     "METADATA",
@@ -42,7 +43,6 @@ __all__ = [
     "save_caption",
 ]
 
-METADATA = "metadata.jsonl"
 
 
 class CaptionError(ValueError):
@@ -120,48 +120,15 @@ def _entry(dataset_dir: Path, name: str, row: dict | None) -> DatasetEntry:
 
 
 def read_metadata(dataset_dir: str | Path) -> list[dict]:
-    """The rows of ``metadata.jsonl``, each checked to name files inside the dataset folder.
-
-    Args:
-        dataset_dir: the dataset folder (holding ``metadata.jsonl``).
-
-    Returns:
-        The rows, in file order (blank lines skipped).
+    """The checked rows of ``metadata.jsonl`` (:func:`lora_helpers.core.run_folder.read_metadata`).
 
     Raises:
-        CaptionError: naming the file and line of a row that is not a JSON object with a
-            "file_name", or whose file_name, mask_file or sidecar lies outside the folder
-            (absolute, "..", a link out); or a file that is not UTF-8.
+        CaptionError: naming the file and line of a row that cannot be used.
     """
-    dataset_dir = Path(dataset_dir)
-    meta = dataset_dir / METADATA
     try:
-        lines = meta.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise CaptionError(f"{meta}: not UTF-8 text (at byte {exc.start}); save it as UTF-8") from exc
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{meta}, line {i}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CaptionError(f"{where}: not valid JSON ({exc.msg}); fix or delete that line") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not row["file_name"]:
-            raise CaptionError(f"{where}: row without 'file_name'; fix or delete that line")
-        names = {"file_name": row["file_name"], "mask_file": row.get("mask_file"),
-                 "caption file": PurePosixPath(row["file_name"]).with_suffix(".txt").as_posix()}
-        for key, name in names.items():
-            if name is None:
-                continue
-            try:
-                path_inside(dataset_dir, name)
-            except ValueError as exc:
-                raise CaptionError(f"{where}: {key} {exc}; a row may name only files inside {dataset_dir}, "
-                                   "fix or delete that line", {row["file_name"]: "outside the dataset"}) from exc
-        rows.append(row)
-    return rows
+        return run_folder.read_metadata(dataset_dir)
+    except RunFolderError as exc:
+        raise CaptionError(str(exc)) from exc
 
 
 def dataset_entries(dataset_dir: Path) -> tuple[list[DatasetEntry], list[str]]:
@@ -226,7 +193,7 @@ def write_metadata(dataset_dir: Path, entries: list[DatasetEntry], captions: dic
         if e.file_name in captions:
             row["text"] = captions[e.file_name]
         rows.append(row)
-    return write_jsonl(Path(dataset_dir) / METADATA, rows)
+    return run_folder.write_metadata(dataset_dir, rows)
 
 
 def _problem(e: DatasetEntry, current: CurrentCaption, identifier: str | None) -> str | None:

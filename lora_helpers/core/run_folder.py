@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from lora_helpers.core.fileio import read_jsonl, write_json
+from lora_helpers.core.fileio import path_inside, read_jsonl, write_json, write_jsonl
 
 __all__ = [
     "DEFAULT_TOKEN",
@@ -24,6 +24,7 @@ __all__ = [
     "CONFIG_FILE",
     "LOG_FILE",
     "CAPTION_CONFIG_FILE",
+    "METADATA_FILE",
     "CHECKPOINTS_DIR",
     "RunFolderError",
     "kohya_file_name",
@@ -32,6 +33,8 @@ __all__ = [
     "write_run_config",
     "read_caption_config",
     "write_caption_config",
+    "read_metadata",
+    "write_metadata",
     "read_log",
     "checkpoint_dir",
     "checkpoint_step",
@@ -49,6 +52,7 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lo
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 CAPTION_CONFIG_FILE = "caption_config.json"
+METADATA_FILE = "metadata.jsonl"  # the dataset's rows: file_name, mask_file, micro-conditioning, text
 CHECKPOINTS_DIR = "checkpoints"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Present only while a checkpoint can be resumed from (older ones keep just their LoRA).
@@ -56,7 +60,7 @@ _RESUME_MARKER = "training_state.pt"
 
 
 class RunFolderError(ValueError):
-    """A file of a dataset or run folder that cannot be read; the message names it."""
+    """A file of a dataset or run folder that cannot be read; the message names it (and the line)."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path, self.reason = Path(path), reason
@@ -112,6 +116,56 @@ def read_caption_config(dataset_dir: str | os.PathLike) -> dict[str, Any]:
 def write_caption_config(dataset_dir: str | os.PathLike, data: dict[str, Any]) -> Path:
     """Write ``dataset_dir/caption_config.json`` atomically."""
     return write_json(Path(dataset_dir) / CAPTION_CONFIG_FILE, data)
+
+
+def read_metadata(dataset_dir: str | Path) -> list[dict]:
+    """The rows of ``metadata.jsonl``, each checked to name files inside the dataset folder.
+
+    Args:
+        dataset_dir: the dataset folder (holding ``metadata.jsonl``).
+
+    Returns:
+        The rows, in file order (blank lines skipped).
+
+    Raises:
+        RunFolderError: naming the file and line of a row that is not a JSON object with a
+            "file_name", or whose file_name, mask_file or sidecar lies outside the folder
+            (absolute, "..", a link out); or a file that is not UTF-8.
+    """
+    dataset_dir = Path(dataset_dir)
+    meta = dataset_dir / METADATA_FILE
+    try:
+        lines = meta.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise RunFolderError(meta, f"not UTF-8 text (at byte {exc.start}); save it as UTF-8") from exc
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{meta}, line {i}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RunFolderError(where, f"not valid JSON ({exc.msg}); fix or delete that line") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not row["file_name"]:
+            raise RunFolderError(where, "row without 'file_name'; fix or delete that line")
+        names = {"file_name": row["file_name"], "mask_file": row.get("mask_file"),
+                 "caption file": PurePosixPath(row["file_name"]).with_suffix(".txt").as_posix()}
+        for key, name in names.items():
+            if name is None:
+                continue
+            try:
+                path_inside(dataset_dir, name)
+            except ValueError as exc:
+                raise RunFolderError(where, f"{key} {exc}; a row may name only files inside {dataset_dir}, "
+                                            "fix or delete that line") from exc
+        rows.append(row)
+    return rows
+
+
+def write_metadata(dataset_dir: str | os.PathLike, rows: list[dict]) -> Path:
+    """Write ``metadata.jsonl`` atomically (prepare writes the rows, caption adds their text)."""
+    return write_jsonl(Path(dataset_dir) / METADATA_FILE, rows)
 
 
 def read_log(run_dir: str | os.PathLike) -> list[dict]:

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_helpers.core import fileio
+from lora_helpers.core.run_folder import METADATA_FILE, read_metadata
 
-__all__ = ["MANIFEST_FILE", "METADATA_FILE", "DROPPED_DIR", "REPORT_FILES", "Manifest"]
+__all__ = ["MANIFEST_FILE", "DROPPED_DIR", "REPORT_FILES", "Manifest"]
 
 MANIFEST_FILE = ".lora_helpers_manifest.json"
-METADATA_FILE = "metadata.jsonl"
 DROPPED_DIR = "dropped"
 REPORT_FILES = ("report.csv", "contact_sheet.png")
 _ABOUT = ("files the prepare stage wrote here (path -> SHA-256) and the captions of photos that dropped out; "
@@ -76,12 +76,7 @@ class Manifest:
         """
         folder = Path(folder)
         meta = folder / METADATA_FILE
-        try:
-            rows = fileio.read_jsonl(meta) if meta.is_file() else []
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{meta}: not UTF-8 text ({exc.reason}); save it as UTF-8 or delete it") from exc
-        if not all(isinstance(r, dict) for r in rows):
-            raise ValueError(f"{meta}: every line must be a JSON object with 'file_name'; fix or delete the file")
+        rows = read_metadata(folder) if meta.is_file() else []
         path = folder / MANIFEST_FILE
         if not path.is_file():
             return cls._adopt(folder, rows, reports=meta.is_file())

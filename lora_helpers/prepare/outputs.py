@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 from lora_helpers.core import fileio
-from lora_helpers.prepare.manifest import DROPPED_DIR, METADATA_FILE, Manifest
+from lora_helpers.core.run_folder import write_metadata
+from lora_helpers.prepare.manifest import DROPPED_DIR, Manifest
 from lora_helpers.prepare.records import PhotoRecord, PrepareResult
 
 __all__ = ["name_outputs", "write_outputs", "record_reports"]
@@ -148,7 +149,7 @@ def write_outputs(result: PrepareResult, manifest: Manifest) -> list[str]:
         entry = manifest.dropped.pop(source, None)
         if entry and (message := _bring_back(manifest, entry, image_file)):
             messages.append(message)
-    fileio.write_jsonl(out / METADATA_FILE, rows + [r for r in manifest.rows if "source" not in r])
+    write_metadata(out, rows + [r for r in manifest.rows if "source" not in r])
 
     # Only now, with the new metadata in place, remove our crops that nothing uses any more.
     for name in [n for n in manifest.files if n not in new_files and n.startswith(("images/", "masks/"))]:

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lora_helpers.caption import load_captions, read_metadata
 from lora_helpers.core.images import list_images
+from lora_helpers.core.run_folder import METADATA_FILE
 
 __all__ = ["TrainImage", "read_training_images", "batch_plan"]
 
@@ -84,7 +85,7 @@ def read_training_images(dataset_dir: str | os.PathLike, *, instance_prompt: str
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {dataset_dir} (run the prepare and caption stages first)")
-    meta = dataset_dir / "metadata.jsonl"
+    meta = dataset_dir / METADATA_FILE
     if meta.is_file():
         # Refuses, naming the line, a row whose image, mask or caption lies outside the dataset:
         # a downloaded dataset must not make us train on (or read) files elsewhere.
