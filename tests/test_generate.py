@@ -175,6 +175,14 @@ def _wide_sdxl_lora(src: Path, path: Path) -> Path:
     return path
 
 
+def _nonfinite_lora(src: Path, path: Path, value: float) -> Path:
+    state = load_file(src)
+    key = sorted(state)[5]
+    state[key][0, 0] = value
+    save_file(state, str(path))
+    return path
+
+
 @pytest.mark.parametrize("case, error, words", [
     ("missing", LoraNotFoundError, ["nope.safetensors", "no such file"]),
     ("empty_run", LoraNotFoundError, ["no LoRA here"]),
@@ -185,6 +193,8 @@ def _wide_sdxl_lora(src: Path, path: Path) -> Path:
     ("sd15", LoraFileError, ["Stable Diffusion 1", "does not fit", "sd15.safetensors"]),
     ("sdxl_width", LoraFileError, ["SDXL (cross-attention width 2048)", "width 2048, the layer has 64"]),
     ("full_model", LoraFileError, ["not a LoRA"]),
+    ("nan", LoraFileError, ["nonfinite.safetensors", "NaN/inf", "earlier checkpoint"]),
+    ("inf", LoraFileError, ["nonfinite.safetensors", "NaN/inf", "earlier checkpoint"]),
 ])
 def test_bad_lora_files_are_refused_with_clear_messages(pipe, run_dir, tmp_path, case, error, words):
     lora_file = run_dir / "pytorch_lora_weights.safetensors"
@@ -210,6 +220,8 @@ def test_bad_lora_files_are_refused_with_clear_messages(pipe, run_dir, tmp_path,
         source = _sd15_kohya_lora(tmp_path / "sd15.safetensors")
     elif case == "sdxl_width":
         source = _wide_sdxl_lora(lora_file, tmp_path / "wide.safetensors")
+    elif case in ("nan", "inf"):  # a diverged training run: one bad value turns every picture black
+        source = _nonfinite_lora(lora_file, tmp_path / "nonfinite.safetensors", float(case))
     else:
         source = tmp_path / "model.safetensors"
         save_file({"conv_in.weight": torch.randn(8, 4, 3, 3), "conv_in.bias": torch.randn(8)}, str(source))
