@@ -141,6 +141,47 @@ def test_cli_scores_plain_folder(tmp_path, tiny_models, person, sample_data, cap
     assert ev.read_scores_csv(images / "evaluation" / "scores.csv")[0]["identity"] > 0.91
 
 
+@pytest.mark.parametrize("flags, code, words", [
+    (["--seeds", "99999999999999999999"], 2, ["--seeds", "from 0 to 18446744073709551615", "99999999999999999999"]),
+    (["--seeds", "-1"], 2, ["--seeds", "from 0 to", "'-1'"]),
+    (["--seeds", "1.5"], 2, ["--seeds", "whole number", "'1.5'"]),
+    (["--steps", "0"], 2, ["--steps", "at least 1", "30"]),
+    (["--resolution", "100"], 2, ["--resolution", "multiple of 8", "1024"]),
+    (["--scales", "0", "nan"], 2, ["--scales", "finite number", "'nan'"]),
+    (["--prompts-file", "{tmp}/missing.txt"], 1, ["missing.txt", "not found"]),
+    (["--prompts-file", "{tmp}/latin1.txt"], 1, ["latin1.txt", "line 2", "not UTF-8", "save the file as UTF-8"]),
+    (["--prompts-file", "{tmp}/blank.txt"], 1, ["blank.txt", "no prompts"]),
+])
+def test_cli_refuses_bad_settings_and_inputs_before_loading_anything(tmp_path, capsys, monkeypatch, flags, code, words):
+    from lora_helpers.cli import main
+    from lora_helpers.evaluate import cli as evaluate_cli
+
+    (tmp_path / "latin1.txt").write_bytes("a photo of {subject}\na photo of {subject} in a caf\xe9\n".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
+    for name in ("evaluate_run", "reference_embeddings", "evaluate_images"):
+        monkeypatch.setattr(evaluate_cli, name, lambda *a, **k: pytest.fail("loaded before the settings were checked"))
+    argv = ["evaluate", str(tmp_path), "--references", str(tmp_path)] + [f.format(tmp=tmp_path) for f in flags]
+    try:
+        got = main(argv)
+    except SystemExit as exc:  # argparse: usage and one error line
+        got = exc.code
+    err = capsys.readouterr().err
+    assert got == code and "Traceback" not in err
+    (line,) = [l for l in err.splitlines() if "error:" in l]
+    for word in words:
+        assert word in line, f"{word!r} not in: {line}"
+    assert not (tmp_path / "evaluation").exists()
+
+
+def test_bad_evaluate_settings_are_refused_when_made():
+    for kwargs, words in [({"seeds": (0, -1)}, "seed must be"), ({"scales": (0.0, float("nan"))}, "scales must be"),
+                          ({"scales": (-1.0,)}, "scales must be"), ({"num_inference_steps": 0}, "num_inference_steps"),
+                          ({"resolution": 60}, "resolution"), ({"identity_weight": 2.0}, "identity_weight"),
+                          ({"max_checkpoints": 0}, "max_checkpoints"), ({"guidance_scale": float("inf")}, "guidance")]:
+        with pytest.raises(ValueError, match=words):
+            ev.EvaluateConfig(**kwargs)
+
+
 def test_validation_hook_returns_identity_keys(tmp_path, refs, person, sample_data):
     hook = ev.identity_validation_hook(refs)
     images = [load_image(person[4]), load_image(sample_data / "problems" / "no_face.jpg")]
