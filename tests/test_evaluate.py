@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
+import json
+import math
 
 import numpy as np
 import pytest
@@ -51,16 +54,18 @@ def test_astronaut_scores_high_and_above_grace_hopper(refs, person, sample_data)
     assert min(s.similarity for s in same_scores) - max(s.similarity for s in other_scores) > 0.05
 
 
-def test_no_face_counts_as_zero(refs, person, sample_data):
+def test_no_face_counts_as_zero_and_an_unreadable_file_not_at_all(refs, person, sample_data):
     scores = ev.identity_scores([person[5], sample_data / "problems" / "no_face.jpg",
                                  sample_data / "problems" / "not_an_image.jpg"], refs, progress=False)
     assert scores[0].passed and scores[0].face_found
     assert scores[1].similarity == 0.0 and not scores[1].face_found and not scores[1].passed
-    assert scores[2].similarity == 0.0 and scores[2].error  # unreadable: scored 0, named, batch goes on
+    # unreadable: named, not scored (a broken file is not a LoRA that drew no face), batch goes on
+    assert math.isnan(scores[2].similarity) and "not_an_image.jpg" in scores[2].error and not scores[2].passed
     stats = ev.identity_summary(scores)
-    assert stats["faces_found"] == pytest.approx(1 / 3)
-    assert stats["identity_pass_rate"] == pytest.approx(1 / 3)
-    assert stats["identity_mean"] == pytest.approx(scores[0].similarity / 3)
+    assert stats["unreadable"] == 1
+    assert stats["faces_found"] == pytest.approx(1 / 2)
+    assert stats["identity_pass_rate"] == pytest.approx(1 / 2)
+    assert stats["identity_mean"] == pytest.approx(scores[0].similarity / 2)
 
 
 def test_remove_identifier():
@@ -139,6 +144,146 @@ def test_cli_scores_plain_folder(tmp_path, tiny_models, person, sample_data, cap
     assert rows["b.png"]["clip_i"]
     assert "leave-one-out" in capsys.readouterr().out
     assert ev.read_scores_csv(images / "evaluation" / "scores.csv")[0]["identity"] > 0.91
+
+
+def _broken_png(path, source) -> None:
+    """The first half of a real PNG: what an interrupted copy or download leaves."""
+    buffer = io.BytesIO()
+    load_image(source).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+def _small_refs(folder, person):
+    folder.mkdir()
+    for p in person[:3]:
+        load_image(p).resize((384, 384)).save(folder / f"{p.stem}.jpg")
+    return folder
+
+
+def _generated(path, source, lora: str | None, seed: int) -> None:
+    """A picture carrying the PNG text our generate stage writes (its LoRA file and scale)."""
+    meta = PngInfo()
+    for key, value in {"prompt": "a photo of TOK person", "seed": str(seed), "lora": lora or "None",
+                       "lora_scale": "1.0" if lora else "None"}.items():
+        meta.add_text(key, value)
+    load_image(source).resize((256, 256)).save(path, pnginfo=meta)
+
+
+def test_unreadable_image_is_named_counted_and_left_out_of_every_average(tmp_path, tiny_models, person, capsys):
+    from lora_helpers.cli import main
+
+    refs_dir = _small_refs(tmp_path / "refs", person)
+    good, mixed = tmp_path / "good", tmp_path / "mixed"
+    for folder in (good, mixed):
+        folder.mkdir()
+        for p in person[4:7]:
+            load_image(p).save(folder / f"{p.stem}.png")
+    _broken_png(mixed / "broken.png", person[7])
+    clip = ["--clip-model", str(tiny_models / "clip")]
+    assert main(["evaluate", str(good), "--references", str(refs_dir)] + clip) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(mixed), "--references", str(refs_dir)] + clip) == 0
+    out, err = capsys.readouterr()
+    assert "broken.png" in out and "left out of every average" in out and "Traceback" not in out + err
+    (alone,) = ev.read_scores_csv(good / "evaluation" / "summary.csv")
+    (with_broken,) = ev.read_scores_csv(mixed / "evaluation" / "summary.csv")
+    assert alone["identity_mean"] > 0.91  # the real faces score high; the broken file must not pull them down
+    for key in ("identity_mean", "identity_pass_rate", "faces_found", "clip_i_mean", "diversity_mean"):
+        assert with_broken[key] == pytest.approx(alone[key]), key
+    assert (with_broken["images"], with_broken["unreadable"]) == (3, 1)
+    rows = {r["image"]: r for r in ev.read_scores_csv(mixed / "evaluation" / "scores.csv")}
+    broken = rows["broken.png"]
+    assert "broken.png" in broken["error"] and broken["identity"] is None and broken["face_found"] is None
+    assert broken["clip_i"] is None
+    report = json.loads((mixed / "evaluation" / "evaluation.json").read_text())
+    assert [b["image"] for b in report["unreadable_images"]] == ["broken.png"]
+
+
+def test_broken_image_and_a_stray_photo_among_generated_images(tmp_path, tiny_models, person, capsys):
+    from lora_helpers.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed, p in enumerate(person[4:6]):
+        _generated(images / f"lora_{seed}.png", p, "/runs/me/pytorch_lora_weights.safetensors", seed)
+        _generated(images / f"base_{seed}.png", p, None, seed)
+    load_image(person[6]).save(images / "holiday.jpg")  # a photo without generation metadata
+    _broken_png(images / "broken.png", person[7])
+    code = main(["evaluate", str(images), "--references", str(_small_refs(tmp_path / "refs", person)),
+                 "--clip-model", str(tiny_models / "clip")])
+    out, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in out + err and "broken.png" in out
+    written = sorted(p.name for p in (images / "evaluation").iterdir())
+    assert written == ["evaluation.json", "identity_vs_prompt.png", "scores.csv", "summary.csv"]
+    report = json.loads((images / "evaluation" / "evaluation.json").read_text())
+    summary = {(s["checkpoint"], s["scale"]): s["images"] for s in report["summary"]}
+    assert summary == {("base", 0.0): 2, ("final", 1.0): 2, (None, None): 1}  # the broken file: in none of them
+    assert report["choice"]["checkpoint"] == "final"  # the stray photo is never a candidate
+    assert [b["image"] for b in report["unreadable_images"]] == ["broken.png"]
+
+
+def test_evaluation_outputs_are_written_all_or_nothing(tmp_path, refs, monkeypatch):
+    from lora_helpers.evaluate import report as report_module
+
+    rows = (_rows("base", 0, 0.0, 0.80, 0.30) + _rows("checkpoint-100", 100, 1.0, 0.90, 0.29))
+    out = tmp_path / "evaluation"
+    first = report_module.write_evaluation(rows, refs, ev.EvaluateConfig(), out, extra={})
+    assert set(first.files) == {"scores", "summary", "plot", "report"}
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def failing_plot(*args, **kwargs):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(report_module, "plot_identity_vs_prompt", failing_plot)
+    more = rows + _rows("checkpoint-200", 200, 1.0, 0.95, 0.28)
+    with pytest.raises(RuntimeError, match="plot failed"):
+        report_module.write_evaluation(more, refs, ev.EvaluateConfig(), out, extra={})
+    # the earlier outputs are untouched and no new or temporary file is left behind
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(RuntimeError, match="plot failed"):
+        report_module.write_evaluation(more, refs, ev.EvaluateConfig(), tmp_path / "fresh", extra={})
+    assert list((tmp_path / "fresh").iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, code, words", [
+    (["--seeds", "99999999999999999999"], 2, ["--seeds", "from 0 to 18446744073709551615", "99999999999999999999"]),
+    (["--seeds", "-1"], 2, ["--seeds", "from 0 to", "'-1'"]),
+    (["--seeds", "1.5"], 2, ["--seeds", "whole number", "'1.5'"]),
+    (["--steps", "0"], 2, ["--steps", "at least 1", "30"]),
+    (["--resolution", "100"], 2, ["--resolution", "multiple of 8", "1024"]),
+    (["--scales", "0", "nan"], 2, ["--scales", "finite number", "'nan'"]),
+    (["--prompts-file", "{tmp}/missing.txt"], 1, ["missing.txt", "not found"]),
+    (["--prompts-file", "{tmp}/latin1.txt"], 1, ["latin1.txt", "line 2", "not UTF-8", "save the file as UTF-8"]),
+    (["--prompts-file", "{tmp}/blank.txt"], 1, ["blank.txt", "no prompts"]),
+])
+def test_cli_refuses_bad_settings_and_inputs_before_loading_anything(tmp_path, capsys, monkeypatch, flags, code, words):
+    from lora_helpers.cli import main
+    from lora_helpers.evaluate import cli as evaluate_cli
+
+    (tmp_path / "latin1.txt").write_bytes("a photo of {subject}\na photo of {subject} in a caf\xe9\n".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
+    for name in ("evaluate_run", "reference_embeddings", "evaluate_images"):
+        monkeypatch.setattr(evaluate_cli, name, lambda *a, **k: pytest.fail("loaded before the settings were checked"))
+    argv = ["evaluate", str(tmp_path), "--references", str(tmp_path)] + [f.format(tmp=tmp_path) for f in flags]
+    try:
+        got = main(argv)
+    except SystemExit as exc:  # argparse: usage and one error line
+        got = exc.code
+    err = capsys.readouterr().err
+    assert got == code and "Traceback" not in err
+    (line,) = [l for l in err.splitlines() if "error:" in l]
+    for word in words:
+        assert word in line, f"{word!r} not in: {line}"
+    assert not (tmp_path / "evaluation").exists()
+
+
+def test_bad_evaluate_settings_are_refused_when_made():
+    for kwargs, words in [({"seeds": (0, -1)}, "seed must be"), ({"scales": (0.0, float("nan"))}, "scales must be"),
+                          ({"scales": (-1.0,)}, "scales must be"), ({"num_inference_steps": 0}, "num_inference_steps"),
+                          ({"resolution": 60}, "resolution"), ({"identity_weight": 2.0}, "identity_weight"),
+                          ({"max_checkpoints": 0}, "max_checkpoints"), ({"guidance_scale": float("inf")}, "guidance")]:
+        with pytest.raises(ValueError, match=words):
+            ev.EvaluateConfig(**kwargs)
 
 
 def test_validation_hook_returns_identity_keys(tmp_path, refs, person, sample_data):

@@ -175,6 +175,14 @@ def _wide_sdxl_lora(src: Path, path: Path) -> Path:
     return path
 
 
+def _nonfinite_lora(src: Path, path: Path, value: float) -> Path:
+    state = load_file(src)
+    key = sorted(state)[5]
+    state[key][0, 0] = value
+    save_file(state, str(path))
+    return path
+
+
 @pytest.mark.parametrize("case, error, words", [
     ("missing", LoraNotFoundError, ["nope.safetensors", "no such file"]),
     ("empty_run", LoraNotFoundError, ["no LoRA here"]),
@@ -185,6 +193,8 @@ def _wide_sdxl_lora(src: Path, path: Path) -> Path:
     ("sd15", LoraFileError, ["Stable Diffusion 1", "does not fit", "sd15.safetensors"]),
     ("sdxl_width", LoraFileError, ["SDXL (cross-attention width 2048)", "width 2048, the layer has 64"]),
     ("full_model", LoraFileError, ["not a LoRA"]),
+    ("nan", LoraFileError, ["nonfinite.safetensors", "NaN/inf", "earlier checkpoint"]),
+    ("inf", LoraFileError, ["nonfinite.safetensors", "NaN/inf", "earlier checkpoint"]),
 ])
 def test_bad_lora_files_are_refused_with_clear_messages(pipe, run_dir, tmp_path, case, error, words):
     lora_file = run_dir / "pytorch_lora_weights.safetensors"
@@ -210,6 +220,8 @@ def test_bad_lora_files_are_refused_with_clear_messages(pipe, run_dir, tmp_path,
         source = _sd15_kohya_lora(tmp_path / "sd15.safetensors")
     elif case == "sdxl_width":
         source = _wide_sdxl_lora(lora_file, tmp_path / "wide.safetensors")
+    elif case in ("nan", "inf"):  # a diverged training run: one bad value turns every picture black
+        source = _nonfinite_lora(lora_file, tmp_path / "nonfinite.safetensors", float(case))
     else:
         source = tmp_path / "model.safetensors"
         save_file({"conv_in.weight": torch.randn(8, 4, 3, 3), "conv_in.bias": torch.randn(8)}, str(source))
@@ -232,6 +244,34 @@ def test_bad_generation_requests(pipe, lora):
         generate_images(pipe, PROMPT, [0], config=CFG)  # base model: nobody told us who {subject} is
     with pytest.raises(ValueError, match="multiple of 8"):
         generate_images(pipe, PROMPT, [0], config=GenerateConfig(size=100), lora_info=lora)
+
+
+@pytest.mark.parametrize("setting, value, words", [
+    ("size", 100, ["size", "multiple of 8", "1024"]),
+    ("size", 0, ["size", "multiple of 8"]),
+    ("steps", 0, ["steps", "at least 1", "30"]),
+    ("guidance", float("nan"), ["guidance", "finite", "5.0"]),
+    ("guidance", float("inf"), ["guidance", "finite"]),
+    ("lora_scale", float("nan"), ["lora_scale", "finite", "1.0"]),
+    ("batch_size", 0, ["batch_size", "at least 1"]),
+])
+def test_bad_generate_settings_are_refused_when_made(setting, value, words):
+    with pytest.raises(ValueError) as excinfo:
+        GenerateConfig(**{setting: value})
+    for word in words:
+        assert word in str(excinfo.value), f"{word!r} not in: {excinfo.value}"
+
+
+def test_nonfinite_scales_and_out_of_range_seeds_are_refused(pipe, run_dir, lora):
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            load_lora(pipe, run_dir, adapter_name="bad_scale", scale=bad)
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            fuse_lora(pipe, lora, scale=bad)
+    assert "bad_scale" not in _adapters(pipe) and not lora.fused
+    for seeds, shown in (([2**64], "18446744073709551616"), ([-1], "-1"), ([1.5], "1.5")):
+        with pytest.raises(ValueError, match=f"seed must be a whole number from 0 to {2**64 - 1}.*{shown}"):
+            generate_images(pipe, PROMPT, seeds, config=CFG, lora_info=lora)
 
 
 def test_offload_needs_a_gpu_and_the_base_model_comes_from_the_run(run_dir, base_model, monkeypatch):
@@ -309,6 +349,45 @@ def test_cli_generates_images_and_a_grid(run_dir, base_model, tmp_path, capsys):
     code = main(["generate", str(tmp_path / "missing_run"), "--prompt", PROMPT, "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "error:" in err and "missing_run" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--seeds", "99999999999999999999"], ["--seeds", "from 0 to 18446744073709551615", "99999999999999999999"]),
+    (["--seeds", "0", "-3"], ["--seeds", "from 0 to", "'-3'"]),
+    (["--seeds", "1.5"], ["--seeds", "whole number", "'1.5'"]),
+    (["--steps", "0"], ["--steps", "at least 1", "30"]),
+    (["--size", "100"], ["--size", "multiple of 8", "1024"]),
+    (["--size", "-64"], ["--size", "multiple of 8"]),
+    (["--scale", "nan"], ["--scale", "finite number", "1.0"]),
+    (["--scale", "inf"], ["--scale", "finite number"]),
+    (["--guidance", "nan"], ["--guidance", "finite number", "5.0"]),
+])
+def test_cli_refuses_bad_settings_before_loading_a_model(run_dir, tmp_path, capsys, monkeypatch, flags, words):
+    from lora_helpers.cli import main
+    from lora_helpers.generate import cli as generate_cli
+
+    monkeypatch.setattr(generate_cli, "load_pipeline", mock.Mock(side_effect=AssertionError("model loaded")))
+    with pytest.raises(SystemExit) as excinfo:  # argparse: usage and one error line, exit 2
+        main(["generate", str(run_dir), "--prompt", PROMPT, "--out", str(tmp_path / "out")] + flags)
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2 and "Traceback" not in err
+    (line,) = [l for l in err.splitlines() if "error:" in l]
+    for word in words:
+        assert word in line, f"{word!r} not in: {line}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_nan_lora_naming_the_file(run_dir, tmp_path, capsys, monkeypatch):
+    from lora_helpers.cli import main
+    from lora_helpers.generate import cli as generate_cli
+
+    bad = _nonfinite_lora(run_dir / "pytorch_lora_weights.safetensors", tmp_path / "diverged.safetensors", float("nan"))
+    monkeypatch.setattr(generate_cli, "load_pipeline", mock.Mock(side_effect=AssertionError("model loaded")))
+    code = main(["generate", str(bad), "--prompt", "a photo of TOK person", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert str(bad) in err and "NaN/inf" in err and "VAE" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_panel_generates_shows_and_saves(pipe, lora, tmp_path, monkeypatch):

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from lora_helpers.core.lora_files import _PICKLE_SUFFIXES, LoraFileError, quiet_diffusers, read_safetensors
+from lora_helpers.core.lora_files import (
+    _PICKLE_SUFFIXES, LoraFileError, quiet_diffusers, read_safetensors, refuse_nonfinite,
+)
 
 __all__ = ["check_lora_file"]
 
@@ -71,7 +73,7 @@ def check_lora_file(path: str | os.PathLike, pipe) -> dict[str, Any]:
 
     Raises:
         LoraNotFoundError: missing file.
-        LoraFileError: pickled file, damaged file, not a LoRA, or a LoRA for another model.
+        LoraFileError: pickled file, damaged file, not a LoRA, NaN/inf values, or a LoRA for another model.
     """
     path = Path(path)
     if path.suffix.lower() not in _PICKLE_SUFFIXES and path.suffix.lower() != ".safetensors" and path.exists():
@@ -85,6 +87,7 @@ def check_lora_file(path: str | os.PathLike, pipe) -> dict[str, Any]:
                                   "this looks like a full model checkpoint. Load it as the base model instead")
     fmt = "kohya" if any(k.startswith(("lora_unet_", "lora_te")) for k in raw_keys) else \
         "diffusers" if any(k.startswith(("unet.", "text_encoder")) for k in raw_keys) else "other"
+    refuse_nonfinite(path, raw)
 
     try:
         with quiet_diffusers():

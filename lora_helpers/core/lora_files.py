@@ -43,6 +43,7 @@ __all__ = [
     "weights_digest",
     "read_lora_file",
     "read_safetensors",
+    "refuse_nonfinite",
     "quiet_diffusers",
     "load_lora_into_models",
     "add_text_encoder_lora",
@@ -245,16 +246,26 @@ def read_lora_file(path: str | os.PathLike, *, check_finite: bool = True) -> Lor
         alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha")]
         alpha = alphas[0] if alphas else None
     if check_finite:
-        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise LoraFileError(path, f"{len(bad)} tensors hold NaN/inf (e.g. {bad[0]}); training diverged - "
-                                "use an earlier checkpoint, or retrain with a lower learning rate")
+        refuse_nonfinite(path, tensors)
     weights = [v for k, v in tensors.items() if not k.endswith(".alpha")]
     return LoraFileInfo(
         path=path, format=fmt, components=components, n_modules=len(downs), rank=max(ranks), alpha=alpha,
         dtype=str(weights[0].dtype).removeprefix("torch.") if weights else "?",
         n_parameters=sum(v.numel() for v in weights), size_mb=path.stat().st_size / 1e6, metadata=metadata,
     )
+
+
+def refuse_nonfinite(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a LoRA holding NaN/inf: it would turn every picture black, which looks like a VAE fault.
+
+    Raises:
+        LoraFileError: naming the file, how many tensors are bad and one of them.
+    """
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        verb = "holds" if len(bad) == 1 else "hold"
+        raise LoraFileError(path, f"{len(bad)} of its {len(tensors)} tensors {verb} NaN/inf values (e.g. {bad[0]}); "
+                                  "training diverged - use an earlier checkpoint, or retrain with a lower learning rate")
 
 
 def load_lora_into_models(path: str | os.PathLike, *, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None,

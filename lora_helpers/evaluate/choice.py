@@ -66,7 +66,8 @@ def best_checkpoint(
     """
     summary = list(rows) if rows and "identity_mean" in rows[0] else summarize(rows)
     base = next((s for s in summary if is_base(s)), None)
-    cands = [s for s in summary if not is_base(s)]
+    # Images of unknown checkpoint and scale (no generation metadata) cannot be chosen.
+    cands = [s for s in summary if not is_base(s) and s.get("scale") is not None]
     if not cands:
         raise ValueError("no LoRA checkpoint among the rows (only the base model); evaluate at a scale above 0")
     has_clip = any(_finite(s["clip_t_mean"]) for s in cands)

@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from lora_helpers.core.run_folder import CONFIG_FILE, DEFAULT_TOKEN
 from lora_helpers.evaluate.config import EvaluateConfig
 from lora_helpers.evaluate.metrics import reference_embeddings
-from lora_helpers.evaluate.prompts import PROMPTS_PEOPLE
+from lora_helpers.evaluate.prompts import PROMPTS_PEOPLE, read_prompts_file
 from lora_helpers.evaluate.report import format_summary, write_evaluation
 from lora_helpers.evaluate.run import evaluate_run
 from lora_helpers.evaluate.scoring import evaluate_images
+from lora_helpers.generate import check_number, check_seed, check_size, check_steps, cli_type
 
 __all__ = ["add_cli_arguments", "run_cli"]
+
+
+def _count(text: str, name: str, example: str, least: int) -> int:
+    """A whole number of at least ``least``, or ValueError naming the flag (wrapped by ``cli_type``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise ValueError(f"{name} must be a whole number of at least {least}, e.g. {example}; not {text!r}")
+    return value
+
+
+def _number(name: str, example: str, **bounds) -> Callable[[str], float]:
+    """An argparse type for a finite number within ``bounds`` (see ``check_number``)."""
+    return cli_type(partial(check_number, name=name, example=example, **bounds))
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,33 +47,45 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the person's photos: a prepared dataset/ folder or a plain folder of photos")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: TARGET/evaluation)")
     parser.add_argument("--checkpoints", default="all", help="'all', 'final', or comma-separated names or steps")
-    parser.add_argument("--max-checkpoints", type=int, default=d.max_checkpoints,
-                        help="with 'all': at most this many, evenly spaced (0: no limit)")
-    parser.add_argument("--scales", type=float, nargs="+", default=list(d.scales), help="LoRA scales (0 = base model)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
+    # Numbers are checked while parsing: one line naming the flag, before references or models load.
+    parser.add_argument("--max-checkpoints", type=cli_type(partial(_count, name="max-checkpoints", example="4", least=0)),
+                        default=d.max_checkpoints, help="with 'all': at most this many, evenly spaced (0: no limit)")
+    parser.add_argument("--scales", type=_number("scale", "1.0", minimum=0), nargs="+", default=list(d.scales),
+                        help="LoRA scales (0 = base model)")
+    parser.add_argument("--seeds", type=cli_type(check_seed), nargs="+", default=list(d.seeds),
+                        help="seeds, whole numbers from 0 to 2**64-1")
     parser.add_argument("--categories", nargs="+", default=None, choices=list(PROMPTS_PEOPLE))
-    parser.add_argument("--prompts-per-category", type=int, default=None)
-    parser.add_argument("--prompts-file", type=Path, default=None, help="one prompt template per line ({subject} is filled in)")
+    parser.add_argument("--prompts-per-category", default=None,
+                        type=cli_type(partial(_count, name="prompts-per-category", example="2", least=1)))
+    parser.add_argument("--prompts-file", type=Path, default=None,
+                        help="UTF-8 text file, one prompt template per line ({subject} is filled in)")
     parser.add_argument("--identifier", default=None, help="word removed from prompts before CLIP-T (default: the run's trigger, or TOK)")
     parser.add_argument("--clip-model", default=None, help="CLIP hub id or folder (default: ViT-L/14; tiny in smoke mode)")
     parser.add_argument("--no-clip", action="store_true", help="identity only")
     parser.add_argument("--face-backend", default=d.face_backend, choices=["dlib", "dlib5", "insightface"])
-    parser.add_argument("--threshold", type=float, default=None, help="same-person cosine (default: the backend's)")
-    parser.add_argument("--identity-weight", type=float, default=d.identity_weight)
-    parser.add_argument("--min-prompt-adherence", type=float, default=None, help="absolute CLIP-T floor for the choice")
-    parser.add_argument("--steps", type=int, default=None, help="inference steps (default: the generate stage's)")
-    parser.add_argument("--guidance-scale", type=float, default=None)
-    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--threshold", type=_number("threshold", "0.91", minimum=-1, maximum=1), default=None,
+                        help="same-person cosine (default: the backend's)")
+    parser.add_argument("--identity-weight", type=_number("identity-weight", "0.7", minimum=0, maximum=1),
+                        default=d.identity_weight)
+    parser.add_argument("--min-prompt-adherence", type=_number("min-prompt-adherence", "0.2", minimum=0), default=None,
+                        help="absolute CLIP-T floor for the choice")
+    parser.add_argument("--steps", type=cli_type(check_steps), default=None, help="inference steps (default: the generate stage's)")
+    parser.add_argument("--guidance-scale", type=_number("guidance-scale", "5.0", minimum=0), default=None)
+    parser.add_argument("--resolution", type=cli_type(partial(check_size, name="resolution")), default=None,
+                        help="square size in px, a multiple of 8 (default: the generate stage's)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``python -m lora_helpers evaluate``: a run folder is generated and scored, a folder of images scored.
 
+    Bad input (a missing folder or prompts file, no face in the references, a damaged LoRA)
+    raises; ``lora_helpers.cli.main`` prints it as one ``error:`` line and exits 1.
+
     Args:
         args: parsed flags (see :func:`add_cli_arguments`).
 
     Returns:
-        The exit code: 0, 1 on bad input (the message is printed), 2 when the target is not a folder.
+        The exit code: 0.
     """
     ckpts = args.checkpoints if args.checkpoints in ("all", "final") else [c.strip() for c in args.checkpoints.split(",") if c.strip()]
     config = EvaluateConfig(
@@ -64,25 +95,19 @@ def run_cli(args: argparse.Namespace) -> int:
         identity_weight=args.identity_weight, min_prompt_adherence=args.min_prompt_adherence,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
     )
+    # Inputs are read before the references are embedded and any model loads.
+    templates = read_prompts_file(args.prompts_file) if args.prompts_file else None
     target: Path = args.target
     if not target.is_dir():
-        print(f"error: {target} is not a folder (give a run folder or a folder of images)")
-        return 2
+        raise FileNotFoundError(f"{target} is not a folder; give a training run folder or a folder of images")
     out = args.out or target / "evaluation"
-    templates = None
-    if args.prompts_file:
-        templates = [l.strip() for l in args.prompts_file.read_text(encoding="utf-8").splitlines() if l.strip()]
-    try:
-        if (target / CONFIG_FILE).is_file():
-            result = evaluate_run(target, references=args.references, prompts=templates, config=config, out_dir=out,
-                                  identifier=args.identifier)
-        else:
-            refs = reference_embeddings(args.references, backend=config.face_backend, threshold=config.threshold)
-            rows = evaluate_images(target, references=refs, config=config, identifier=args.identifier or DEFAULT_TOKEN)
-            result = write_evaluation(rows, refs, config, Path(out), extra={"images": str(target)})
-    except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:
-        print(f"error: {exc}")
-        return 1
+    if (target / CONFIG_FILE).is_file():
+        result = evaluate_run(target, references=args.references, prompts=templates, config=config, out_dir=out,
+                              identifier=args.identifier)
+    else:
+        refs = reference_embeddings(args.references, backend=config.face_backend, threshold=config.threshold)
+        rows = evaluate_images(target, references=refs, config=config, identifier=args.identifier or DEFAULT_TOKEN)
+        result = write_evaluation(rows, refs, config, Path(out), extra={"images": str(target)})
     print(format_summary(result))
     print(f"scores: {result.files['scores']}")
     return 0

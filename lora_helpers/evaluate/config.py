@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from lora_helpers.generate import check_number, check_seeds, check_size, check_steps
+
 __all__ = ["EvaluateConfig"]
 
 
@@ -32,6 +34,9 @@ class EvaluateConfig:
         num_inference_steps, guidance_scale, resolution: generation settings
             (None: the generate stage's defaults).
         batch_size: images per CLIP forward pass.
+
+    Raises:
+        ValueError: for a setting out of range, naming it and a valid value.
     """
 
     face_backend: str = "dlib"
@@ -51,3 +56,30 @@ class EvaluateConfig:
     guidance_scale: float | None = None
     resolution: int | None = None
     batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        # Checked here, before references are embedded and models load: a NaN scale or a
+        # seed torch cannot take would otherwise fail (or draw black) minutes into a run.
+        self.seeds = tuple(check_seeds(self.seeds))
+        # Negative scales would be dropped without a word (only scales above 0 are generated).
+        self.scales = tuple(check_number(s, "scales", "0 0.5 1.0", minimum=0) for s in self.scales)
+        if not self.scales:
+            raise ValueError("scales is empty; give at least one LoRA scale, e.g. 0 0.5 1.0 (0 = the base model)")
+        self.num_inference_steps = check_steps(self.num_inference_steps, "num_inference_steps")
+        self.resolution = check_size(self.resolution, "resolution")
+        if self.guidance_scale is not None:
+            self.guidance_scale = check_number(self.guidance_scale, "guidance_scale", "5.0", minimum=0)
+        if self.threshold is not None:
+            self.threshold = check_number(self.threshold, "threshold", "0.91 (dlib) or 0.4 (ArcFace)", minimum=-1, maximum=1)
+        self.identity_weight = check_number(self.identity_weight, "identity_weight", "0.7", minimum=0, maximum=1)
+        for name, example in (("min_prompt_adherence", "0.2"), ("min_adherence_vs_base", "0.9")):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_number(getattr(self, name), name, example, minimum=0))
+        for name, example, optional in (("max_checkpoints", "4", True), ("prompts_per_category", "2", True),
+                                        ("batch_size", "16", False)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1{' (or None for all)' * optional}, "
+                                 f"e.g. {example}; not {value!r}")

@@ -35,7 +35,7 @@ def identity_validation_hook(
 
     Returns:
         ``hook(step, images, folder) -> {"identity_mean", "identity_pass_rate",
-        "faces_found", "identity_upper_bound"}`` with plain floats, ready for log.jsonl.
+        "faces_found", "unreadable", "identity_upper_bound"}`` with plain numbers, ready for log.jsonl.
     """
     state: dict[str, ReferenceSet] = {}
 
@@ -52,6 +52,6 @@ def identity_validation_hook(
                        {"step": int(step), **stats, "threshold": refs.threshold,
                         "images": [{"identity": round(s.similarity, 5), "passed": s.passed, "face_found": s.face_found}
                                    for s in scores]})
-        return {k: (None if math.isnan(v) else round(float(v), 5)) for k, v in stats.items()}
+        return {k: v if isinstance(v, int) else None if math.isnan(v) else round(float(v), 5) for k, v in stats.items()}
 
     return hook

@@ -3,8 +3,8 @@
 Identity: the largest face of an image is embedded with a face-recognition model
 (dlib's ResNet offline; ArcFace through ``insightface`` where installed) and compared by
 cosine similarity with the mean embedding of the person's reference photos. An image
-without a face scores 0. Leave-one-out similarity among the references is the upper
-bound a perfect likeness reaches.
+without a face scores 0; an unreadable file is named and left out. Leave-one-out
+similarity among the references is the upper bound a perfect likeness reaches.
 
 CLIP (as in the DreamBooth paper): CLIP-T is the cosine of image and prompt embeddings
 with the identifier removed from the prompt, CLIP-I the similarity to the reference
@@ -236,7 +236,9 @@ def reference_embeddings(
 
 @dataclass
 class IdentityScore:
-    """Identity of one image: ``similarity`` is 0.0 when no face was found."""
+    """Identity of one image: ``similarity`` is 0.0 when no face was found, NaN when the file is
+    unreadable (``error`` says why): a broken file says nothing about the LoRA, so it is not a "no face".
+    """
 
     similarity: float
     passed: bool
@@ -249,7 +251,7 @@ def identity_scores(images: Sequence, references: ReferenceSet, *, progress: boo
     """Score the largest face of each image against the mean reference embedding.
 
     Args:
-        images: PIL images or paths; an unreadable file scores 0 with ``error`` set.
+        images: PIL images or paths; an unreadable file gets NaN with ``error`` naming it.
         references: from :func:`reference_embeddings`.
         progress: show a progress bar.
 
@@ -262,7 +264,7 @@ def identity_scores(images: Sequence, references: ReferenceSet, *, progress: boo
         try:
             vec, n = _largest_face_embedding(_as_image(item), fb)
         except ImageLoadError as exc:
-            out.append(IdentityScore(0.0, False, False, 0, str(exc)))
+            out.append(IdentityScore(float("nan"), False, False, 0, str(exc)))
             continue
         sim = references.similarity(vec)
         out.append(IdentityScore(sim, vec is not None and sim >= references.threshold, vec is not None, n))
@@ -270,14 +272,18 @@ def identity_scores(images: Sequence, references: ReferenceSet, *, progress: boo
 
 
 def identity_summary(scores: Sequence[IdentityScore]) -> dict[str, float]:
-    """``identity_mean`` (no-face images count as 0), ``identity_pass_rate``, ``faces_found`` (share)."""
-    n = len(scores)
+    """``identity_mean`` (no-face images count as 0), ``identity_pass_rate``, ``faces_found`` (share),
+    over the readable images; ``unreadable`` counts the others, which are left out of every average."""
+    readable = [s for s in scores if not s.error]
+    n = len(readable)
     if n == 0:
-        return {"identity_mean": float("nan"), "identity_pass_rate": float("nan"), "faces_found": float("nan")}
+        return {"identity_mean": float("nan"), "identity_pass_rate": float("nan"), "faces_found": float("nan"),
+                "unreadable": len(scores)}
     return {
-        "identity_mean": float(np.mean([s.similarity for s in scores])),
-        "identity_pass_rate": sum(s.passed for s in scores) / n,
-        "faces_found": sum(s.face_found for s in scores) / n,
+        "identity_mean": float(np.mean([s.similarity for s in readable])),
+        "identity_pass_rate": sum(s.passed for s in readable) / n,
+        "faces_found": sum(s.face_found for s in readable) / n,
+        "unreadable": len(scores) - n,
     }
 
 

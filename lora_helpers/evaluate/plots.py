@@ -48,7 +48,9 @@ def plot_identity_vs_prompt(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    rows = [s for s in summary if _finite(s.get("identity_mean"))]
+    # Images without a known LoRA scale (photos from elsewhere, mixed into a folder of generated
+    # ones) have no place on a line through scales or checkpoints.
+    rows = [s for s in summary if _finite(s.get("identity_mean")) and s.get("scale") is not None]
     xs_known = any(_finite(s.get("clip_t_mean")) for s in rows)
     x = (lambda s: s["clip_t_mean"]) if xs_known else (lambda s: s["scale"] or 0.0)
     base = [s for s in rows if s.get("scale") in (0, 0.0) or s.get("checkpoint") == "base"]

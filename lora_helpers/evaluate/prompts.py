@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from lora_helpers.core.run_folder import DEFAULT_TRIGGER
 
-__all__ = ["PROMPTS_PEOPLE", "EvalPrompt", "people_prompts"]
+__all__ = ["PROMPTS_PEOPLE", "EvalPrompt", "people_prompts", "read_prompts_file"]
 
 
 # Standard prompts for a person, in the spirit of the DreamBooth paper's live-subject
@@ -87,3 +89,37 @@ def people_prompts(
         for i, t in enumerate(PROMPTS_PEOPLE[cat][:per_category]):
             out.append(EvalPrompt(f"{cat}-{i:02d}", cat, t, t.replace("{subject}", subject)))
     return out
+
+
+def read_prompts_file(path: str | os.PathLike) -> list[str]:
+    """Prompt templates from a text file, one per line (blank lines skipped, ``{subject}`` kept).
+
+    Args:
+        path: a UTF-8 text file (a byte-order mark is fine).
+
+    Returns:
+        The templates, in file order.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a folder, text that is not UTF-8 (naming the line), or no prompts in it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompts file not found: {path} (check the path; it holds one prompt per line)")
+    if path.is_dir():
+        raise ValueError(f"prompts file {path} is a folder; give a text file with one prompt per line")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        # Windows editors save Latin-1/cp1252 ("café" as one byte 0xe9); guessing the encoding
+        # could silently change a prompt, so the line is named and the fix is the user's.
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as "
+                         "UTF-8 (in most editors: Save As, Encoding: UTF-8) and run again") from None
+    templates = [line.strip() for line in text.splitlines() if line.strip()]
+    if not templates:
+        raise ValueError(f"prompts file {path} holds no prompts; write one per line, e.g. 'a photo of {{subject}} "
+                         "on the beach'")
+    return templates

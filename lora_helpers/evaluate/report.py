@@ -1,23 +1,27 @@
 """What evaluation produced: per-image rows, the summary, the choice, and the files written.
 
 :func:`write_evaluation` writes ``scores.csv``, ``summary.csv``, ``identity_vs_prompt.png``
-and ``evaluation.json`` for a run or a folder of images; :func:`format_summary` prints
-the summary as a short table.
+and ``evaluation.json`` for a run or a folder of images, all or nothing: each goes to a
+temporary name first and all are renamed only once every one was written, so a failure
+never leaves new scores beside an old summary. :func:`format_summary` prints the summary
+as a short table.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lora_helpers.core.fileio import write_json
+from lora_helpers.core.fileio import atomic_path, write_json
 from lora_helpers.evaluate.choice import Choice, best_checkpoint
 from lora_helpers.evaluate.config import EvaluateConfig
 from lora_helpers.evaluate.metrics import ReferenceSet
 from lora_helpers.evaluate.plots import plot_identity_vs_prompt
 from lora_helpers.evaluate.scores_csv import write_scores_csv
-from lora_helpers.evaluate.summary import is_base, summarize
+from lora_helpers.evaluate.summary import is_base, summarize, unreadable_rows
 
 __all__ = ["EvaluationResult", "write_evaluation", "format_summary"]
 
@@ -32,6 +36,11 @@ class EvaluationResult:
     references: ReferenceSet
     out_dir: Path
     files: dict[str, Path]
+
+    @property
+    def unreadable(self) -> list[dict]:
+        """Images that could not be read (``{"image", "error"}``), left out of every average."""
+        return unreadable_rows(self.rows)
 
     @property
     def lower_bound(self) -> float | None:
@@ -50,11 +59,14 @@ def write_evaluation(rows: list[dict], refs: ReferenceSet, config: EvaluateConfi
         refs: the reference set the rows were scored against (bounds and threshold).
         config: the settings (choice weights and floors; recorded in ``evaluation.json``).
         out_dir: folder for ``scores.csv``, ``summary.csv``, ``identity_vs_prompt.png``
-            (when rows have scales) and ``evaluation.json``.
+            (when rows have scales) and ``evaluation.json``; written all or nothing.
         extra: more fields for ``evaluation.json`` (the run folder, subject, ...).
 
     Returns:
         An :class:`EvaluationResult`; ``choice`` is None without a LoRA candidate.
+
+    Raises:
+        IsADirectoryError: a folder stands where an output goes (nothing is written).
     """
     summary = summarize(rows)
     choice = None
@@ -62,11 +74,13 @@ def write_evaluation(rows: list[dict], refs: ReferenceSet, config: EvaluateConfi
         choice = best_checkpoint(summary, identity_weight=config.identity_weight,
                                  min_prompt_adherence=config.min_prompt_adherence,
                                  min_adherence_vs_base=config.min_adherence_vs_base, upper_bound=refs.upper_bound)
-    files = {"scores": write_scores_csv(out_dir / "scores.csv", rows),
-             "summary": write_scores_csv(out_dir / "summary.csv", [{k: _round(v) for k, v in s.items()} for s in summary])}
+    names = {"scores": "scores.csv", "summary": "summary.csv", "report": "evaluation.json"}
     if any(s.get("scale") is not None for s in summary):
-        files["plot"] = plot_identity_vs_prompt(summary, out_dir / "identity_vs_prompt.png", upper_bound=refs.upper_bound,
-                                                threshold=refs.threshold, choice=choice)
+        names["plot"] = "identity_vs_prompt.png"
+    files = {key: Path(out_dir) / name for key, name in names.items()}
+    for path in files.values():  # a rename onto a folder would fail after the others were renamed
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "a folder stands where this output goes; move it away", str(path))
     base = [s for s in summary if is_base(s)]
     report = {
         **extra,
@@ -74,10 +88,20 @@ def write_evaluation(rows: list[dict], refs: ReferenceSet, config: EvaluateConfi
         "lower_bound_base_model": _round(base[0]["identity_mean"]) if base else None,
         "threshold": refs.threshold, "face_backend": refs.backend,
         "references": refs.names, "references_without_face": refs.without_face,
+        "unreadable_images": unreadable_rows(rows),
         "choice": asdict(choice) if choice else None, "summary": summary,
         "config": asdict(config),
     }
-    files["report"] = write_json(out_dir / "evaluation.json", report)
+    # Every output goes to a temporary file; leaving the ExitStack without an error renames them
+    # all, an error anywhere removes them all and leaves the previous outputs as they were.
+    with contextlib.ExitStack() as stack:
+        tmp = {key: stack.enter_context(atomic_path(path)) for key, path in files.items()}
+        write_scores_csv(tmp["scores"], rows)
+        write_scores_csv(tmp["summary"], [{k: _round(v) for k, v in s.items()} for s in summary])
+        if "plot" in tmp:
+            plot_identity_vs_prompt(summary, tmp["plot"], upper_bound=refs.upper_bound, threshold=refs.threshold,
+                                    choice=choice)
+        write_json(tmp["report"], report)
     return EvaluationResult(rows=rows, summary=summary, choice=choice, references=refs, out_dir=out_dir, files=files)
 
 
@@ -105,6 +129,10 @@ def format_summary(result: EvaluationResult) -> str:
         lines.append(f"{str(s['checkpoint'] or '-'):<18} {scale:>5} {s['images']:>6} {s['faces_found']:>6.0%} "
                      f"{f(s['identity_mean'], 8)} {s['identity_pass_rate']:>5.0%} {f(s['clip_t_mean'])} "
                      f"{f(s['clip_i_mean'])} {f(s['diversity_mean'], 6)}")
+    bad = result.unreadable
+    if bad:
+        lines.append(f"{len(bad)} unreadable image(s) left out of every average: "
+                     + "; ".join(str(b["error"]) for b in bad[:5]) + ("; ..." if len(bad) > 5 else ""))
     if result.lower_bound is not None:
         lines.append(f"base model without the LoRA (lower bound): identity {result.lower_bound:.3f}")
     if result.choice:

@@ -183,6 +183,11 @@ def evaluate_run(
     Returns:
         An :class:`EvaluationResult`; ``scores.csv``, ``summary.csv``,
         ``identity_vs_prompt.png`` and ``evaluation.json`` are in ``out_dir``.
+
+    Raises:
+        FileNotFoundError: not a run folder, or no LoRA weights in it.
+        ValueError: a bad setting or override (named), or no face in the references.
+        LoraFileError: a damaged LoRA file, or one holding NaN/inf (named).
     """
     config = config or EvaluateConfig()
     run_dir = Path(run_dir)
@@ -191,9 +196,10 @@ def evaluate_run(
                                 "(score a folder of images with evaluate_images)")
 
     run_cfg = read_run_config(run_dir)
-    scales = tuple(float(s) for s in (scales if scales is not None else config.scales))
-    seeds = tuple(seeds if seeds is not None else config.seeds)
-    config = replace(config, seeds=seeds)
+    # replace() checks the overrides as EvaluateConfig checks its own (before any model loads).
+    config = replace(config, seeds=tuple(seeds if seeds is not None else config.seeds),
+                     scales=tuple(scales if scales is not None else config.scales))
+    scales, seeds = config.scales, config.seeds
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
     default_identifier, subject = _subject_from_config(run_cfg)
     identifier = identifier or default_identifier

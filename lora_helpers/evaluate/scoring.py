@@ -4,7 +4,9 @@ Identity is measured with a face-recognition embedding (dlib's ResNet offline, A
 through ``insightface`` where installed): the cosine similarity of the largest face in
 each image to the mean embedding of the reference photos, and whether it passes the
 same-person threshold. An image without a face scores 0 and counts, so a LoRA that
-stops drawing faces cannot look good by being skipped.
+stops drawing faces cannot look good by being skipped. An unreadable file is the
+opposite case: it says nothing about the LoRA, so it is named (``error``), gets no
+scores, and is left out of every average.
 
 Prompt adherence follows the DreamBooth paper: CLIP-T is the cosine of the image and
 prompt embeddings with the identifier ("TOK") removed from the prompt, CLIP-I the
@@ -85,13 +87,21 @@ def score_rows(items: list[dict], references: ReferenceSet, config: EvaluateConf
         progress: show progress bars.
 
     Returns:
-        ``items``, updated in place, without ``"_image"``.
+        ``items``, updated in place, without ``"_image"``; an unreadable image keeps empty
+        scores and its reason in ``"error"``.
+
+    Raises:
+        ValueError: when not one image can be read (nothing to score).
     """
     ids = identity_scores([r["_image"] for r in items], references, progress=progress)
     for r, s in zip(items, ids):
-        r.update(face_found=s.face_found, faces=s.faces, identity=round(s.similarity, 5), identity_pass=s.passed)
-        if s.error:
-            r["error"] = s.error
+        if s.error:  # unreadable: no scores at all, so no average can take it for "no face"
+            r.update(face_found=None, faces=None, identity=None, identity_pass=None, error=s.error)
+        else:
+            r.update(face_found=s.face_found, faces=s.faces, identity=round(s.similarity, 5), identity_pass=s.passed)
+    if items and all(r.get("error") for r in items):
+        raise ValueError(f"none of the {len(items)} images could be read (e.g. {items[0]['error']}); "
+                         "check the folder holds the generated images")
     if config.use_clip and items:
         clip = load_clip(clip or config.clip_model, batch_size=config.batch_size)
         readable = [r for r in items if not r.get("error")]
@@ -139,7 +149,8 @@ def evaluate_images(
 
     Returns:
         One dict per image: image, prompt, seed, scale, checkpoint, face_found, faces,
-        identity, identity_pass, clip_t, clip_i, diversity (missing keys: not measured).
+        identity, identity_pass, clip_t, clip_i, diversity (missing keys: not measured);
+        an unreadable file has ``error`` (naming it) and no scores.
     """
     config = config or EvaluateConfig()
     refs = reference_embeddings(references, backend=config.face_backend, threshold=config.threshold, progress=progress)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["summarize", "is_base"]
+__all__ = ["summarize", "unreadable_rows", "is_base"]
 
 
 def _nanmean(values) -> float:
@@ -18,21 +18,31 @@ def _nanmean(values) -> float:
 def summarize(rows: Sequence[dict]) -> list[dict]:
     """Aggregate per-image rows by (checkpoint, scale).
 
+    Unreadable images (rows with an ``error``) are left out of every average and counted
+    in ``unreadable``; a group of unreadable images alone has nothing to average and gets
+    no row (:func:`unreadable_rows` lists them all).
+
     Args:
         rows: per-image rows, as in ``scores.csv``.
 
     Returns:
-        Rows with checkpoint, step, scale, images, faces_found (share), identity_mean
-        (no face counts 0), identity_pass_rate, clip_t_mean, clip_i_mean, diversity_mean;
-        ordered by step, then scale.
+        Rows with checkpoint, step, scale, images (scored), unreadable, faces_found (share),
+        identity_mean (no face counts 0), identity_pass_rate, clip_t_mean, clip_i_mean,
+        diversity_mean; ordered by step, then scale.
     """
     groups: dict[tuple, list[dict]] = {}
+    unreadable: dict[tuple, int] = {}
     for r in rows:
-        groups.setdefault((r.get("checkpoint"), r.get("scale")), []).append(r)
+        key = (r.get("checkpoint"), r.get("scale"))
+        if r.get("error"):
+            unreadable[key] = unreadable.get(key, 0) + 1
+        else:
+            groups.setdefault(key, []).append(r)
     out = []
     for (ckpt, scale), rs in groups.items():
         out.append({
             "checkpoint": ckpt, "step": rs[0].get("step"), "scale": scale, "images": len(rs),
+            "unreadable": unreadable.get((ckpt, scale), 0),
             "faces_found": sum(bool(r.get("face_found")) for r in rs) / len(rs),
             "identity_mean": _nanmean(r.get("identity") or 0.0 for r in rs),
             "identity_pass_rate": sum(bool(r.get("identity_pass")) for r in rs) / len(rs),
@@ -43,6 +53,15 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     big = float("inf")
     return sorted(out, key=lambda s: (s["step"] if isinstance(s["step"], (int, float)) else big,
                                       str(s["checkpoint"]), s["scale"] if s["scale"] is not None else -1))
+
+
+def unreadable_rows(rows: Sequence[dict]) -> list[dict]:
+    """The images that could not be read: ``{"image", "error"}`` each, in order.
+
+    Args:
+        rows: per-image rows, as in ``scores.csv``.
+    """
+    return [{"image": r.get("image"), "error": r["error"]} for r in rows if r.get("error")]
 
 
 def is_base(s: dict) -> bool:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
-from lora_helpers.core.lora_files import LoraFileError
+from lora_helpers.core.lora_files import LoraFileError, read_safetensors, refuse_nonfinite
 from lora_helpers.generate.cache import ImageCache
 from lora_helpers.generate.grids import (
     DEFAULT_SCALES, GRID_KINDS, base_vs_lora, checkpoint_progress, prompt_seed_grid, scale_sweep,
@@ -14,6 +15,7 @@ from lora_helpers.generate.grids import (
 from lora_helpers.generate.images import SCHEDULERS, GenerateConfig, generate_images, save_images
 from lora_helpers.generate.lora import find_lora_file, fuse_lora, load_lora
 from lora_helpers.generate.pipeline import MEMORY_SAVING_MODES, choose_base_model, load_pipeline
+from lora_helpers.generate.settings import check_number, check_prompts, check_seed, check_size, check_steps, cli_type
 
 __all__ = ["add_cli_arguments", "run_cli"]
 
@@ -28,12 +30,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", "-p", dest="prompts", action="append", required=True,
                         help="prompt; repeat for several. {subject} becomes the run's trigger phrase")
     parser.add_argument("--negative-prompt", default="", help="what to avoid (default: none)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
-    parser.add_argument("--size", type=int, default=None, help="square size in px: 512 or 1024 (default 1024; 64 in smoke mode)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 30; 2 in smoke mode)")
-    parser.add_argument("--guidance", type=float, default=GenerateConfig.guidance, help="guidance scale (default %(default)s)")
-    parser.add_argument("--scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
-    parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="strengths for --grid scale")
+    # Checked while parsing, so a bad number is one line naming the flag before any model loads.
+    parser.add_argument("--seeds", type=cli_type(check_seed), nargs="+", default=[0],
+                        help="seeds, whole numbers from 0 to 2**64-1 (default: 0)")
+    parser.add_argument("--size", type=cli_type(check_size), default=None,
+                        help="square size in px, a multiple of 8: 512 or 1024 (default 1024; 64 in smoke mode)")
+    parser.add_argument("--steps", type=cli_type(check_steps), default=None, help="denoising steps (default 30; 2 in smoke mode)")
+    parser.add_argument("--guidance", type=cli_type(partial(check_number, name="guidance", example="5.0", minimum=0)),
+                        default=GenerateConfig.guidance, help="guidance scale (default %(default)s)")
+    scale = cli_type(partial(check_number, name="scale", example="1.0"))
+    parser.add_argument("--scale", type=scale, default=1.0, help="LoRA strength (default 1.0)")
+    parser.add_argument("--scales", type=scale, nargs="+", default=list(DEFAULT_SCALES), help="strengths for --grid scale")
     parser.add_argument("--grid", choices=GRID_KINDS, default=None, help="also write a grid of this kind")
     parser.add_argument("--out", type=Path, default=Path("outputs/generate"), help="output folder (default %(default)s)")
     parser.add_argument("--base-model", default=None, help="SDXL hub id or folder (default: the run's, else SDXL base 1.0)")
@@ -57,18 +64,22 @@ def run_cli(args: argparse.Namespace) -> int:
         The exit code: 0, or 2 on bad input (the message goes to stderr).
     """
     try:
+        # Every setting before the slow model load: a mistake costs a second, not minutes.
+        config = GenerateConfig(negative_prompt=args.negative_prompt, size=args.size, steps=args.steps,
+                                guidance=args.guidance, scheduler=args.scheduler)
+        check_prompts(args.prompts)
         base = choose_base_model(args.source, args.base_model)
         if args.grid == "checkpoints" and not Path(args.source).is_dir():
             raise ValueError("--grid checkpoints needs a run folder as SOURCE")
-        find_lora_file(args.source)  # fail on a bad path before the slow model load
+        # A bad path, a damaged file or NaN weights fail here, before the slow model load.
+        lora_file, _ = find_lora_file(args.source)
+        refuse_nonfinite(lora_file, read_safetensors(lora_file)[0])
         pipe = load_pipeline(base, vae=None if str(args.vae).lower() == "none" else args.vae, device=args.device,
                              memory_saving=args.memory_saving)
         info = load_lora(pipe, args.source, scale=args.scale, trigger=args.trigger)
         if args.fuse:
             fuse_lora(pipe, info)
         cache = None if args.no_cache else ImageCache(args.cache_dir or args.out / "cache")
-        config = GenerateConfig(negative_prompt=args.negative_prompt, size=args.size, steps=args.steps,
-                                guidance=args.guidance, scheduler=args.scheduler)
         print(info)
         items = generate_images(pipe, args.prompts, args.seeds, config=config, lora_info=info, cache=cache)
         for path in save_images(items, args.out / "images"):

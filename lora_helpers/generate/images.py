@@ -1,4 +1,4 @@
-"""Generating images: settings, one picture per prompt × seed, the cache, saving.
+"""Generating images: one picture per prompt × seed, the cache, saving.
 
 Reproducibility: each image has its own ``torch.Generator`` on the CPU seeded with its
 seed, so an image depends on its seed alone — not on its position in a batch, on the
@@ -6,7 +6,8 @@ other seeds asked for, or on the GPU model (CPU noise is the same everywhere).
 ``{subject}`` in a prompt becomes the run's trigger phrase ("TOK person").
 
 The pipeline comes from :mod:`lora_helpers.generate.pipeline`, the LoRA from
-:mod:`lora_helpers.generate.lora`; the grids people look at are in
+:mod:`lora_helpers.generate.lora`, the settings and their checks from
+:mod:`lora_helpers.generate.settings` (re-exported here); the grids people look at are in
 :mod:`lora_helpers.generate.grids`.
 """
 
@@ -26,94 +27,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lora_helpers import __version__
-from lora_helpers.core.config import default_resolution, smoke_mode
 from lora_helpers.core.grids import save_png_with_metadata
 from lora_helpers.generate.cache import ImageCache, cache_key
 from lora_helpers.generate.lora import LoraInfo, activate_lora
+from lora_helpers.generate.settings import (
+    SCHEDULERS, GenerateConfig, check_number, check_prompts, check_seeds, resolve_size, resolve_steps,
+)
 
 __all__ = [
     "SCHEDULERS", "GenerateConfig", "PngResult", "GeneratedImage",
     "resolve_size", "resolve_steps", "fill_subject", "generate_images", "save_images",
 ]
-
-# Short names people type; any diffusers scheduler class name works too.
-SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-
-
-@dataclass
-class GenerateConfig:
-    """Generation settings (one per request; change with ``dataclasses.replace``).
-
-    Attributes:
-        negative_prompt: what to steer away from ("" = none: SDXL then uses zero embeddings).
-        size: square side in px, e.g. 512 or 1024; None: 1024 (64 in smoke mode, where
-            every size maps to the tiny model's 64 px).
-        steps: denoising steps; None: 30 (2 in smoke mode).
-        guidance: classifier-free guidance scale.
-        lora_scale: LoRA strength; None: the LoRA's own (``LoraInfo.scale``).
-        scheduler: None keeps the pipeline's; or a name from :data:`SCHEDULERS` / a diffusers class name.
-        subject: replaces ``{subject}``; None: the LoRA run's trigger phrase.
-        batch_size: images per pipeline call. 1 keeps every image bit-identical to a
-            re-run of its seed alone; larger batches are faster on big GPUs but may change
-            the last bits of some pixels (different kernels).
-    """
-
-    negative_prompt: str = ""
-    size: int | None = None
-    steps: int | None = None
-    guidance: float = 5.0
-    lora_scale: float | None = None
-    scheduler: str | None = None
-    subject: str | None = None
-    batch_size: int = 1
-
-
-def resolve_size(size: int | None = None, *, smoke: bool | None = None) -> int:
-    """Pixel size to generate at: ``size``, or the default; in smoke mode always the tiny model's size.
-
-    Args:
-        size: square side in px (a multiple of 8, at least 64), or None for the default.
-        smoke: smoke mode; None reads the switch from the environment.
-
-    Returns:
-        The side in px.
-
-    Raises:
-        ValueError: for a size that is not a multiple of 8 or below 64 (in smoke mode too).
-    """
-    smoke = smoke_mode() if smoke is None else smoke
-    # A bad size is reported in smoke mode too, so a notebook fails in CI as it would in Colab.
-    if size is not None and (int(size) < 64 or int(size) % 8):
-        raise ValueError(f"size must be a multiple of 8 and at least 64 (SDXL: 512 or 1024), got {size}")
-    if size is None or smoke:
-        return default_resolution(smoke)
-    return int(size)
-
-
-def resolve_steps(steps: int | None = None, *, smoke: bool | None = None) -> int:
-    """Denoising steps: ``steps``, or 30 (2 in smoke mode).
-
-    Args:
-        steps: steps asked for, or None for the default.
-        smoke: smoke mode; None reads the switch from the environment.
-
-    Returns:
-        The number of steps.
-
-    Raises:
-        ValueError: for fewer than one step.
-    """
-    if steps is None:
-        return 2 if (smoke_mode() if smoke is None else smoke) else 30
-    if int(steps) < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    return int(steps)
 
 
 def fill_subject(prompt: str, subject: str | None) -> str:
@@ -271,26 +195,19 @@ def generate_images(
         :class:`GeneratedImage` items, prompt-major: ``[p0s0, p0s1, ..., p1s0, ...]``.
 
     Raises:
-        ValueError: no prompts, no seeds, a blank prompt, or ``{subject}`` without a trigger phrase.
+        ValueError: no prompts, no seeds, a blank prompt, a seed outside 0..2**64-1, a bad
+            setting, or ``{subject}`` without a trigger phrase.
     """
     config = config or GenerateConfig()
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
-    if not prompts:
-        raise ValueError("no prompts given: pass at least one prompt, e.g. 'a photo of {subject}'")
-    if not seeds:
-        raise ValueError("no seeds given: pass at least one seed, e.g. [0, 1, 2]")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompt #{i + 1} is empty; write a prompt such as 'a photo of {{subject}} in a park'")
-    if config.batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {config.batch_size}")
+    config.check()  # fields may have been set after construction
+    prompts = check_prompts(prompts)
+    seeds = check_seeds(seeds)
     size = resolve_size(config.size)
     steps = resolve_steps(config.steps)
     subject = config.subject or (lora_info.trigger if lora_info else None)
     scale = None
     if lora_info is not None:
-        scale = float(lora_info.scale if config.lora_scale is None else config.lora_scale)
+        scale = check_number(lora_info.scale if config.lora_scale is None else config.lora_scale, "LoRA scale", "1.0")
     texts = [fill_subject(p, subject) for p in prompts]
     if lora_info is not None and lora_info.trigger:
         for text in dict.fromkeys(texts):
@@ -355,8 +272,12 @@ def generate_images(
                 for (index, params), image in zip(batch, out):
                     key = params.pop("_key")
                     if image.getextrema() == ((0, 0), (0, 0), (0, 0)):
-                        warnings.warn(f"seed {params['seed']} gave a black image: the VAE overflowed in "
-                                      f"{identity['dtype']} (use the fp16-fix VAE: load_pipeline(vae='auto')) or float32")
+                        # NaN pixels become black. In fp16 the usual cause is the VAE; in fp32 it is not,
+                        # and blaming it would send people after the wrong thing.
+                        cause = (f"the VAE overflowed in {identity['dtype']} (use the fp16-fix VAE: "
+                                 "load_pipeline(vae='auto'), or float32)" if identity["dtype"] == "float16" else
+                                 "the model computed NaN/inf (check the base model's weights)")
+                        warnings.warn(f"seed {params['seed']} gave a black image: {cause}")
                     items[index] = GeneratedImage(image=image, params=params, key=key, seconds=seconds)
                     if cache is not None:
                         cache.put(key, image, params)

@@ -24,6 +24,7 @@ from lora_helpers.core.fileio import sha256_file
 from lora_helpers.core.lora_check import check_lora_file
 from lora_helpers.core.lora_files import LoraFileError, LoraNotFoundError, quiet_diffusers
 from lora_helpers.core.run_folder import CONFIG_FILE, LORA_WEIGHT_NAME, find_checkpoints, read_run_config
+from lora_helpers.generate.settings import check_number
 
 __all__ = [
     "LoraInfo",
@@ -163,8 +164,11 @@ def load_lora(
         A :class:`LoraInfo`.
 
     Raises:
-        LoraNotFoundError, LoraFileError: see :func:`check_lora_file`; the pipeline is unchanged.
+        LoraNotFoundError, LoraFileError: see :func:`check_lora_file` (damaged, NaN/inf values,
+            another base model); the pipeline is unchanged.
+        ValueError: a scale that is not a finite number.
     """
+    scale = check_number(scale, "scale", "1.0")
     path, run_dir = find_lora_file(source)
     checked = check_lora_file(path, pipe)
     run_config = read_run_config(run_dir) if run_dir else {}
@@ -220,9 +224,13 @@ def activate_lora(pipe, lora: LoraInfo | None, scale: float | None = None) -> No
         pipe: the pipeline.
         lora: the LoRA to use, or None for the base model.
         scale: strength; None: ``lora.scale``.
+
+    Raises:
+        ValueError: a scale that is not a finite number (NaN gives black pictures).
+        LoraFileError: the LoRA is no longer loaded in ``pipe``.
     """
     if lora is not None:
-        scale = lora.scale if scale is None else float(scale)
+        scale = check_number(lora.scale if scale is None else scale, "LoRA scale", "1.0")
         if lora.adapter_name not in _adapter_names(pipe):
             raise LoraFileError(lora.path, f"adapter {lora.adapter_name!r} is no longer loaded in this pipeline; "
                                            "call load_lora again")
@@ -259,7 +267,7 @@ def fuse_lora(pipe, lora: LoraInfo, scale: float | None = None) -> None:
         scale: strength to fuse at; None keeps ``lora.scale``.
     """
     if scale is not None:
-        lora.scale = float(scale)
+        lora.scale = check_number(scale, "scale", "1.0")
     lora.fused = True
     activate_lora(pipe, lora, lora.scale)
 
