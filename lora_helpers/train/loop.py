@@ -24,7 +24,8 @@ def _every(n: int | None, step: int) -> bool:
 
 
 def run_training(dataset_dir: Path, run_dir: Path, *, cfg: TrainConfig, accelerator, plan: MemoryPlan, trigger: str,
-                 class_noun: str | None, start_from: Path | None, listeners: Sequence[Any] = ()) -> TrainResult:
+                 class_noun: str | None, start_from: Path | None, listeners: Sequence[Any] = (),
+                 accept_changes: bool = False) -> TrainResult:
     """Set up, train, and write the run folder (see :func:`lora_helpers.train.stage.train`).
 
     Args:
@@ -34,6 +35,7 @@ def run_training(dataset_dir: Path, run_dir: Path, *, cfg: TrainConfig, accelera
         plan: the memory plan checked against the budget.
         trigger, class_noun: the person's trigger phrase and class.
         start_from: a checkpoint folder to resume from, or None.
+        accept_changes: resume even though settings or data differ from the checkpoint's (recorded).
         listeners: receive the events of :class:`lora_helpers.train.events.TrainingListener`.
 
     Returns:
@@ -46,7 +48,7 @@ def run_training(dataset_dir: Path, run_dir: Path, *, cfg: TrainConfig, accelera
     try:
         # Encode images and captions once and free the encoders *before* the UNet loads:
         # that is what makes SDXL fit in 8 GB. Then the models, and the checkpoint to resume from.
-        session.setup(start_from)
+        session.setup(start_from, accept_changes=accept_changes)
         cfg = session.cfg  # the number of steps and the warm-up are known now
         events.on_train_start(session.start_info())
         while session.step < cfg.max_train_steps:

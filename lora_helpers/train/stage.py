@@ -115,7 +115,7 @@ def _listeners(listeners: Sequence[Any] | None, validation_hook, run_dir: Path) 
 
 
 def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig | None = None,
-          resume: str | Path | None = None,
+          resume: str | int | Path | None = None, accept_changes: bool = False,
           validation_hook: ValidationHook | Sequence[ValidationHook] | None = None,
           listeners: Sequence[Any] | None = None) -> TrainResult:
     """Train a LoRA on a prepared, captioned dataset and write the run folder.
@@ -124,9 +124,12 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
         dataset_dir: the dataset (``metadata.jsonl``, ``images/``, ``masks/``, captions).
         run_dir: the run folder (created): checkpoints/, samples/, log.jsonl, the LoRA files.
         config: a :class:`TrainConfig` (default: the t4-8gb preset).
-        resume: "latest" (continue from the newest checkpoint, or start when there is none),
-            a step number, or a checkpoint folder. Without it, a run folder that already holds
-            checkpoints is refused, so nothing is overwritten by accident.
+        resume: "latest" (continue from the newest good checkpoint, skipping damaged ones, or start
+            when there is none), a step number, or a checkpoint folder. Without it, a run folder that
+            already holds checkpoints is refused, so nothing is overwritten by accident.
+        accept_changes: resume even though the learning rate, batch, resolution, seed, base model or
+            dataset differ from the checkpoint's; the new ones are used and the change is recorded in
+            ``config.json`` and the model card. Without it such a resume is refused, naming each change.
         validation_hook: called as ``hook(step, images, run_dir)`` after each validation with
             the list of PIL images (prompts x seeds, row-major); a dict it returns is written
             into that step's ``log.jsonl`` row (e.g. identity scores). A list of hooks runs
@@ -142,40 +145,52 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
 
     Raises:
         MemoryBudgetError: the plan does not fit ``memory_budget_gb`` (nothing was loaded).
+        CheckpointError: the checkpoint to resume from is missing or damaged (naming the good ones).
+        ResumeSettingsError: the checkpoint was trained with other settings or data.
         TrainingDivergedError: NaN/inf loss for ``max_nonfinite_in_a_row`` steps.
         TrainingOutOfMemoryError: out of memory, with what to change and the checkpoint to resume from.
+        RunWriteError: the disk filled up while writing; earlier checkpoints are intact.
         FileExistsError: ``run_dir`` has checkpoints and ``resume`` was not given.
     """
     config = config or TrainConfig()
     dataset_dir, run_dir = Path(dataset_dir), Path(run_dir)
+    resume = ckpt.check_resume_value(resume, run_dir)  # its form, before anything is planned or written
     if config.train_text_encoder:
         supported, reason = text_encoder_lora_supported()
         if not supported:
             raise ValueError(reason)
     device_type = _device_type(config)
     cfg = _resolve(config, device_type)
-    start_from = ckpt.find_checkpoint(run_dir, resume) if resume is not None else None
-    if resume is None and ckpt.list_checkpoints(run_dir):
-        last = ckpt.list_checkpoints(run_dir)[-1]
-        raise FileExistsError(f"{run_dir} already has checkpoints (up to {last.name}): pass resume='latest' "
-                              "(--resume latest) to continue, or choose a new run folder")
     plan = plan_memory(cfg, device_type=device_type)
     if cfg.memory_budget_gb:
         plan = check_budget(plan, cfg.memory_budget_gb)
     if cfg.hub_repo_id:  # a push that cannot work must fail now, not after an hour of training
         check_hub_access(cfg.hub_repo_id, private=cfg.hub_private)
     accelerator = _make_accelerator(cfg.mixed_precision, cpu=device_type == "cpu")
+    main = accelerator.is_main_process
+    start_from = None
+    if resume is not None:  # a damaged newest checkpoint is skipped with a message, a named one refused
+        start_from = ckpt.find_checkpoint(run_dir, resume, say=print if main else _quiet)
+    if resume is None and ckpt.list_checkpoints(run_dir):
+        last = ckpt.list_checkpoints(run_dir)[-1]
+        raise FileExistsError(f"{run_dir} already has checkpoints (up to {last.name}): pass resume='latest' "
+                              "(--resume latest) to continue, or choose a new run folder")
     trigger, class_noun = _trigger(cfg, dataset_dir)
     with _memory_budget(cfg.memory_budget_gb, accelerator.device):
         try:
             return run_training(dataset_dir, run_dir, cfg=cfg, accelerator=accelerator, plan=plan, trigger=trigger,
                                 class_noun=class_noun, start_from=start_from,
-                                listeners=_listeners(listeners, validation_hook, run_dir))
+                                listeners=_listeners(listeners, validation_hook, run_dir),
+                                accept_changes=accept_changes)
         finally:
             # accelerate keeps references to the UNet and optimizer: drop them, so a notebook can
             # generate (or retry with other settings) in the same session without a restart
             accelerator.free_memory()
             free_memory()
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """Other processes of a multi-GPU run stay silent; the main one speaks."""
 
 
 # --------------------------------------------------------------------------- CLI
@@ -194,7 +209,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="settings for the machine (default: %(default)s)")
     parser.add_argument("--steps", dest="max_train_steps", type=int, default=None,
                         help="optimizer steps (default: scaled to the number of photos)")
-    parser.add_argument("--resume", default=None, help="'latest', a step number or a checkpoint folder")
+    parser.add_argument("--resume", default=None,
+                        help="'latest' (the newest good checkpoint), a step number or a checkpoint folder")
+    parser.add_argument("--accept-changes", action="store_true",
+                        help="resume even though the learning rate, batch, resolution, seed, model or dataset "
+                             "changed since the checkpoint (recorded in config.json)")
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--batch-size", dest="train_batch_size", type=int, default=None)
     parser.add_argument("--grad-accum", dest="gradient_accumulation_steps", type=int, default=None)
@@ -271,9 +290,14 @@ def run_cli(args: argparse.Namespace) -> int:
         print(plan)
         return 0 if plan.fits else 1
     try:
-        result = train(args.dataset_dir, args.run_dir, config=config, resume=args.resume)
-    except (MemoryBudgetError, TrainingDivergedError, TrainingOutOfMemoryError, FileExistsError, ValueError) as exc:
-        print(f"training stopped: {exc}", file=sys.stderr)
+        result = train(args.dataset_dir, args.run_dir, config=config, resume=args.resume,
+                       accept_changes=args.accept_changes)
+    except (MemoryBudgetError, TrainingDivergedError, TrainingOutOfMemoryError, FileExistsError, ValueError,
+            ckpt.RunWriteError) as exc:
+        # ValueError covers a damaged or missing checkpoint and a changed setting
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     measured = "not measured (CPU)" if result.measured_peak_gb is None else f"{result.measured_peak_gb:.2f} GB"
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, "
