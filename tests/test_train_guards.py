@@ -1,21 +1,32 @@
 """Training refuses what would silently go wrong or lose work, in one line without a traceback:
-a resume with changed settings or data, and damaged or missing checkpoints."""
+a resume with changed settings or data, damaged or missing checkpoints, a second training in the
+same run folder, a run folder that cannot be written, and a disk that fills up while saving."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from train_helpers import make_dataset
 
 from lora_helpers.cli import main
 from lora_helpers.core import run_folder
-from lora_helpers.train import CheckpointError, ResumeSettingsError, TrainConfig, train
+from lora_helpers.train import CheckpointError, ResumeSettingsError, RunWriteError, TrainConfig, train
 from lora_helpers.train import checkpoints as ckpt
+
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _config(tiny_models, **overrides) -> TrainConfig:
     base = dict(model=str(tiny_models / "sdxl"), max_train_steps=3, checkpointing_steps=1, validation_steps=0,
@@ -180,4 +191,133 @@ def test_resume_of_a_missing_checkpoint_or_a_bad_value_names_the_checkpoints_tha
 def test_resume_values_are_checked_before_anything_is_written(dataset, tiny_models, tmp_path):
     with pytest.raises(CheckpointError, match="not -3"):
         train(dataset, tmp_path / "run", config=_config(tiny_models), resume=-3)
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- one training per run folder
+
+
+def test_a_second_training_in_the_same_run_folder_stops_at_once_naming_the_other(run, dataset, tiny_models, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom lora_helpers.core.run_lock import lock_run_folder\n"
+                               f"with lock_run_folder({str(run)!r}):\n    print('locked', flush=True)\n"
+                               "    sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _snapshot(run)
+        code, err = _cli(capsys, dataset, run, tiny_models, "--steps", "5", "--resume", "latest")
+        line = _error_line(err)
+        assert code == 1 and f"{run} is in use: training by process {holder.pid} since" in line
+        assert f"lock file {run / run_folder.LOCK_FILE}" in line
+        assert _snapshot(run) == before
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0 and not (run / run_folder.LOCK_FILE).exists()  # released on exit
+
+
+def test_a_stale_lock_is_taken_over_with_a_note(run, dataset, tiny_models, capsys):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)
+    (run / run_folder.LOCK_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
+                                                        "purpose": "training", "since": "2026-01-01T00:00:00"}))
+    result = train(dataset, run, config=_config(tiny_models), resume="latest")
+    assert result.steps == 3
+    assert f"taking over the lock of training by process {pid} since 2026-01-01T00:00:00" in capsys.readouterr().out
+    assert not (run / run_folder.LOCK_FILE).exists()
+
+
+def test_the_lock_is_released_when_training_fails(run, dataset, tiny_models):
+    with pytest.raises(ResumeSettingsError):
+        train(dataset, run, config=_config(tiny_models, seed=7), resume="latest")
+    assert not (run / run_folder.LOCK_FILE).exists()
+    train(dataset, run, config=_config(tiny_models), resume="latest")  # the folder is free again
+
+
+# ----------------------------------------------------------------------------- the run folder and the disk
+
+
+def test_a_read_only_run_folder_is_refused_before_the_models_load(dataset, tiny_models, tmp_path, capsys, monkeypatch):
+    def read_only(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", dir)
+
+    monkeypatch.setattr(run_folder.tempfile, "mkstemp", read_only)
+    code, err = _cli(capsys, dataset, tmp_path / "run", tiny_models)
+    assert code == 1
+    assert _error_line(err) == (f"error: {tmp_path / 'run'}: cannot be written (Permission denied); choose a folder "
+                                "you can write to")
+    assert not (tmp_path / "run" / "cache").exists()
+
+
+@pytest.mark.parametrize("where", ["run", "file/run"])
+def test_a_file_where_the_run_folder_should_be_is_refused(dataset, tiny_models, tmp_path, capsys, where):
+    (tmp_path / where.split("/")[0]).write_text("notes")
+    code, err = _cli(capsys, dataset, tmp_path / where, tiny_models)
+    assert code == 1 and _error_line(err).startswith(f"error: {tmp_path / where.split('/')[0]}: a file stands where")
+    assert (tmp_path / where.split("/")[0]).read_text() == "notes"
+
+
+def test_too_little_free_space_is_refused_before_the_models_load(dataset, tiny_models, tmp_path, capsys,
+                                                                 monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 5 * 10**6, 5 * 10**6))
+    code, err = _cli(capsys, dataset, tmp_path / "run", tiny_models)
+    line = _error_line(err)
+    assert code == 1 and line.startswith(f"error: {tmp_path / 'run'}: only 5 MB free on its disk")
+    assert "free some space or choose a folder on another disk" in line
+    assert not (tmp_path / "run" / "cache").exists()
+
+
+@pytest.mark.parametrize("failure, says", [
+    (OSError(errno.ENOSPC, "No space left on device"), "the disk is full"),
+    (RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: "
+                  "file write failed"), "writing failed (a full disk?)"),
+])
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_earlier_ones(dataset, tiny_models, tmp_path, capsys,
+                                                                      monkeypatch, failure, says):
+    real_save, calls = torch.save, {"n": 0}
+
+    def save(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:  # checkpoint-1 (optimizer, RNG, training state) fits; checkpoint-2 does not
+            Path(path).write_bytes(b"half")
+            raise failure
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "run"
+    code, err = _cli(capsys, dataset, run, tiny_models, "--steps", "3")
+    line = _error_line(err)
+    assert code == 1
+    assert line.startswith(f"error: could not write {run / 'checkpoints' / 'checkpoint-2'}: {says}")
+    assert "Earlier checkpoints are intact (checkpoint-1)" in line and "--resume latest" in line
+    assert ckpt.list_checkpoints(run) == [run / "checkpoints" / "checkpoint-1"]
+    assert ckpt.checkpoint_problem(run / "checkpoints" / "checkpoint-1") is None
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-1"]  # no half-written folder
+    assert [json.loads(r)["step"] for r in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_full_disk_while_writing_the_final_files_says_what_is_intact(run, dataset, tiny_models, monkeypatch):
+    from lora_helpers.train import outputs
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run / "README.md"))
+
+    monkeypatch.setattr(outputs, "write_model_card", full)
+    with pytest.raises(RunWriteError, match=r"at step 3: the disk is full.*newest checkpoint is intact "
+                                            r"\(checkpoint-3\)"):
+        train(dataset, run, config=_config(tiny_models), resume="latest")
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--seed", "99999999999999999999",
+     "seed must be whole numbers from 0 to 2**64-1 (e.g. 0), not 99999999999999999999"),
+    ("--rank", "0", "lora_rank must be at least 1 (e.g. 16), not 0"),
+    ("--batch-size", "0", "train_batch_size must be at least 1 (e.g. 1), not 0"),
+])
+def test_cli_names_a_setting_out_of_range_before_anything_is_written(dataset, tiny_models, tmp_path, capsys, flag,
+                                                                     value, says):
+    code, err = _cli(capsys, dataset, tmp_path / "run", tiny_models, flag, value)
+    assert code == 2 and _error_line(err) == f"error: {says}"
     assert not (tmp_path / "run").exists()

@@ -72,12 +72,13 @@ def run_training(dataset_dir: Path, run_dir: Path, *, cfg: TrainConfig, accelera
                 session.flush_log()
             elif session.step % 25 == 0:
                 session.flush_log()  # a disconnect loses at most 25 rows of the log
+        result = session.finish()  # LoRA files (diffusers, kohya), config.json, loss plot, model card, Hub
     except BaseException as exc:
-        session.flush_log()  # what was trained so far stays readable (and resumable)
+        session.flush_log(failing=True)  # what was trained so far stays readable (and resumable)
         error = session.explain_failure(exc)  # out of memory: what to change; interrupted: where to resume
+        events.on_train_failed(session.step, error or exc)
         if error is None:
             raise
         raise error from exc
-    result = session.finish()  # LoRA files (diffusers, kohya), config.json, loss plot, model card, Hub
     events.on_train_end(result)
     return result

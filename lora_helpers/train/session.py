@@ -214,6 +214,12 @@ class TrainingSession:
         if isinstance(exc, KeyboardInterrupt) and self.main:
             print(f"interrupted at step {self.step}; " + (f"resume from {last[-1].name} with resume='latest'"
                                                            if last else "no checkpoint yet"))
+        if isinstance(exc, Exception) and (reason := ckpt.write_failure(exc, self.run_dir)):
+            # a full disk while writing the log or the final files: say so, and what survived
+            kept = last[-1].name if last else "none yet"
+            return ckpt.RunWriteError(f"could not write into {self.run_dir} at step {self.step}: {reason}. The "
+                                      f"newest checkpoint is intact ({kept}); free some space and resume with "
+                                      "--resume latest (resume='latest')")
         if isinstance(exc, Exception) and _is_oom(exc):
             return TrainingOutOfMemoryError(
                 f"out of memory at step {self.step + 1} (planned peak {self.plan.peak_gb:.2f} GB"
@@ -264,10 +270,19 @@ class TrainingSession:
         self.flush_log()
         return folder
 
-    def flush_log(self) -> None:
-        """Rewrite ``log.jsonl`` with every row so far (main process)."""
+    def flush_log(self, *, failing: bool = False) -> None:
+        """Rewrite ``log.jsonl`` with every row so far (main process).
+
+        Args:
+            failing: the run is ending with an error: a log that cannot be written (the disk is
+                full) must not hide that error; the file on disk stays as last written.
+        """
         if self.main and self._log_ready:
-            write_jsonl(self.run_dir / LOG_FILE, self.rows)
+            try:
+                write_jsonl(self.run_dir / LOG_FILE, self.rows)
+            except OSError:
+                if not failing:
+                    raise
 
     def validate(self) -> tuple[list, Path, dict]:
         """Images for the validation prompts and seeds, saved as a grid.

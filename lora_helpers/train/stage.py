@@ -36,7 +36,8 @@ from lora_helpers.core.config import smoke_mode
 from lora_helpers.core.lora_files import text_encoder_lora_supported
 from lora_helpers.core.runtime import free_memory
 from lora_helpers.train import checkpoints as ckpt
-from lora_helpers.core.run_folder import DEFAULT_TRIGGER, read_caption_config
+from lora_helpers.core.run_folder import DEFAULT_TRIGGER, check_run_folder, read_caption_config
+from lora_helpers.core.run_lock import RunFolderLockedError, lock_run_folder
 from lora_helpers.train.config import (PRESETS, TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError,
                                        TrainResult, _device_type, _resolve)
 from lora_helpers.train.events import ValidationHook, ValidationHooks
@@ -45,7 +46,7 @@ from lora_helpers.train.loop import run_training
 from lora_helpers.train.memory import GB, MemoryBudgetError, MemoryPlan, check_budget, estimate_peak_memory
 from lora_helpers.train.outputs import check_hub_access
 
-__all__ = ["plan_memory", "train", "add_cli_arguments", "run_cli"]
+__all__ = ["plan_memory", "checkpoint_bytes", "train", "add_cli_arguments", "run_cli"]
 
 
 def plan_memory(config: TrainConfig, *, device_type: str | None = None) -> MemoryPlan:
@@ -114,6 +115,20 @@ def _listeners(listeners: Sequence[Any] | None, validation_hook, run_dir: Path) 
     return bar + hooks + listeners
 
 
+def checkpoint_bytes(plan: MemoryPlan) -> int:
+    """Disk space a run needs free before it starts: one checkpoint and the final LoRA files, with a margin.
+
+    Args:
+        plan: the memory plan (its LoRA parameter count).
+
+    Returns:
+        Bytes: the LoRA in fp32 (4 bytes a weight) and AdamW's two moments (8; 8-bit AdamW keeps small
+        tensors in fp32, so 8 is what to count) for the checkpoint, the diffusers and kohya files (8)
+        at the end, a quarter more, and 64 MiB for the latent cache, log and sample grids.
+    """
+    return int(plan.lora_parameters * (4 + 8 + 8) * 1.25) + 64 * 2**20
+
+
 def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig | None = None,
           resume: str | int | Path | None = None, accept_changes: bool = False,
           validation_hook: ValidationHook | Sequence[ValidationHook] | None = None,
@@ -145,6 +160,8 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
 
     Raises:
         MemoryBudgetError: the plan does not fit ``memory_budget_gb`` (nothing was loaded).
+        RunFolderError: the run folder cannot be written or its disk is too full (nothing was loaded).
+        RunFolderLockedError: another process trains in ``run_dir``.
         CheckpointError: the checkpoint to resume from is missing or damaged (naming the good ones).
         ResumeSettingsError: the checkpoint was trained with other settings or data.
         TrainingDivergedError: NaN/inf loss for ``max_nonfinite_in_a_row`` steps.
@@ -166,27 +183,30 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
         plan = check_budget(plan, cfg.memory_budget_gb)
     if cfg.hub_repo_id:  # a push that cannot work must fail now, not after an hour of training
         check_hub_access(cfg.hub_repo_id, private=cfg.hub_private)
+    # a read-only folder, a file in its place or a full disk must fail before the models load
+    check_run_folder(run_dir, need_bytes=checkpoint_bytes(plan))
     accelerator = _make_accelerator(cfg.mixed_precision, cpu=device_type == "cpu")
     main = accelerator.is_main_process
-    start_from = None
-    if resume is not None:  # a damaged newest checkpoint is skipped with a message, a named one refused
-        start_from = ckpt.find_checkpoint(run_dir, resume, say=print if main else _quiet)
-    if resume is None and ckpt.list_checkpoints(run_dir):
-        last = ckpt.list_checkpoints(run_dir)[-1]
-        raise FileExistsError(f"{run_dir} already has checkpoints (up to {last.name}): pass resume='latest' "
-                              "(--resume latest) to continue, or choose a new run folder")
-    trigger, class_noun = _trigger(cfg, dataset_dir)
-    with _memory_budget(cfg.memory_budget_gb, accelerator.device):
-        try:
-            return run_training(dataset_dir, run_dir, cfg=cfg, accelerator=accelerator, plan=plan, trigger=trigger,
-                                class_noun=class_noun, start_from=start_from,
-                                listeners=_listeners(listeners, validation_hook, run_dir),
-                                accept_changes=accept_changes)
-        finally:
-            # accelerate keeps references to the UNet and optimizer: drop them, so a notebook can
-            # generate (or retry with other settings) in the same session without a restart
-            accelerator.free_memory()
-            free_memory()
+    with lock_run_folder(run_dir) if main else contextlib.nullcontext():
+        start_from = None
+        if resume is not None:  # a damaged newest checkpoint is skipped with a message, a named one refused
+            start_from = ckpt.find_checkpoint(run_dir, resume, say=print if main else _quiet)
+        if resume is None and ckpt.list_checkpoints(run_dir):
+            last = ckpt.list_checkpoints(run_dir)[-1]
+            raise FileExistsError(f"{run_dir} already has checkpoints (up to {last.name}): pass resume='latest' "
+                                  "(--resume latest) to continue, or choose a new run folder")
+        trigger, class_noun = _trigger(cfg, dataset_dir)
+        with _memory_budget(cfg.memory_budget_gb, accelerator.device):
+            try:
+                return run_training(dataset_dir, run_dir, cfg=cfg, accelerator=accelerator, plan=plan,
+                                    trigger=trigger, class_noun=class_noun, start_from=start_from,
+                                    listeners=_listeners(listeners, validation_hook, run_dir),
+                                    accept_changes=accept_changes)
+            finally:
+                # accelerate keeps references to the UNet and optimizer: drop them, so a notebook can
+                # generate (or retry with other settings) in the same session without a restart
+                accelerator.free_memory()
+                free_memory()
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -293,8 +313,8 @@ def run_cli(args: argparse.Namespace) -> int:
         result = train(args.dataset_dir, args.run_dir, config=config, resume=args.resume,
                        accept_changes=args.accept_changes)
     except (MemoryBudgetError, TrainingDivergedError, TrainingOutOfMemoryError, FileExistsError, ValueError,
-            ckpt.RunWriteError) as exc:
-        # ValueError covers a damaged or missing checkpoint and a changed setting
+            RunFolderLockedError, ckpt.RunWriteError) as exc:
+        # ValueError covers a damaged or missing checkpoint, a changed setting and an unusable run folder
         if getattr(args, "debug", False):
             raise
         print(f"error: {exc}", file=sys.stderr)
