@@ -337,6 +337,9 @@ def test_model_card_tells_each_tool_how_to_load_the_kohya_file(tmp_path):
     ("learning_rate", 0.0), ("learning_rate", float("nan")), ("learning_rate", float("inf")),
     ("text_encoder_lr", -1e-5), ("resolution", 0), ("resolution", -64), ("resolution", 100),
     ("checkpointing_steps", -1), ("validation_steps", -5), ("lr_warmup_steps", -1),
+    ("seed", -1), ("seed", 2**64), ("max_grad_norm", 0.0), ("snr_gamma", -1.0), ("noise_offset", float("nan")),
+    ("lora_dropout", 1.0), ("validation_inference_steps", 0), ("num_class_images", -1), ("prior_loss_weight", -0.5),
+    ("max_nonfinite_in_a_row", 0), ("memory_budget_gb", -2.0),
 ])
 def test_settings_out_of_range_are_refused_naming_the_setting(setting, value):
     with pytest.raises(ValueError, match=rf"^{setting} must ") as info:
@@ -346,8 +349,11 @@ def test_settings_out_of_range_are_refused_naming_the_setting(setting, value):
 
 def test_settings_at_the_edge_of_their_range_are_accepted():
     cfg = TrainConfig.from_preset("cpu-smoke", max_train_steps=1, lora_alpha=0.5, lora_rank=1, resolution=8,
-                                  checkpointing_steps=0, validation_steps=0, lr_warmup_steps=0)
+                                  checkpointing_steps=0, validation_steps=0, lr_warmup_steps=0, seed=2**64 - 1,
+                                  validation_seeds=(0, 2**64 - 1), noise_offset=0.0, num_class_images=0)
     assert (cfg.max_train_steps, cfg.lora_alpha, cfg.resolution) == (1, 0.5, 8)
+    with pytest.raises(ValueError, match=r"^validation_seeds must be whole numbers from 0 to 2\*\*64-1 .*not -1$"):
+        TrainConfig.from_preset("cpu-smoke", validation_seeds=(0, -1))
     with pytest.raises(ValueError) as info:
         TrainConfig.from_preset("cpu-smoke", max_train_steps=0)
     assert str(info.value) == "max_train_steps must be at least 1 (or None for 100 steps per photo), not 0"

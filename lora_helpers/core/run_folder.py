@@ -4,6 +4,9 @@ A dataset folder (written by prepare and caption) holds ``caption_config.json``;
 (written by training) holds ``config.json``, ``log.jsonl``, the LoRA files and
 ``checkpoints/checkpoint-<step>/``. Every stage asks this module for those names, the default
 trigger phrase and the checkpoint list, so the contract between stages lives in one file.
+
+:func:`check_run_folder` tells, before any long work, whether a run folder can be written;
+:mod:`lora_helpers.core.run_lock` holds its lock file (``LOCK_FILE``) while a training writes it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -26,6 +31,7 @@ __all__ = [
     "CAPTION_CONFIG_FILE",
     "METADATA_FILE",
     "CHECKPOINTS_DIR",
+    "LOCK_FILE",
     "RunFolderError",
     "kohya_file_name",
     "read_json_object",
@@ -40,6 +46,7 @@ __all__ = [
     "checkpoint_step",
     "list_checkpoints",
     "find_checkpoints",
+    "check_run_folder",
 ]
 
 DEFAULT_TOKEN = "TOK"
@@ -54,13 +61,14 @@ LOG_FILE = "log.jsonl"
 CAPTION_CONFIG_FILE = "caption_config.json"
 METADATA_FILE = "metadata.jsonl"  # the dataset's rows: file_name, mask_file, micro-conditioning, text
 CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = ".lock"  # a dot file: the Hub upload of a run leaves it out
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Present only while a checkpoint can be resumed from (older ones keep just their LoRA).
 _RESUME_MARKER = "training_state.pt"
 
 
 class RunFolderError(ValueError):
-    """A file of a dataset or run folder that cannot be read; the message names it (and the line)."""
+    """A file of a dataset or run folder that cannot be read (named, with the line), or a run folder that cannot be written."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path, self.reason = Path(path), reason
@@ -210,3 +218,45 @@ def find_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """``(step, LoRA file)`` of every checkpoint that holds LoRA weights, by step."""
     return [(checkpoint_step(folder), folder / LORA_WEIGHT_NAME)
             for folder in list_checkpoints(run_dir, resumable=False) if (folder / LORA_WEIGHT_NAME).is_file()]
+
+
+def _mb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e6:,.0f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:,.0f} kB"
+
+
+def check_run_folder(run_dir: str | os.PathLike, *, need_bytes: int = 0) -> Path:
+    """Make sure ``run_dir`` is a folder we can write with room for ``need_bytes``; create it when missing.
+
+    Run before models load: a read-only folder or a full disk must not cost an hour of training.
+
+    Args:
+        run_dir: the run folder.
+        need_bytes: what the next writes need (a checkpoint with its margin); 0 skips the space check.
+
+    Returns:
+        The folder.
+
+    Raises:
+        RunFolderError: a file stands where the folder (or a folder above it) should be, it cannot be
+            written, or its disk has less than ``need_bytes`` free.
+    """
+    run_dir = Path(run_dir)
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise RunFolderError(folder, "a file stands where the run folder (or a folder above it) should be; "
+                                             "choose another run folder, or move the file away")
+            break
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RunFolderError(run_dir, f"cannot be written ({exc.strerror or exc}); choose a folder you can "
+                                      "write to") from None
+    free = shutil.disk_usage(run_dir).free
+    if need_bytes and free < need_bytes:
+        raise RunFolderError(run_dir, f"only {_mb(free)} free on its disk, and a checkpoint needs about "
+                                      f"{_mb(need_bytes)}; free some space or choose a folder on another disk")
+    return run_dir

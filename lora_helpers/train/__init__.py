@@ -9,14 +9,17 @@
 Modules: ``config`` (settings, presets, result, errors), ``stage`` (``train``, the memory
 plan, the CLI), ``loop`` (the loop and its events), ``session`` and ``step`` (what the loop
 runs), ``events`` and ``listeners`` (progress bar, notebook grids), ``data``, ``latents``,
-``models``, ``memory``, ``validation``, ``checkpoints``, ``outputs``.
+``models``, ``memory``, ``validation``, ``checkpoints`` (saving, finding good ones), ``resume`` (what a
+resume may change), ``outputs``.
 """
 
+from lora_helpers.train.checkpoints import CheckpointError, RunWriteError
 from lora_helpers.train.config import (PRESETS, TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError,
                                        TrainResult, auto_steps)
 from lora_helpers.train.events import TrainingListener, TrainStart
 from lora_helpers.train.listeners import ProgressBar, ShowValidation
 from lora_helpers.train.memory import MemoryBudgetError, MemoryPlan
+from lora_helpers.train.resume import ResumeSettingsError
 from lora_helpers.train.stage import plan_memory, train
 
 __all__ = [
@@ -26,6 +29,9 @@ __all__ = [
     "TrainingDivergedError",
     "TrainingOutOfMemoryError",
     "MemoryBudgetError",
+    "CheckpointError",
+    "ResumeSettingsError",
+    "RunWriteError",
     "MemoryPlan",
     "auto_steps",
     "plan_memory",

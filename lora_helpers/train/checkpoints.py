@@ -17,6 +17,8 @@ optimizer and training state needed to resume (hundreds of MB each at full size)
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
 import shutil
@@ -27,13 +29,21 @@ import numpy as np
 import torch
 
 from lora_helpers.core.fileio import atomic_dir, atomic_path, write_json
+from lora_helpers.core.lora_files import LoraFileError, read_safetensors
 from lora_helpers.core.run_folder import CHECKPOINTS_DIR, LORA_WEIGHT_NAME, checkpoint_dir, list_checkpoints
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "RunWriteError",
+    "check_resume_value",
+    "checkpoint_problem",
     "find_checkpoint",
+    "write_failure",
     "rng_state",
     "set_rng_state",
     "save_checkpoint",
+    "read_training_state",
     "load_training_state",
     "prune_checkpoints",
 ]
@@ -42,24 +52,146 @@ __all__ = [
 _TRAINING_STATE = ("training_state.pt", "optimizer.pt")
 
 
-def find_checkpoint(run_dir: str | os.PathLike, which: str | os.PathLike) -> Path | None:
-    """Resolve ``which`` ("latest", a step number, or a folder) to a checkpoint folder.
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (damaged, pruned, or not there); the message names the good ones."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint asked for does not exist (or no longer holds the state to resume from)."""
+
+
+class RunWriteError(OSError):
+    """Writing a checkpoint or a file of the run failed (a full disk, a lost mount); earlier checkpoints are intact."""
+
+
+def check_resume_value(which: str | int | os.PathLike | None, run_dir: str | os.PathLike | None = None
+                       ) -> str | Path | None:
+    """Check the form of a ``resume`` value before anything is loaded.
+
+    Args:
+        which: None, "latest", a step number (int or digits), or a checkpoint folder.
+        run_dir: the run folder, whose checkpoints the message names.
+
+    Returns:
+        None, "latest", the step as digits, or the folder as a Path.
+
+    Raises:
+        CheckpointError: a negative number, or text that is neither "latest", a number nor an existing path.
+    """
+    if which is None or str(which) == "latest":
+        return which
+    have = ""
+    if run_dir is not None:
+        have = "; checkpoints to resume from in {}: {}".format(
+            run_dir, ", ".join(p.name for p in list_checkpoints(run_dir)) or "none")
+    if isinstance(which, bool) or (isinstance(which, int) and which < 0):
+        raise CheckpointError(f"resume must be 'latest', a step number or a checkpoint folder, not {which!r}{have}")
+    text = str(which).strip()
+    if text.isdigit():
+        return text
+    if not Path(text).exists():
+        raise CheckpointNotFoundError(f"resume must be 'latest', a step number or a checkpoint folder; {text!r} is "
+                                      f"none of these (no such folder){have}")
+    return Path(text)
+
+
+def _read_torch(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """What makes a checkpoint unusable for resuming, or None when every file of it reads.
+
+    Reads the LoRA file and the torch files whole: a checkpoint half-copied to Drive or damaged
+    on disk must be found now, not after the models have loaded.
+
+    Args:
+        folder: a ``checkpoint-<step>`` folder.
+
+    Returns:
+        A short reason ("optimizer.pt is missing", "training_state.pt cannot be read (...)"), or None.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "not a folder"
+    for name in (LORA_WEIGHT_NAME, *_TRAINING_STATE):
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+    try:
+        read_safetensors(folder / LORA_WEIGHT_NAME)
+    except LoraFileError as exc:
+        return f"{LORA_WEIGHT_NAME} cannot be read ({exc.reason.split(';')[0]})"
+    names = [*_TRAINING_STATE, *(p.name for p in sorted(folder.glob("rng_state_*.pt")))]
+    for name in names:
+        try:
+            data = _read_torch(folder / name)
+        except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors of a damaged file
+            first = str(exc).splitlines()[0][:120] if str(exc) else "damaged"
+            return f"{name} cannot be read ({type(exc).__name__}: {first})"
+        if name == "training_state.pt" and not (isinstance(data, dict) and isinstance(data.get("step"), int)):
+            return "training_state.pt does not hold a training state (no step)"
+    return None
+
+
+def _good_ones(run_dir: Path, problems: dict[Path, str]) -> str:
+    good = [p.name for p in list_checkpoints(run_dir) if p not in problems and checkpoint_problem(p) is None]
+    return ", ".join(good) if good else "none"
+
+
+def find_checkpoint(run_dir: str | os.PathLike, which: str | int | os.PathLike, *, say=print) -> Path | None:
+    """Resolve ``which`` ("latest", a step number, or a folder) to a checkpoint folder that can be resumed from.
+
+    "latest" skips damaged checkpoints (saying so) and takes the newest good one; a checkpoint
+    named by step or folder must be good itself.
+
+    Args:
+        run_dir: the run folder.
+        which: "latest", a step number, or a checkpoint folder.
+        say: prints that a damaged checkpoint was skipped.
 
     Returns:
         The folder, or None when ``which`` is "latest" and the run has no checkpoint yet.
 
     Raises:
-        FileNotFoundError: naming the checkpoints that exist.
+        CheckpointNotFoundError: no such checkpoint (or its state was pruned), naming those that exist.
+        CheckpointError: the checkpoint is damaged (or, for "latest", every one is), naming the good ones.
     """
-    if str(which) == "latest":
+    run_dir = Path(run_dir)
+    which = check_resume_value(which, run_dir)
+    if which == "latest":
         found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = checkpoint_dir(run_dir, int(which)) if str(which).isdigit() else Path(which)
-    if not (path / "training_state.pt").is_file():
-        have = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
-        why = ("its training state was pruned (only the newest checkpoints keep it; its LoRA weights are kept)"
-               if (path / LORA_WEIGHT_NAME).is_file() else "not a complete checkpoint")
-        raise FileNotFoundError(f"{path}: {why}; checkpoints to resume from in {run_dir}: {have}")
+        problems: dict[Path, str] = {}
+        for folder in reversed(found):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                if problems:
+                    say(f"warning: resuming from {folder.name}, the newest good checkpoint (skipped: "
+                        + "; ".join(f"{p.name}: {why}" for p, why in problems.items()) + ")")
+                return folder
+            problems[folder] = problem
+        if problems:
+            raise CheckpointError(f"no checkpoint in {run_dir / CHECKPOINTS_DIR} can be resumed from: "
+                                  + "; ".join(f"{p.name}: {why}" for p, why in problems.items())
+                                  + ". Move them out of the way to start again, or choose a new run folder")
+        return None
+    path = checkpoint_dir(run_dir, int(which)) if isinstance(which, str) else which
+    names = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+    have = f"checkpoints to resume from in {run_dir}: {names}"
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint; {have}")
+    if (path / CHECKPOINTS_DIR).is_dir():
+        raise CheckpointNotFoundError(f"{path}: a run folder, not a checkpoint; to continue it, give it as the run "
+                                      "folder with resume='latest' (--resume latest)")
+    if not path.is_dir() or not any((path / n).exists() for n in (LORA_WEIGHT_NAME, *_TRAINING_STATE)):
+        raise CheckpointNotFoundError(f"{path}: not a checkpoint folder; {have}")
+    if not any((path / n).exists() for n in _TRAINING_STATE) and (path / LORA_WEIGHT_NAME).is_file():
+        raise CheckpointNotFoundError(
+            f"{path}: its training state was pruned (only the newest checkpoints keep it; its LoRA weights are "
+            f"kept); {have}")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path} is damaged: {problem}; good checkpoints to resume from in {run_dir}: "
+                              f"{_good_ones(run_dir, {path: problem})}")
     return path
 
 
@@ -85,6 +217,39 @@ def _torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+# What torch.save and safetensors say when the disk fills up under them: torch raises a RuntimeError
+# ("[enforce fail at inline_container.cc] ... file write failed"), safetensors an error naming an IoError.
+_WRITE_FAILURE_TEXT = ("inline_container", "file write failed", "PytorchStreamWriter", "No space left", "IoError",
+                       "Disk quota exceeded")
+
+
+def write_failure(exc: BaseException, folder: str | os.PathLike) -> str | None:
+    """Why writing into ``folder`` failed, in words, when ``exc`` is a failed write (else None).
+
+    Args:
+        exc: what the writer raised.
+        folder: where it wrote (its disk's free space is looked at).
+
+    Returns:
+        "the disk is full (12 kB free)", "an I/O error (...)", or None for other errors.
+    """
+    if isinstance(exc, RunWriteError):
+        return None  # already explained
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "the disk is full"
+    elif isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.EROFS, errno.ENOTCONN):
+        reason = f"the disk stopped taking writes ({exc.strerror or text})"
+    elif not isinstance(exc, OSError) and any(t in text for t in _WRITE_FAILURE_TEXT):
+        reason = "writing failed (a full disk?)"
+    else:
+        return None
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(Path(folder)).free
+        reason += f"; {free / 1e6:,.1f} MB free there"
+    return reason
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, write_lora, optimizer_state: dict,
                     training_state: dict, summary: dict, is_main_process: bool = True,
                     process_index: int = 0) -> Path:
@@ -102,20 +267,38 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, write_lora, optimi
 
     Returns:
         The checkpoint folder.
+
+    Raises:
+        RunWriteError: the disk filled up (or stopped taking writes); nothing of this checkpoint is left
+            and the earlier ones are intact.
     """
     final = checkpoint_dir(run_dir, step)
-    if is_main_process:
-        with atomic_dir(final) as tmp:
-            write_lora(tmp)
-            _torch_save(optimizer_state, tmp / "optimizer.pt")
-            _torch_save(rng_state(), tmp / f"rng_state_{process_index}.pt")
-            write_json(tmp / "training_state.json", summary)
-            # written last: its presence marks a complete checkpoint
-            _torch_save(training_state, tmp / "training_state.pt")
-    else:
-        # Other processes add their RNG state once the main process has renamed the folder.
-        _torch_save(rng_state(), final / f"rng_state_{process_index}.pt")
+    try:
+        if is_main_process:
+            with atomic_dir(final) as tmp:
+                write_lora(tmp)
+                _torch_save(optimizer_state, tmp / "optimizer.pt")
+                _torch_save(rng_state(), tmp / f"rng_state_{process_index}.pt")
+                write_json(tmp / "training_state.json", summary)
+                # written last: its presence marks a complete checkpoint
+                _torch_save(training_state, tmp / "training_state.pt")
+        else:
+            # Other processes add their RNG state once the main process has renamed the folder.
+            _torch_save(rng_state(), final / f"rng_state_{process_index}.pt")
+    except Exception as exc:
+        reason = write_failure(exc, final.parent)
+        if reason is None:
+            raise
+        # atomic_dir removed the half-written folder: what was there before is untouched
+        kept = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none yet"
+        raise RunWriteError(f"could not write {final}: {reason}. Earlier checkpoints are intact ({kept}); free "
+                            "some space and resume with --resume latest (resume='latest')") from exc
     return final
+
+
+def read_training_state(folder: str | os.PathLike) -> dict:
+    """A checkpoint's ``training_state.pt``: step, schedules, counters, config, dataset fingerprint, resumes."""
+    return _read_torch(Path(folder) / "training_state.pt")
 
 
 def load_training_state(folder: str | os.PathLike, *, process_index: int = 0) -> tuple[dict, dict, dict | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,10 +239,27 @@ class TrainConfig:
             raise ValueError(f"resolution must be a positive multiple of 8 (SDXL: 1024, 768 or 512), "
                              f"not {self.resolution}")
         for name, hint in (("checkpointing_steps", "0: only at the end"), ("validation_steps", "0: only at the end"),
-                           ("lr_warmup_steps", "None: 5 % of the steps")):
+                           ("lr_warmup_steps", "None: 5 % of the steps"), ("num_class_images", "e.g. 100"),
+                           ("noise_offset", "0: off"), ("prior_loss_weight", "e.g. 1.0")):
             value = getattr(self, name)
-            if value is not None and value < 0:
+            if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be 0 or more ({hint}), not {value}")
+        for name, example in (("validation_inference_steps", 25), ("class_inference_steps", 25),
+                              ("max_nonfinite_in_a_row", 5), ("steps_per_image", 100)):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (e.g. {example}), not {getattr(self, name)}")
+        for name, off in (("max_grad_norm", ""), ("snr_gamma", " (or None for off)"),
+                          ("memory_budget_gb", " (or None for no budget)")):
+            value = getattr(self, name)
+            if value is not None and not positive(value):
+                raise ValueError(f"{name} must be a finite number above 0{off}, not {value}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1) (e.g. 0.0), not {self.lora_dropout}")
+        # torch generators take seeds in 0..2**64-1; anything else fails only once the models are loaded
+        for name, seeds in (("seed", (self.seed,)), ("validation_seeds", self.validation_seeds)):
+            for seed in seeds:
+                if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+                    raise ValueError(f"{name} must be whole numbers from 0 to 2**64-1 (e.g. 0), not {seed}")
 
 
 @dataclass

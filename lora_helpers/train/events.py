@@ -11,6 +11,7 @@ grid, a score written into the log. A listener is any object with some of these 
                                                     ``record`` to log them in that step's row
     on_checkpoint(step, folder)                     after each checkpoint is on disk
     on_train_end(result)                            the run folder is complete
+    on_train_failed(step, error)                    the run stops with ``error`` (the exception raised)
 
 A listener that raises does not end the training: its error becomes a warning (an hour on a
 GPU is worth more than a print). ``KeyboardInterrupt`` still stops the run.
@@ -83,6 +84,9 @@ class TrainingListener:
     def on_train_end(self, result: TrainResult) -> None:
         """The LoRA files, config.json and model card are written."""
 
+    def on_train_failed(self, step: int, error: BaseException) -> None:
+        """The run stops at ``step`` with ``error`` (raised after the listeners heard it): close what is open."""
+
 
 class ValidationHooks(TrainingListener):
     """``train(validation_hook=...)`` as a listener: each ``hook(step, images, run_dir)`` in turn.
@@ -153,3 +157,7 @@ class TrainingEvents:
     def on_train_end(self, result: TrainResult) -> None:
         """Hand the finished run's result to every listener."""
         self._fire("on_train_end", result.steps, result)
+
+    def on_train_failed(self, step: int, error: BaseException) -> None:
+        """Tell every listener that the run stops at ``step`` with ``error``."""
+        self._fire("on_train_failed", step, step, error)

@@ -52,6 +52,10 @@ class ProgressBar(TrainingListener):
             self.bar.close()
             self.bar = None
 
+    def on_train_failed(self, step: int, error: BaseException) -> None:
+        # closed, so the error message starts on a line of its own
+        self.on_train_end(None)
+
 
 class ShowValidation(TrainingListener):
     """For notebooks: show each validation grid below the cell as soon as it is made.

@@ -24,7 +24,8 @@ def _every(n: int | None, step: int) -> bool:
 
 
 def run_training(dataset_dir: Path, run_dir: Path, *, cfg: TrainConfig, accelerator, plan: MemoryPlan, trigger: str,
-                 class_noun: str | None, start_from: Path | None, listeners: Sequence[Any] = ()) -> TrainResult:
+                 class_noun: str | None, start_from: Path | None, listeners: Sequence[Any] = (),
+                 accept_changes: bool = False) -> TrainResult:
     """Set up, train, and write the run folder (see :func:`lora_helpers.train.stage.train`).
 
     Args:
@@ -34,6 +35,7 @@ def run_training(dataset_dir: Path, run_dir: Path, *, cfg: TrainConfig, accelera
         plan: the memory plan checked against the budget.
         trigger, class_noun: the person's trigger phrase and class.
         start_from: a checkpoint folder to resume from, or None.
+        accept_changes: resume even though settings or data differ from the checkpoint's (recorded).
         listeners: receive the events of :class:`lora_helpers.train.events.TrainingListener`.
 
     Returns:
@@ -46,7 +48,7 @@ def run_training(dataset_dir: Path, run_dir: Path, *, cfg: TrainConfig, accelera
     try:
         # Encode images and captions once and free the encoders *before* the UNet loads:
         # that is what makes SDXL fit in 8 GB. Then the models, and the checkpoint to resume from.
-        session.setup(start_from)
+        session.setup(start_from, accept_changes=accept_changes)
         cfg = session.cfg  # the number of steps and the warm-up are known now
         events.on_train_start(session.start_info())
         while session.step < cfg.max_train_steps:
@@ -70,12 +72,13 @@ def run_training(dataset_dir: Path, run_dir: Path, *, cfg: TrainConfig, accelera
                 session.flush_log()
             elif session.step % 25 == 0:
                 session.flush_log()  # a disconnect loses at most 25 rows of the log
+        result = session.finish()  # LoRA files (diffusers, kohya), config.json, loss plot, model card, Hub
     except BaseException as exc:
-        session.flush_log()  # what was trained so far stays readable (and resumable)
+        session.flush_log(failing=True)  # what was trained so far stays readable (and resumable)
         error = session.explain_failure(exc)  # out of memory: what to change; interrupted: where to resume
+        events.on_train_failed(session.step, error or exc)
         if error is None:
             raise
         raise error from exc
-    result = session.finish()  # LoRA files (diffusers, kohya), config.json, loss plot, model card, Hub
     events.on_train_end(result)
     return result

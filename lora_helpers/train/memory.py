@@ -90,6 +90,7 @@ class MemoryPlan:
         budget_gb: the budget it is checked against (None: none).
         inputs: the arguments of :func:`estimate_peak_memory` that made it.
         notes: assumptions worth knowing.
+        lora_parameters: trainable LoRA parameters (what a checkpoint's size follows from).
     """
 
     items: dict[str, float]
@@ -101,6 +102,7 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     target: str = ""
     host_budget_gb: float | None = None
+    lora_parameters: int = 0
 
     @property
     def peak_gb(self) -> float:
@@ -327,7 +329,7 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
     if prior_preservation:
         notes.append("prior preservation runs the class image as its own forward/backward pass: no extra activations")
     return MemoryPlan(items=items, train_peak_gb=train_peak, validation_peak_gb=validation_peak,
-                      host_peak_gb=host_peak, budget_gb=budget_gb, inputs=inputs, notes=notes)
+                      host_peak_gb=host_peak, budget_gb=budget_gb, inputs=inputs, notes=notes, lora_parameters=n_lora)
 
 
 _ALTERNATIVES: list[tuple[str, dict, str]] = [

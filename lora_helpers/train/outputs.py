@@ -208,7 +208,7 @@ image = pipe("a photo of {trigger} in a garden", num_inference_steps=30).images[
 | prior preservation | {prior} |
 | GPU memory | estimated {estimate}, measured {measured} |
 | time | {seconds_per_step} s/step |
-
+{resumed}
 Reproduce with `config.json` (full config, package versions, SHA-256 of every image and caption).
 Made with `lora_helpers` (`python -m lora_helpers train`).
 """
@@ -216,8 +216,17 @@ Made with `lora_helpers` (`python -m lora_helpers train`).
 
 def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, n_images: int, steps: int,
                      kohya_path: Path, sample_grid: Path | None, estimated_gb: float,
-                     measured_gb: float | None, seconds_per_step: float | None) -> Path:
+                     measured_gb: float | None, seconds_per_step: float | None,
+                     resumes: Sequence[dict] = ()) -> Path:
     """Write the model card ``README.md`` (Hub front matter, trigger, usage, settings, samples).
+
+    Args:
+        run_dir: the run folder.
+        config: the resolved training config (``dataclasses.asdict``) of the last session.
+        trigger, n_images, steps: the phrase, the number of images, the optimizer steps done.
+        kohya_path, sample_grid: the kohya file and the last validation grid (or None).
+        estimated_gb, measured_gb, seconds_per_step: memory and speed figures.
+        resumes: ``{"from", "step", "changed"}`` of each resume, so settings changed part-way are stated.
 
     Returns:
         The path.
@@ -243,8 +252,16 @@ def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, 
                if config.get("with_prior_preservation") else "off"),
         estimate=f"{estimated_gb:.2f} GB", measured="not measured (CPU)" if measured_gb is None else f"{measured_gb:.2f} GB",
         seconds_per_step="?" if seconds_per_step is None else f"{seconds_per_step:.3f}",
+        resumed="".join(_resume_row(r) for r in resumes),
     )
     return write_text(run_dir / "README.md", text)
+
+
+def _resume_row(resume: dict) -> str:
+    changed = resume.get("changed") or {}
+    what = ", ".join(f"{k}: {new}" if k == "dataset" else f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+    return f"| resumed | at step {resume.get('step')} from `{resume.get('from')}`" + (
+        f", with changes accepted: {what} (the table shows the settings after the change)" if what else "") + " |\n"
 
 
 def _hub_offline() -> bool:

@@ -30,6 +30,7 @@ from lora_helpers.train.events import TrainStart
 from lora_helpers.train.latents import TrainCache, build_cache
 from lora_helpers.train.memory import GB, MemoryPlan
 from lora_helpers.train.models import TrainingModels, build_models, weight_dtype
+from lora_helpers.train.resume import apply_learning_rates, check_resume, dataset_fingerprint
 from lora_helpers.train.step import TrainStep
 
 __all__ = ["TrainingSession"]
@@ -65,6 +66,11 @@ class TrainingSession:
         self.samples: list[Path] = []
         self.validation: list[dict] = []
         self.resumed_from: Path | None = None
+        self.resumes: list[dict] = []  # this run's line of resumes, each with the settings it changed
+        self.dataset: list[dict] = []
+        # False until set-up has read the log of a resumed run: a failure before that must not
+        # overwrite log.jsonl with an empty list
+        self._log_ready = False
         self.setup_peak_gb: float | None = None
         self.models: TrainingModels | None = None
         self.stepper: TrainStep | None = None
@@ -72,34 +78,56 @@ class TrainingSession:
 
     # ------------------------------------------------------------------ setup
 
-    def setup(self, start_from: Path | None) -> None:
-        """Encode the data, write config.json ("training"), load the models, resume from ``start_from``."""
+    def setup(self, start_from: Path | None, *, accept_changes: bool = False) -> None:
+        """Read the data, check a resume against its checkpoint, encode, write config.json ("training"),
+        load the models, and resume from ``start_from``.
+
+        Args:
+            start_from: a checkpoint folder (already checked readable), or None.
+            accept_changes: resume even though settings or data differ from the checkpoint's.
+
+        Raises:
+            ResumeSettingsError: the checkpoint was trained with other settings or data (before anything is encoded).
+        """
+        self.read_data()
+        if start_from is not None:
+            state = ckpt.read_training_state(start_from)
+            record = check_resume(start_from, state, self.cfg, self.dataset, run_dir=self.run_dir,
+                                  accept_changes=accept_changes)
+            self.resumes = [*state.get("resumes", []), record]
         self.prepare_data()
         cfg = self.cfg
         if self.main:
             runs.write_run_config(self.run_dir, config=dataclasses.asdict(cfg), trigger=self.trigger,
                                   class_noun=self.class_noun, images=self.images, dataset_dir=self.dataset_dir,
                                   status="training", extra={"memory": {"estimate_gb": round(self.plan.peak_gb, 3),
-                                                                       "plan": self.plan.to_dict()}})
+                                                                       "plan": self.plan.to_dict()},
+                                                            **self._resume_facts()})
         self.models = build_models(cfg, self.accelerator)
         self.stepper = TrainStep(cfg, self.accelerator, self.models, self.cache)
         if start_from is not None:
             self.resume(start_from)
+        self._log_ready = True
         if self.device.type == "cuda":  # encoding and loading are done: measure the training itself from here
             self.setup_peak_gb = torch.cuda.max_memory_allocated(self.device) / GB
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def prepare_data(self) -> None:
-        """Read the images, fill in the steps, warm-up and class prompt, and encode (or reuse) the cache."""
+    def read_data(self) -> None:
+        """Read the images and their fingerprint, and fill in the steps, warm-up and class prompt."""
         cfg = self.cfg
         self.images = read_training_images(self.dataset_dir, instance_prompt=cfg.instance_prompt,
                                            use_captions=cfg.use_captions)
+        self.dataset = dataset_fingerprint(runs.dataset_hashes(self.images))
         steps = cfg.max_train_steps or auto_steps(len(self.images), cfg)
         warmup = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else round(0.05 * steps)
         class_prompt = cfg.class_prompt or (f"a photo of a {self.class_noun or 'person'}"
                                             if cfg.with_prior_preservation else None)
-        self.cfg = cfg = dataclasses.replace(cfg, max_train_steps=steps, lr_warmup_steps=warmup, class_prompt=class_prompt)
-        self.validation_prompts = [p.replace("{subject}", self.trigger) for p in cfg.validation_prompts]
+        self.cfg = dataclasses.replace(cfg, max_train_steps=steps, lr_warmup_steps=warmup, class_prompt=class_prompt)
+        self.validation_prompts = [p.replace("{subject}", self.trigger) for p in self.cfg.validation_prompts]
+
+    def prepare_data(self) -> None:
+        """Make the class images (prior preservation) and encode (or reuse) the cache."""
+        cfg = self.cfg
         class_images = self._class_images() if cfg.with_prior_preservation else []
         vae_dtype = self.dtype if (cfg.vae and self.dtype == torch.float16) else torch.float32
         with self.accelerator.main_process_first():  # one process encodes, the others reuse its cache
@@ -107,7 +135,7 @@ class TrainingSession:
                 self.run_dir / "cache", model=cfg.model, images=self.images, resolution=cfg.resolution,
                 device=self.device, vae=cfg.vae, vae_dtype=vae_dtype, text_dtype=self.dtype,
                 extra_prompts=self.validation_prompts + [cfg.validation_negative_prompt or ""],
-                class_images=class_images, class_prompt=class_prompt, use_masks=cfg.use_masks,
+                class_images=class_images, class_prompt=cfg.class_prompt, use_masks=cfg.use_masks,
                 background_weight=cfg.background_weight, encode_text=not cfg.train_text_encoder,
                 progress=cfg.progress and self.main)
 
@@ -131,13 +159,11 @@ class TrainingSession:
         unet, te1, te2 = self._unwrapped()
         load_lora_into_models(folder / LORA_WEIGHT_NAME, unet=unet, text_encoder=te1, text_encoder_2=te2)
         opt_state, state, rng = ckpt.load_training_state(folder, process_index=self.accelerator.process_index)
-        saved = state.get("config", {})
-        for key in ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "seed", "resolution"):
-            if key in saved and saved[key] != getattr(self.cfg, key):
-                print(f"warning: resuming with {key}={getattr(self.cfg, key)!r}, the checkpoint used {saved[key]!r}; "
-                      "the result will differ from an uninterrupted run")
         models.optimizer.load_state_dict(opt_state)
         models.lr_scheduler.load_state_dict(state["scheduler"])
+        changed = self.resumes[-1]["changed"] if self.resumes else {}
+        if "learning_rate" in changed or "text_encoder_lr" in changed:  # accepted: the new rate must be the one used
+            apply_learning_rates(models.optimizer, models.lr_scheduler, self.cfg)
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -146,6 +172,10 @@ class TrainingSession:
             ckpt.set_rng_state(rng)
         self.rows = [r for r in read_log(self.run_dir) if int(r.get("step", 0)) <= self.step]
         self.resumed_from = folder
+
+    def _resume_facts(self) -> dict:
+        """``{"resumes": [...]}`` for config.json when this run continues a checkpoint, else {}."""
+        return {"resumes": self.resumes} if self.resumes else {}
 
     def start_info(self) -> TrainStart:
         """What listeners learn in ``on_train_start``."""
@@ -184,6 +214,12 @@ class TrainingSession:
         if isinstance(exc, KeyboardInterrupt) and self.main:
             print(f"interrupted at step {self.step}; " + (f"resume from {last[-1].name} with resume='latest'"
                                                            if last else "no checkpoint yet"))
+        if isinstance(exc, Exception) and (reason := ckpt.write_failure(exc, self.run_dir)):
+            # a full disk while writing the log or the final files: say so, and what survived
+            kept = last[-1].name if last else "none yet"
+            return ckpt.RunWriteError(f"could not write into {self.run_dir} at step {self.step}: {reason}. The "
+                                      f"newest checkpoint is intact ({kept}); free some space and resume with "
+                                      "--resume latest (resume='latest')")
         if isinstance(exc, Exception) and _is_oom(exc):
             return TrainingOutOfMemoryError(
                 f"out of memory at step {self.step + 1} (planned peak {self.plan.peak_gb:.2f} GB"
@@ -215,7 +251,8 @@ class TrainingSession:
         scaler = acc.scaler
         state = {"step": self.step, "scheduler": models.lr_scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
-                 **self.stepper.state_dict(), "config": dataclasses.asdict(self.cfg)}
+                 **self.stepper.state_dict(), "config": dataclasses.asdict(self.cfg), "dataset": self.dataset,
+                 "resumes": self.resumes}
         summary = {"step": self.step, "loss": loss, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                    "trigger": self.trigger}
         acc.wait_for_everyone()
@@ -233,10 +270,19 @@ class TrainingSession:
         self.flush_log()
         return folder
 
-    def flush_log(self) -> None:
-        """Rewrite ``log.jsonl`` with every row so far (main process)."""
-        if self.main:
-            write_jsonl(self.run_dir / LOG_FILE, self.rows)
+    def flush_log(self, *, failing: bool = False) -> None:
+        """Rewrite ``log.jsonl`` with every row so far (main process).
+
+        Args:
+            failing: the run is ending with an error: a log that cannot be written (the disk is
+                full) must not hide that error; the file on disk stays as last written.
+        """
+        if self.main and self._log_ready:
+            try:
+                write_jsonl(self.run_dir / LOG_FILE, self.rows)
+            except OSError:
+                if not failing:
+                    raise
 
     def validate(self) -> tuple[list, Path, dict]:
         """Images for the validation prompts and seeds, saved as a grid.
@@ -307,13 +353,13 @@ class TrainingSession:
                                 None if measured is None else round(measured, 3), "budget_gb": cfg.memory_budget_gb,
                                 "setup_peak_gb": None if setup_peak is None else round(setup_peak, 3),
                                 "plan": plan.to_dict()},
-                     "samples": [p.relative_to(run_dir).as_posix() for p in self.samples]}
+                     "samples": [p.relative_to(run_dir).as_posix() for p in self.samples], **self._resume_facts()}
             runs.write_run_config(run_dir, config=dataclasses.asdict(cfg), trigger=trigger, class_noun=self.class_noun,
                                   images=self.images, dataset_dir=self.dataset_dir, status="finished", extra=extra)
             sample = self.samples[-1] if self.samples else None
             runs.write_model_card(run_dir, config=dataclasses.asdict(cfg), trigger=trigger, n_images=len(self.images),
                                   steps=self.step, kohya_path=kohya_path, sample_grid=sample, estimated_gb=plan.peak_gb,
-                                  measured_gb=measured, seconds_per_step=s_per_step)
+                                  measured_gb=measured, seconds_per_step=s_per_step, resumes=self.resumes)
             if cfg.hub_repo_id:
                 hub_url = runs.push_to_hub(run_dir, cfg.hub_repo_id, private=cfg.hub_private)
         acc.wait_for_everyone()

@@ -36,7 +36,8 @@ from lora_helpers.core.config import smoke_mode
 from lora_helpers.core.lora_files import text_encoder_lora_supported
 from lora_helpers.core.runtime import free_memory
 from lora_helpers.train import checkpoints as ckpt
-from lora_helpers.core.run_folder import DEFAULT_TRIGGER, read_caption_config
+from lora_helpers.core.run_folder import DEFAULT_TRIGGER, check_run_folder, read_caption_config
+from lora_helpers.core.run_lock import RunFolderLockedError, lock_run_folder
 from lora_helpers.train.config import (PRESETS, TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError,
                                        TrainResult, _device_type, _resolve)
 from lora_helpers.train.events import ValidationHook, ValidationHooks
@@ -47,7 +48,7 @@ from lora_helpers.train.memory import (
 )
 from lora_helpers.train.outputs import check_hub_access
 
-__all__ = ["plan_memory", "train", "add_cli_arguments", "run_cli"]
+__all__ = ["plan_memory", "checkpoint_bytes", "train", "add_cli_arguments", "run_cli"]
 
 
 # What each preset is made for: a plan made on a machine without a GPU is for this.
@@ -145,8 +146,22 @@ def _listeners(listeners: Sequence[Any] | None, validation_hook, run_dir: Path) 
     return bar + hooks + listeners
 
 
+def checkpoint_bytes(plan: MemoryPlan) -> int:
+    """Disk space a run needs free before it starts: one checkpoint and the final LoRA files, with a margin.
+
+    Args:
+        plan: the memory plan (its LoRA parameter count).
+
+    Returns:
+        Bytes: the LoRA in fp32 (4 bytes a weight) and AdamW's two moments (8; 8-bit AdamW keeps small
+        tensors in fp32, so 8 is what to count) for the checkpoint, the diffusers and kohya files (8)
+        at the end, a quarter more, and 64 MiB for the latent cache, log and sample grids.
+    """
+    return int(plan.lora_parameters * (4 + 8 + 8) * 1.25) + 64 * 2**20
+
+
 def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig | None = None,
-          resume: str | Path | None = None,
+          resume: str | int | Path | None = None, accept_changes: bool = False,
           validation_hook: ValidationHook | Sequence[ValidationHook] | None = None,
           listeners: Sequence[Any] | None = None) -> TrainResult:
     """Train a LoRA on a prepared, captioned dataset and write the run folder.
@@ -155,9 +170,12 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
         dataset_dir: the dataset (``metadata.jsonl``, ``images/``, ``masks/``, captions).
         run_dir: the run folder (created): checkpoints/, samples/, log.jsonl, the LoRA files.
         config: a :class:`TrainConfig` (default: the t4-8gb preset).
-        resume: "latest" (continue from the newest checkpoint, or start when there is none),
-            a step number, or a checkpoint folder. Without it, a run folder that already holds
-            checkpoints is refused, so nothing is overwritten by accident.
+        resume: "latest" (continue from the newest good checkpoint, skipping damaged ones, or start
+            when there is none), a step number, or a checkpoint folder. Without it, a run folder that
+            already holds checkpoints is refused, so nothing is overwritten by accident.
+        accept_changes: resume even though the learning rate, batch, resolution, seed, base model or
+            dataset differ from the checkpoint's; the new ones are used and the change is recorded in
+            ``config.json`` and the model card. Without it such a resume is refused, naming each change.
         validation_hook: called as ``hook(step, images, run_dir)`` after each validation with
             the list of PIL images (prompts x seeds, row-major); a dict it returns is written
             into that step's ``log.jsonl`` row (e.g. identity scores). A list of hooks runs
@@ -173,41 +191,58 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
 
     Raises:
         MemoryBudgetError: the plan does not fit ``memory_budget_gb`` (nothing was loaded).
+        RunFolderError: the run folder cannot be written or its disk is too full (nothing was loaded).
+        RunFolderLockedError: another process trains in ``run_dir``.
+        CheckpointError: the checkpoint to resume from is missing or damaged (naming the good ones).
+        ResumeSettingsError: the checkpoint was trained with other settings or data.
         TrainingDivergedError: NaN/inf loss for ``max_nonfinite_in_a_row`` steps.
         TrainingOutOfMemoryError: out of memory, with what to change and the checkpoint to resume from.
+        RunWriteError: the disk filled up while writing; earlier checkpoints are intact.
         FileExistsError: ``run_dir`` has checkpoints and ``resume`` was not given.
     """
     config = config or TrainConfig()
     dataset_dir, run_dir = Path(dataset_dir), Path(run_dir)
+    resume = ckpt.check_resume_value(resume, run_dir)  # its form, before anything is planned or written
     if config.train_text_encoder:
         supported, reason = text_encoder_lora_supported()
         if not supported:
             raise ValueError(reason)
     device_type = _device_type(config)
     cfg = _resolve(config, device_type)
-    start_from = ckpt.find_checkpoint(run_dir, resume) if resume is not None else None
-    if resume is None and ckpt.list_checkpoints(run_dir):
-        last = ckpt.list_checkpoints(run_dir)[-1]
-        raise FileExistsError(f"{run_dir} already has checkpoints (up to {last.name}): pass resume='latest' "
-                              "(--resume latest) to continue, or choose a new run folder")
     plan = plan_memory(cfg, device_type=device_type)
     if cfg.memory_budget_gb:
         plan = check_budget(plan, cfg.memory_budget_gb)
     check_host_memory(plan)  # Colab ends the whole session when host RAM runs out mid-load
     if cfg.hub_repo_id:  # a push that cannot work must fail now, not after an hour of training
         check_hub_access(cfg.hub_repo_id, private=cfg.hub_private)
+    # a read-only folder, a file in its place or a full disk must fail before the models load
+    check_run_folder(run_dir, need_bytes=checkpoint_bytes(plan))
     accelerator = _make_accelerator(cfg.mixed_precision, cpu=device_type == "cpu")
-    trigger, class_noun = _trigger(cfg, dataset_dir)
-    with _memory_budget(cfg.memory_budget_gb, accelerator.device):
-        try:
-            return run_training(dataset_dir, run_dir, cfg=cfg, accelerator=accelerator, plan=plan, trigger=trigger,
-                                class_noun=class_noun, start_from=start_from,
-                                listeners=_listeners(listeners, validation_hook, run_dir))
-        finally:
-            # accelerate keeps references to the UNet and optimizer: drop them, so a notebook can
-            # generate (or retry with other settings) in the same session without a restart
-            accelerator.free_memory()
-            free_memory()
+    main = accelerator.is_main_process
+    with lock_run_folder(run_dir) if main else contextlib.nullcontext():
+        start_from = None
+        if resume is not None:  # a damaged newest checkpoint is skipped with a message, a named one refused
+            start_from = ckpt.find_checkpoint(run_dir, resume, say=print if main else _quiet)
+        if resume is None and ckpt.list_checkpoints(run_dir):
+            last = ckpt.list_checkpoints(run_dir)[-1]
+            raise FileExistsError(f"{run_dir} already has checkpoints (up to {last.name}): pass resume='latest' "
+                                  "(--resume latest) to continue, or choose a new run folder")
+        trigger, class_noun = _trigger(cfg, dataset_dir)
+        with _memory_budget(cfg.memory_budget_gb, accelerator.device):
+            try:
+                return run_training(dataset_dir, run_dir, cfg=cfg, accelerator=accelerator, plan=plan,
+                                    trigger=trigger, class_noun=class_noun, start_from=start_from,
+                                    listeners=_listeners(listeners, validation_hook, run_dir),
+                                    accept_changes=accept_changes)
+            finally:
+                # accelerate keeps references to the UNet and optimizer: drop them, so a notebook can
+                # generate (or retry with other settings) in the same session without a restart
+                accelerator.free_memory()
+                free_memory()
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """Other processes of a multi-GPU run stay silent; the main one speaks."""
 
 
 # --------------------------------------------------------------------------- CLI
@@ -226,7 +261,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="settings for the machine (default: %(default)s)")
     parser.add_argument("--steps", dest="max_train_steps", type=int, default=None,
                         help="optimizer steps (default: scaled to the number of photos)")
-    parser.add_argument("--resume", default=None, help="'latest', a step number or a checkpoint folder")
+    parser.add_argument("--resume", default=None,
+                        help="'latest' (the newest good checkpoint), a step number or a checkpoint folder")
+    parser.add_argument("--accept-changes", action="store_true",
+                        help="resume even though the learning rate, batch, resolution, seed, model or dataset "
+                             "changed since the checkpoint (recorded in config.json)")
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--batch-size", dest="train_batch_size", type=int, default=None)
     parser.add_argument("--grad-accum", dest="gradient_accumulation_steps", type=int, default=None)
@@ -305,9 +344,14 @@ def run_cli(args: argparse.Namespace) -> int:
         print(plan)
         return 0 if plan.fits else 1
     try:
-        result = train(args.dataset_dir, args.run_dir, config=config, resume=args.resume)
-    except (MemoryBudgetError, TrainingDivergedError, TrainingOutOfMemoryError, FileExistsError, ValueError) as exc:
-        print(f"training stopped: {exc}", file=sys.stderr)
+        result = train(args.dataset_dir, args.run_dir, config=config, resume=args.resume,
+                       accept_changes=args.accept_changes)
+    except (MemoryBudgetError, TrainingDivergedError, TrainingOutOfMemoryError, FileExistsError, ValueError,
+            RunFolderLockedError, ckpt.RunWriteError) as exc:
+        # ValueError covers a damaged or missing checkpoint, a changed setting and an unusable run folder
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     measured = "not measured (CPU)" if result.measured_peak_gb is None else f"{result.measured_peak_gb:.2f} GB"
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, "
