@@ -39,11 +39,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                    validation_steps=200, validation_inference_steps=25, max_train_steps=None),
     # 40/80 GB: no checkpointing (faster), larger batch and rank, bf16 where the GPU has it.
     "a100": dict(resolution=1024, train_batch_size=2, lora_rank=32, learning_rate=1e-4, mixed_precision="auto",
-                 gradient_checkpointing=False, optimizer="adamw", memory_budget_gb=None, checkpointing_steps=250,
+                 gradient_checkpointing=False, optimizer="adamw", memory_budget_gb=None, host_memory_budget_gb=None,
+                 checkpointing_steps=250,
                  validation_steps=250, validation_inference_steps=30, max_train_steps=None),
     # Tiny random SDXL on CPU: the whole path in seconds (tests, notebooks in CI).
     "cpu-smoke": dict(resolution=64, train_batch_size=1, lora_rank=4, learning_rate=1e-3, mixed_precision="no",
-                      gradient_checkpointing=False, optimizer="adamw", memory_budget_gb=None, max_train_steps=20,
+                      gradient_checkpointing=False, optimizer="adamw", memory_budget_gb=None, host_memory_budget_gb=None,
+                      max_train_steps=20,
                       checkpointing_steps=10, validation_steps=10, validation_inference_steps=2,
                       validation_seeds=(0,), num_class_images=4, class_inference_steps=2, snr_gamma=5.0),
 }
@@ -136,7 +138,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     unet_8bit: bool = False
     unet_4bit: bool = False
-    host_memory_budget_gb: float | None = None
+    host_memory_budget_gb: float | None = 12.7  # Colab's host RAM (the default preset's)
     trigger: str | None = None
     instance_prompt: str | None = None
     use_captions: bool = True
