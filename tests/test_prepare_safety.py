@@ -167,3 +167,20 @@ def test_a_dataset_from_before_the_manifest_is_taken_over_without_renaming(tmp_p
     assert {k: v for k, v in after.items() if k != ".lora_helpers_manifest.json"} == before
     files = json.loads((dataset / ".lora_helpers_manifest.json").read_text())["files"]
     assert files["images/astronaut_01_headshot.png"] == before["images/astronaut_01_headshot.png"]
+
+
+def test_settings_and_a_file_in_the_folders_place_are_refused_before_any_photo_is_read(tmp_path, sample_data,
+                                                                                        capsys, monkeypatch):
+    from lora_helpers.cli import main
+    from lora_helpers.prepare import photo
+
+    calls = []
+    monkeypatch.setattr(photo, "process_photo", lambda *a, **k: calls.append(a) or None)
+    (tmp_path / "afile").write_text("not a folder")
+    code = main(["prepare", str(sample_data / "person"), str(tmp_path / "afile"), "--resolution", "64"])
+    err = capsys.readouterr().err
+    assert code != 0 and "afile: a file stands where the dataset folder" in err and "Traceback" not in err
+    code = main(["prepare", str(sample_data / "person"), str(tmp_path / "ds"), "--face-fraction", "0"])
+    err = capsys.readouterr().err
+    assert code != 0 and "face_fraction must be above 0" in err and "Traceback" not in err
+    assert calls == [] and (tmp_path / "afile").read_text() == "not a folder"

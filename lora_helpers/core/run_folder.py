@@ -224,7 +224,7 @@ def _mb(n_bytes: float) -> str:
     return f"{n_bytes / 1e6:,.0f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:,.0f} kB"
 
 
-def check_run_folder(run_dir: str | os.PathLike, *, need_bytes: int = 0) -> Path:
+def check_run_folder(run_dir: str | os.PathLike, *, need_bytes: int = 0, what: str = "run folder") -> Path:
     """Make sure ``run_dir`` is a folder we can write with room for ``need_bytes``; create it when missing.
 
     Run before models load: a read-only folder or a full disk must not cost an hour of training.
@@ -232,6 +232,7 @@ def check_run_folder(run_dir: str | os.PathLike, *, need_bytes: int = 0) -> Path
     Args:
         run_dir: the run folder.
         need_bytes: what the next writes need (a checkpoint with its margin); 0 skips the space check.
+        what: what the folder is, for the message ("run folder", "dataset folder").
 
     Returns:
         The folder.
@@ -244,8 +245,8 @@ def check_run_folder(run_dir: str | os.PathLike, *, need_bytes: int = 0) -> Path
     for folder in (run_dir, *run_dir.parents):
         if folder.exists() or folder.is_symlink():
             if not folder.is_dir():
-                raise RunFolderError(folder, "a file stands where the run folder (or a folder above it) should be; "
-                                             "choose another run folder, or move the file away")
+                raise RunFolderError(folder, f"a file stands where the {what} (or a folder above it) should be; "
+                                             f"choose another {what}, or move the file away")
             break
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

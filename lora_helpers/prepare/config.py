@@ -87,5 +87,15 @@ class PrepareConfig:
             raise ValueError(f"mask must be 'hull' or 'ellipse', got {self.mask!r}")
         if self.resolution < 8:
             raise ValueError(f"resolution must be at least 8 px, got {self.resolution}")
+        # A face fraction of 0 makes every crop transform singular (a LinAlgError per photo).
+        if not 0.0 < self.face_fraction <= 1.0:
+            raise ValueError(f"face_fraction must be above 0 and at most 1 (default {AlignSpec.face_fraction}), "
+                             f"got {self.face_fraction}")
+        for name in ("eye_y",):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within 0..1, got {getattr(self, name)}")
+        for name in ("max_upscale", "max_zoom"):
+            if getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.background_weight <= 1.0:
             raise ValueError(f"background_weight must be within 0..1, got {self.background_weight}")

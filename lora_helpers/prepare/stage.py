@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from lora_helpers.core import fileio
 from lora_helpers.core.config import default_resolution
 from lora_helpers.core.images import list_images
+from lora_helpers.core.run_folder import check_run_folder
 from lora_helpers.prepare import photo, report
 from lora_helpers.prepare.config import PrepareConfig
 from lora_helpers.prepare.faces import get_backend
@@ -201,6 +202,7 @@ def prepare_photos(
     out_dir = Path(out_dir)
     files, folders = _inputs(photos_dir)
     _check_apart(out_dir, folders)
+    check_run_folder(out_dir, what="dataset folder")  # a file in its place, or no write access: say so before the work
     manifest = Manifest.read(out_dir)
     for name in REPORT_FILES:
         # Rewritten every run, so listed is enough (no hash): only a stranger's report.csv is refused.
