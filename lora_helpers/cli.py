@@ -47,8 +47,8 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         where = f" writing {exc.filename}" if exc.filename else ""
         return f"error: the disk is full{where}; free some space (or choose a folder on another disk) and run again"
-    if isinstance(exc, PermissionError):
-        return f"error: no permission to write {exc.filename or 'there'}; choose a folder you can write to"
+    if isinstance(exc, PermissionError) and exc.filename:
+        return f"error: no permission to write {exc.filename}; choose a folder you can write to"
     if isinstance(exc, (IsADirectoryError, NotADirectoryError, FileExistsError)) and exc.filename:
         return f"error: {exc.filename}: {exc.strerror or exc}; a file stands where a folder should be, or the other way round"
     return f"error: {exc}"
