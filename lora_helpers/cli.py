@@ -55,7 +55,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 # Failures that bad input, a full disk or a wrong path cause: a sentence, not a traceback.
-EXPECTED_ERRORS = (OSError, ValueError, RuntimeError, ImportError)
+EXPECTED_ERRORS = (OSError, ValueError, RuntimeError, ImportError, ArithmeticError)
 
 
 def main(argv: list[str] | None = None) -> int:
