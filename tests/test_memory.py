@@ -6,14 +6,10 @@ import json
 
 import pytest
 
-from lora_helpers.train.memory import (
-    MemoryBudgetError,
-    check_budget,
-    count_unet_parameters,
-    estimate_peak_memory,
-)
-from lora_helpers.train.memory_trace import trace_training_memory
 from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
+from lora_helpers.train.memory import MemoryBudgetError, check_budget, estimate_peak_memory
+from lora_helpers.train.memory_trace import trace_training_memory
+from lora_helpers.train.model_size import count_unet_parameters
 
 
 def _sdxl(**kwargs):

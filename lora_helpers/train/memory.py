@@ -27,25 +27,17 @@ it costs seconds to import, and a plan for a known config needs none of it.
 
 from __future__ import annotations
 
-import functools
-import json
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
-
-from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
-from lora_helpers.core.config import HUB_MODELS
 from lora_helpers.core.lora_files import UNET_TARGET_MODULES
 from lora_helpers.core.runtime import available_host_memory_gb
+from lora_helpers.train.model_size import count_unet_parameters, unet_config_for, vae_parameters
 
 __all__ = [
     "GB",
     "MemoryPlan",
     "MemoryBudgetError",
-    "unet_config_for",
-    "count_unet_parameters",
     "estimate_peak_memory",
     "check_budget",
     "check_host_memory",
@@ -63,7 +55,6 @@ CUDA_ACTIVATION_FACTOR = 1.5  # fp32 GroupNorm outputs under autocast, workspace
 CUDA_OVERHEAD_GB = 0.5  # cuBLAS/cuDNN workspaces, allocator rounding and fragmentation
 HOST_BASELINE_GB = 1.5  # Python, torch, CUDA runtime in host RAM
 _SDXL_TEXT_ENCODER_PARAMS = 123_060_480 + 694_659_840  # CLIP ViT-L text + OpenCLIP bigG text
-_SDXL_VAE_PARAMS = 83_653_863
 
 
 class HostMemoryError(RuntimeError):
@@ -136,81 +127,6 @@ class MemoryPlan:
         lines.append(host)
         head = f"memory plan for {self.target} (GPU, GiB):" if self.target else "memory plan (GPU, GiB):"
         return head + "\n" + "\n".join(lines)
-
-
-def unet_config_for(model: str) -> dict:
-    """The UNet config of a model (hub id or folder), reading only ``unet/config.json``.
-
-    Offline, the hub id of SDXL base falls back to the known SDXL config, so plans can
-    be made anywhere.
-    """
-    from diffusers import UNet2DConditionModel
-
-    if str(model) == HUB_MODELS.sdxl:
-        # Known exactly: no hub round trip (which, without a network, retries for about a minute).
-        return dict(SDXL_UNET_CONFIG)
-    try:
-        with warnings.catch_warnings():  # huggingface_hub deprecation chatter on offline lookups
-            warnings.simplefilter("ignore")
-            return dict(UNet2DConditionModel.load_config(model, subfolder="unet"))
-    except (OSError, ValueError, EnvironmentError):
-        if "stable-diffusion-xl" in str(model).lower() or "sdxl" in str(model).lower():
-            return dict(SDXL_UNET_CONFIG)
-        raise
-
-
-def _matches(name: str, targets: tuple[str, ...]) -> bool:
-    # peft's rule: a target matches a module whose name is it or ends with "." + it
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-@functools.lru_cache(maxsize=16)
-def _vae_parameters(model: str | None) -> int:
-    """Parameters of the model's VAE, from its config on the meta device (SDXL's when unknown)."""
-    if model is None or str(model) == HUB_MODELS.sdxl:
-        return _SDXL_VAE_PARAMS
-    from diffusers import AutoencoderKL
-
-    try:
-        config = dict(AutoencoderKL.load_config(model, subfolder="vae"))
-    except (OSError, ValueError, EnvironmentError):
-        return _SDXL_VAE_PARAMS
-    with torch.device("meta"):
-        vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    return sum(p.numel() for p in vae.parameters())
-
-
-@functools.lru_cache(maxsize=16)
-def _count(config_json: str, targets: tuple[str, ...], rank: int) -> tuple[int, int, int]:
-    from diffusers import UNet2DConditionModel
-
-    config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    total = sum(p.numel() for p in unet.parameters())
-    linear = sum(m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Linear))
-    lora = 0
-    for name, module in unet.named_modules():
-        if not _matches(name, targets):
-            continue
-        if isinstance(module, torch.nn.Linear):
-            lora += rank * (module.in_features + module.out_features)
-        elif isinstance(module, torch.nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1]
-            lora += rank * (module.in_channels * k + module.out_channels)
-    return total, linear, lora
-
-
-def count_unet_parameters(unet_config: dict, *, target_modules=UNET_TARGET_MODULES,
-                          rank: int = 16) -> dict[str, int]:
-    """Parameters of a UNet config, its Linear layers, and a LoRA on ``target_modules``.
-
-    Returns:
-        ``{"total": ..., "linear": ..., "lora": ...}``.
-    """
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet_config.items() if not k.startswith("_")}
-    total, linear, lora = _count(json.dumps(config, sort_keys=True, default=str), tuple(target_modules), rank)
-    return {"total": total, "linear": linear, "lora": lora}
 
 
 def _activation_elements(unet_config: dict, latent_h: int, latent_w: int) -> float:
@@ -312,7 +228,7 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
     # Validation: no activations kept, gradients freed; the VAE decodes in 512-px tiles.
     persistent = sum(v for k, v in items.items() if k.startswith(("UNet", "text encoders", "optimizer")))
     persistent += n_lora * 4 / GB
-    vae_weights = _vae_parameters(model) * wbytes / GB
+    vae_weights = vae_parameters(model) * wbytes / GB
     decode = 0.75 * (min(resolution, 512) / 512) ** 2 * (abytes / 2)
     # a forward pass without grad holds the skip connections and one block's intermediates:
     # traced for SDXL at 1024 px, batch 2 (classifier-free guidance), 0.37 of a checkpointed step
