@@ -416,3 +416,13 @@ def test_panel_generates_shows_and_saves(pipe, lora, tmp_path, monkeypatch):
     panel.prompt.value = ""
     panel.generate_button.click()
     assert "error" in panel.status.value and "no prompts" in panel.status.value
+
+
+def test_a_folder_with_only_the_hubs_fp16_files_loads(tiny_models, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tmp_path / "fp16-only"
+    StableDiffusionXLPipeline.from_pretrained(tiny_models / "sdxl").to(dtype=torch.float16).save_pretrained(
+        folder, variant="fp16")
+    pipe = load_pipeline(folder, device="cpu")  # fp32 on CPU, cast up from the *.fp16.safetensors files
+    assert pipe.unet.dtype == torch.float32

@@ -34,6 +34,13 @@ def test_a_cpu_preset_plans_for_this_cpu():
     assert plan_memory(TrainConfig.from_preset("t4-8gb", device="cpu")).target.startswith("this CPU")
 
 
+def test_bf16_asked_for_by_name_is_kept_on_cpu_and_fp16_is_not():
+    bf16 = plan_memory(TrainConfig.from_preset("t4-8gb", device="cpu", mixed_precision="bf16"))
+    fp16 = plan_memory(TrainConfig.from_preset("t4-8gb", device="cpu"))  # the preset's fp16: fp32 on CPU
+    assert "bf16 UNet" in bf16.target and "fp32 UNet" in fp16.target
+    assert bf16.peak_gb < fp16.peak_gb - 4  # the UNet's weights take half the memory
+
+
 def test_4bit_unet_is_planned_below_4_5_gb_at_1024_px():
     plan = plan_memory(TrainConfig.from_preset("t4-8gb", unet_4bit=True), device_type="cuda")
     assert plan.peak_gb <= 4.5, str(plan)

@@ -7,7 +7,7 @@ a folder and loaded by the same ``from_pretrained`` call Colab uses with hub ids
 is no test-only branch in the library.
 
 Builders are deterministic for a seed. ``build_full_sdxl`` makes the real-size SDXL with
-random weights, on a GPU, for memory and speed benchmarks only.
+random weights (on a GPU in seconds, on CPU in minutes), for memory and speed benchmarks only.
 """
 
 from __future__ import annotations
@@ -246,46 +246,75 @@ SDXL_UNET_CONFIG = dict(
 
 
 def build_full_sdxl(folder: str | os.PathLike, *, device: str | torch.device = "cuda", seed: int = 0) -> Path:
-    """Write a real-size SDXL pipeline with random weights in fp16 (about 7 GB on disk).
+    """Write a real-size SDXL pipeline with random weights in the hub's fp16 layout (about 7 GB on disk).
 
-    Only for GPU benchmarks of memory and speed: likeness means nothing with random
-    weights, but the memory and time of a training step are those of SDXL. Never run on
-    CPU test machines.
+    Only for memory and speed benchmarks: likeness means nothing with random weights, but the
+    memory and time of a training step are those of SDXL. Written one component at a time, so
+    at most one model is in memory: on CPU the components are built directly in fp16 (the
+    UNet alone would be 10.3 GB in fp32) and the UNet's peak is about 10 GB while its file is
+    written; on a GPU they are built in fp32 and halved.
 
     Args:
-        folder: output folder in diffusers layout.
-        device: where to initialise (a GPU: building 3.5 B parameters on CPU takes minutes).
+        folder: output folder in diffusers layout (``*.fp16.safetensors`` files, as on the hub).
+        device: where to initialise: a GPU takes seconds, a CPU several minutes.
         seed: weight seed.
 
     Returns:
         The folder.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import __version__ as diffusers_version
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     device = torch.device(device)
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tok1 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tok1"))
         tok2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tok2", pad_token="!"))
+    tok1.save_pretrained(folder / "tokenizer")
+    tok2.save_pretrained(folder / "tokenizer_2")
     ids = dict(bos_token_id=tok1.bos_token_id, eos_token_id=tok1.eos_token_id, pad_token_id=tok1.pad_token_id,
                vocab_size=49408, max_position_embeddings=77)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                           num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu", **ids))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
-                                                         num_hidden_layers=32, projection_dim=1280, hidden_act="gelu", **ids))
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
-                            sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
-                                     unet=unet, scheduler=scheduler)
-    pipe.to(dtype=torch.float16)
-    pipe.save_pretrained(folder, variant="fp16")
+    builders = {
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+            projection_dim=768, hidden_act="quick_gelu", **ids)),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+            projection_dim=1280, hidden_act="gelu", **ids)),
+        "vae": lambda: AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=1024,
+            scaling_factor=0.13025, force_upcast=True),
+        "unet": lambda: UNet2DConditionModel(**SDXL_UNET_CONFIG),
+    }
+    build_dtype = torch.float16 if device.type == "cpu" else torch.float32
+    for i, (name, build) in enumerate(builders.items()):
+        torch.manual_seed(seed + i)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(build_dtype)
+        try:
+            with torch.device(device):
+                model = build()
+        finally:
+            torch.set_default_dtype(previous)
+        model.to(dtype=torch.float16).save_pretrained(folder / name, variant="fp16")
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                           timestep_spacing="leading").save_pretrained(folder / "scheduler")
+    classes = {"scheduler": ["diffusers", "EulerDiscreteScheduler"],
+               "text_encoder": ["transformers", "CLIPTextModel"],
+               "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+               "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    # what StableDiffusionXLPipeline.save_pretrained writes, written last: its presence marks a complete model
+    (folder / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": diffusers_version,
+         "feature_extractor": [None, None], "force_zeros_for_empty_prompt": True, "image_encoder": [None, None],
+         **classes}, indent=2, sort_keys=True) + "\n")
     return folder
 
 
@@ -295,17 +324,18 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="also build sdxl-small/ (128 px, for CPU benchmarks)")
     parser.add_argument("--full", action="store_true",
-                        help="also build sdxl-full/: real-size SDXL, random fp16 weights (needs a GPU, ~7 GB)")
+                        help="also build sdxl-full/: real-size SDXL, random fp16 weights (~7 GB; a GPU takes "
+                             "seconds, a CPU several minutes and ~10 GB of RAM)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """Build the requested models and print where they went."""
     root = build_tiny_models(args.out_dir, seed=args.seed, small=args.small)
     if args.full:
-        if not torch.cuda.is_available():
-            print("--full needs a CUDA GPU (building 3.5 B random parameters on CPU is not useful); skipped")
-        else:
-            build_full_sdxl(root / "sdxl-full", seed=args.seed)
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            print("no GPU: building the full-size SDXL on CPU (several minutes, ~10 GB of RAM)")
+        build_full_sdxl(root / "sdxl-full", device="cuda" if on_gpu else "cpu", seed=args.seed)
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         size = sum(f.stat().st_size for f in sub.rglob("*") if f.is_file())
         print(f"{sub}  ({size / 1e6:.1f} MB)")

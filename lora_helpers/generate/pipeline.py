@@ -132,7 +132,14 @@ def load_pipeline(
         except (OSError, ValueError):
             pipe = None
     if pipe is None:
-        pipe = _from_pretrained(StableDiffusionXLPipeline, base_model, **kwargs)
+        try:
+            pipe = _from_pretrained(StableDiffusionXLPipeline, base_model, **kwargs)
+        except OSError as plain_error:
+            # a folder holding only the hub's fp16 files (*.fp16.safetensors) loads in any dtype, cast on load
+            try:
+                pipe = _from_pretrained(StableDiffusionXLPipeline, base_model, variant="fp16", **kwargs)
+            except (OSError, ValueError):
+                raise plain_error from None
     pipe.set_progress_bar_config(disable=True)
 
     mode = _choose_memory_mode(pipe, device) if memory_saving == "auto" else memory_saving
