@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
-from lora_helpers.train.memory import MemoryBudgetError, check_budget, estimate_peak_memory
+from lora_helpers.train.memory import MemoryBudgetError, check_budget, estimate_peak_memory, inference_activations_gb
 from lora_helpers.train.memory_trace import trace_training_memory
 from lora_helpers.train.model_size import count_unet_parameters
 
@@ -76,3 +77,24 @@ def test_activation_coefficients_agree_with_a_fake_tensor_trace(tiny_models):
     plan = estimate_peak_memory(unet_config=config, resolution=128, lora_rank=4, device_type="cpu")
     estimated = next(v for k, v in plan.items.items() if k.startswith("activations"))
     assert 0.5 < estimated / traced["activations_gb"] < 2.0, (estimated, traced)
+
+
+MEASURED = Path(__file__).resolve().parents[1] / "benchmarks" / "activations_measured.json"
+
+
+def test_activation_estimates_match_the_measured_step():
+    """The planner against real allocations of one full-size SDXL step (benchmarks/bench_activations.py)."""
+    measured = json.loads(MEASURED.read_text())
+    results, px, rank = measured["results"], measured["resolution"], measured["lora_rank"]
+    assert measured["dtype"] == "bfloat16" and px == 1024
+    figures = {mode: r.get("scaled_activations_gb", r["activations_gb"]) for mode, r in results.items()}
+    assert set(figures) == {"checkpointed", "full", "inference"}
+    assert all(v > 0 for v in figures.values())
+    assert figures["inference"] < figures["checkpointed"] < figures["full"]
+    assert 0 < results["checkpointed"]["lora_gradients_gb"] < 0.2  # rank 16, fp32: about 23 M parameters
+    for mode in ("checkpointed", "full"):
+        plan = _sdxl(resolution=px, batch_size=1, lora_rank=rank, weight_dtype="bf16",
+                     gradient_checkpointing=mode == "checkpointed", device_type="cpu")
+        estimated = next(v for k, v in plan.items.items() if k.startswith("activations"))
+        assert estimated == pytest.approx(figures[mode], rel=0.1), (mode, estimated, figures[mode])
+    assert inference_activations_gb(SDXL_UNET_CONFIG, px, 2) == pytest.approx(figures["inference"], rel=0.1)

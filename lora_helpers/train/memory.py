@@ -10,14 +10,13 @@ checkpointing). :func:`estimate_peak_memory` adds these up from the model's *con
 Units: "GB" here is GiB (2**30 bytes), the unit ``torch.cuda.max_memory_allocated`` and
 nvidia-smi report.
 
-How the activation figures were obtained: the UNet forward and backward pass was traced
-on CPU with fake tensors (no memory allocated) while counting the bytes of every live
-tensor, for the tiny, small and full SDXL configs at several resolutions, with and
-without gradient checkpointing. Activations grow with the sum, over the UNet's levels,
-of (latent pixels at that level) x (channels) x (resnets + transformer layers); the
-traced bytes per element of that sum are the coefficients below
-(:func:`lora_helpers.train.memory_trace.trace_training_memory` repeats the trace for any
-config). On a GPU, cuDNN/cuBLAS workspaces, autocast copies and allocator rounding come on
+How the activation figures were obtained: activations grow with the sum, over the UNet's
+levels, of (latent pixels at that level) x (channels) x (resnets + transformer layers).
+The bytes per element of that sum are the coefficients below, measured from real
+allocations of one training step of the full-size SDXL UNet on CPU
+(``benchmarks/bench_activations.py``); a trace with fake tensors
+(:func:`lora_helpers.train.memory_trace.trace_training_memory`) gives the same shape for any
+config without allocating. On a GPU, cuDNN/cuBLAS workspaces, autocast copies and allocator rounding come on
 top; :data:`CUDA_ACTIVATION_FACTOR` and :data:`CUDA_OVERHEAD_GB` cover them and are to be
 checked against ``benchmarks/bench_train.py`` on a real GPU.
 
@@ -45,12 +44,17 @@ __all__ = [
 ]
 
 GB = 2**30
-# Traced bytes of saved activations per (level pixels x channels x units) element, per
-# byte of activation dtype: ~1.6 elements with checkpointing (block inputs + one block
-# recomputed), ~21.5 without (every intermediate of every block).
-ACTIVATION_ELEMENTS_CHECKPOINTED = 1.6
-ACTIVATION_ELEMENTS_FULL = 21.5
-INFERENCE_FRACTION = 0.37
+# Saved activations per (level pixels x channels x units) element, in elements of the
+# activation dtype: with checkpointing the block inputs + one block recomputed, without it
+# every intermediate of every block. Measured by benchmarks/bench_activations.py on
+# 2026-11-30 (full-size SDXL UNet, bf16 on CPU, LoRA rank 16, batch 1, 1024 px, CPU allocator
+# records from torch.profiler, LoRA gradients taken out): 0.465 GiB checkpointed (was traced
+# as 1.6), 6.06 GiB without (was 21.5); a no-grad forward at batch 2 (classifier-free
+# guidance) held 0.308 GiB, 0.33 of a checkpointed step (was 0.37).
+# Figures: benchmarks/activations_measured.json.
+ACTIVATION_ELEMENTS_CHECKPOINTED = 1.63
+ACTIVATION_ELEMENTS_FULL = 21.2
+INFERENCE_FRACTION = 0.33
 CUDA_ACTIVATION_FACTOR = 1.5  # fp32 GroupNorm outputs under autocast, workspaces in backward
 CUDA_OVERHEAD_GB = 0.5  # cuBLAS/cuDNN workspaces, allocator rounding and fragmentation
 HOST_BASELINE_GB = 1.5  # Python, torch, CUDA runtime in host RAM
@@ -148,6 +152,14 @@ def _activation_elements(unet_config: dict, latent_h: int, latent_w: int) -> flo
     return total
 
 
+def inference_activations_gb(unet_config: dict, resolution: int, abytes: int = 2) -> float:
+    """GiB a forward pass without grad holds (batch 2: classifier-free guidance): the skip
+    connections and one block's intermediates, :data:`INFERENCE_FRACTION` of a checkpointed step's."""
+    latent = resolution // 8
+    return INFERENCE_FRACTION * ACTIVATION_ELEMENTS_CHECKPOINTED * abytes * 2 * _activation_elements(
+        unet_config, latent, latent) / GB
+
+
 def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None = None, resolution: int = 1024,
                          batch_size: int = 1, lora_rank: int = 16,
                          target_modules: tuple[str, ...] = UNET_TARGET_MODULES,
@@ -230,18 +242,15 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
     persistent += n_lora * 4 / GB
     vae_weights = vae_parameters(model) * wbytes / GB
     decode = 0.75 * (min(resolution, 512) / 512) ** 2 * (abytes / 2)
-    # a forward pass without grad holds the skip connections and one block's intermediates:
-    # traced for SDXL at 1024 px, batch 2 (classifier-free guidance), 0.37 of a checkpointed step
-    inference = INFERENCE_FRACTION * ACTIVATION_ELEMENTS_CHECKPOINTED * abytes * 2 * _activation_elements(
-        unet_config, latent, latent) / GB
+    inference = inference_activations_gb(unet_config, resolution, abytes)
     validation_peak = persistent + vae_weights + decode + inference + (CUDA_OVERHEAD_GB if device_type == "cuda" else 0)
 
     biggest = counts["total"] * wbytes / GB
     if train_text_encoder:
         biggest += _SDXL_TEXT_ENCODER_PARAMS * wbytes / GB
     host_peak = biggest + HOST_BASELINE_GB
-    notes = ["activation figures are traced on CPU with fake tensors; the CUDA factor and overhead are assumptions "
-             "until measured on a GPU (benchmarks/bench_train.py)"]
+    notes = ["activation figures are measured on CPU in bf16 (benchmarks/bench_activations.py); the CUDA factor and "
+             "overhead are assumptions until measured on a GPU (benchmarks/gpu_check.py)"]
     if prior_preservation:
         notes.append("prior preservation runs the class image as its own forward/backward pass: no extra activations")
     return MemoryPlan(items=items, train_peak_gb=train_peak, validation_peak_gb=validation_peak,
