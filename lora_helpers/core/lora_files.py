@@ -1,16 +1,11 @@
 """LoRA files: the one place that writes, reads and checks them, with one error type.
 
-The diffusers file (``pytorch_lora_weights.safetensors``) is what ``pipe.load_lora_weights``
-reads; it carries the peft ``LoraConfig`` (rank, alpha, targets) as safetensors metadata,
-so an alpha different from the rank survives the round trip. People also bring files from
-kohya/A1111 trainers, and sometimes one that cannot work: a pickled ``.bin``, a half-copied
-download, a LoRA for Stable Diffusion 1.5. diffusers loads a mismatched LoRA with a warning at
-best (nothing is applied) or a shape error deep inside PEFT at worst, so every tensor is
-checked against *this* model first (:mod:`lora_helpers.core.lora_check`), with a message naming the file,
-the reason and what to do. The kohya file is written by :mod:`lora_helpers.core.lora_convert`.
-
-Only LoRA tensors are ever saved: upcasting the whole UNet to write a checkpoint would
-cost ~10 GB of memory on the machine we budget for.
+The diffusers file (``pytorch_lora_weights.safetensors``, what ``pipe.load_lora_weights`` reads)
+carries the peft ``LoraConfig`` as metadata, so an alpha other than the rank survives. People also
+bring kohya/A1111 files, and some cannot work (a pickled ``.bin``, a half-copied download, an SD 1.5
+LoRA): each is refused with the file, the reason and what to do; :mod:`lora_helpers.core.lora_check`
+checks a file against *this* model and :mod:`lora_helpers.core.lora_convert` writes the kohya file.
+Only LoRA tensors are ever saved: upcasting the UNet to save would cost ~10 GB on a T4 runtime.
 """
 
 from __future__ import annotations
