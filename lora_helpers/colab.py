@@ -81,18 +81,18 @@ def mount_drive(*, use_drive: bool = True) -> Path:
         if not (mount / "MyDrive").is_dir():
             drive.mount(str(mount))
     path = workspace_dir()
-    where = "on Google Drive" if _on_drive(path) else "on this machine's disk (lost when Colab disconnects)" \
+    where = "on Google Drive" if _drive_path(path) else "on this machine's disk (lost when Colab disconnects)" \
         if in_colab() else "on this machine"
     print(f"workspace {where}: {path}")
     return path
 
 
-def _on_drive(path: Path) -> bool:
+def _drive_path(path: Path) -> str | None:
+    """``path`` as Drive shows it (``MyDrive/...``), or None when it is not on Drive."""
     try:
-        Path(path).resolve().relative_to(drive_mount_point().resolve())
-        return True
+        return Path(path).resolve().relative_to(drive_mount_point().resolve()).as_posix()
     except ValueError:
-        return False
+        return None
 
 
 def require_gpu(notebook: str) -> None:
@@ -130,7 +130,7 @@ def upload_photos(photos_dir: str | os.PathLike, *, more: bool = False) -> list[
     photos_dir.mkdir(parents=True, exist_ok=True)
     have = list_images(photos_dir)
     drop_hint = f"you can also copy photos into {photos_dir} (Google Drive: {_drive_path(photos_dir)})" \
-        if _on_drive(photos_dir) else f"you can also copy photos into {photos_dir}"
+        if _drive_path(photos_dir) else f"you can also copy photos into {photos_dir}"
     if not in_colab():
         print(f"{len(have)} photos in {photos_dir} ({drop_hint})")
         return have
@@ -158,13 +158,6 @@ def upload_photos(photos_dir: str | os.PathLike, *, more: bool = False) -> list[
     return have
 
 
-def _drive_path(path: Path) -> str:
-    try:
-        return "/".join(Path(path).resolve().relative_to(drive_mount_point().resolve()).parts)
-    except ValueError:
-        return str(path)
-
-
 def show_files(paths: Sequence[str | os.PathLike], *, download: bool = False) -> list[Path]:
     """Print the absolute paths of finished files (and where they are on Drive); optionally download them.
 
@@ -179,7 +172,7 @@ def show_files(paths: Sequence[str | os.PathLike], *, download: bool = False) ->
     for path in paths:
         path = Path(path).resolve()
         size = f"{path.stat().st_size / 1e6:.1f} MB" if path.is_file() else "missing"
-        on_drive = f"  (Google Drive: {_drive_path(path)})" if _on_drive(path) else ""
+        on_drive = f"  (Google Drive: {_drive_path(path)})" if _drive_path(path) else ""
         print(f"{path}  {size}{on_drive}")
         shown.append(path)
     if download and in_colab():

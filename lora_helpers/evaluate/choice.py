@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from lora_helpers.evaluate.summary import is_base, summarize
+from lora_helpers.evaluate.summary import is_base, is_finite_number, summarize
 
 __all__ = ["Choice", "best_checkpoint"]
 
@@ -70,8 +69,8 @@ def best_checkpoint(
     cands = [s for s in summary if not is_base(s) and s.get("scale") is not None]
     if not cands:
         raise ValueError("no LoRA checkpoint among the rows (only the base model); evaluate at a scale above 0")
-    has_clip = any(_finite(s["clip_t_mean"]) for s in cands)
-    base_clip = base["clip_t_mean"] if base and _finite(base["clip_t_mean"]) else None
+    has_clip = any(is_finite_number(s["clip_t_mean"]) for s in cands)
+    base_clip = base["clip_t_mean"] if base and is_finite_number(base["clip_t_mean"]) else None
     floors = []
     if has_clip and min_prompt_adherence is not None:
         floors.append((min_prompt_adherence, f"CLIP-T {min_prompt_adherence:.3f}"))
@@ -81,18 +80,18 @@ def best_checkpoint(
     pool = cands
     if floors:
         floor, why = max(floors)
-        kept = [s for s in cands if _finite(s["clip_t_mean"]) and s["clip_t_mean"] >= floor]
+        kept = [s for s in cands if is_finite_number(s["clip_t_mean"]) and s["clip_t_mean"] >= floor]
         note = f"; {len(cands) - len(kept)} of {len(cands)} dropped below {why}" if kept else f"; none reach {why}, so all were compared"
         pool = kept or cands
 
     lo = base["identity_mean"] if base else 0.0
-    hi = upper_bound if upper_bound is not None and _finite(upper_bound) and upper_bound > lo else 1.0
+    hi = upper_bound if upper_bound is not None and is_finite_number(upper_bound) and upper_bound > lo else 1.0
     w = identity_weight if has_clip else 1.0
-    ref_clip = base_clip or max((s["clip_t_mean"] for s in pool if _finite(s["clip_t_mean"])), default=1.0)
+    ref_clip = base_clip or max((s["clip_t_mean"] for s in pool if is_finite_number(s["clip_t_mean"])), default=1.0)
     scores = []
     for s in pool:
         gain = (s["identity_mean"] - lo) / max(hi - lo, 1e-6)
-        kept_share = s["clip_t_mean"] / ref_clip if has_clip and _finite(s["clip_t_mean"]) and ref_clip else 0.0
+        kept_share = s["clip_t_mean"] / ref_clip if has_clip and is_finite_number(s["clip_t_mean"]) and ref_clip else 0.0
         scores.append(w * gain + (1 - w) * kept_share)
     k = max(range(len(pool)), key=lambda j: (scores[j], pool[j]["identity_mean"]))
     b = pool[k]
@@ -107,7 +106,4 @@ def best_checkpoint(
                   identity_mean=b["identity_mean"], identity_pass_rate=b["identity_pass_rate"],
                   clip_t_mean=b["clip_t_mean"], reason=reason)
 
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 

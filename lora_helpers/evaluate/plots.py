@@ -5,17 +5,13 @@ matplotlib runs headless (Agg) and every figure is written atomically.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
 from lora_helpers.core.fileio import atomic_path
+from lora_helpers.evaluate.summary import is_base, is_finite_number
 
 __all__ = ["plot_identity_vs_prompt"]
-
-
-def _finite(v) -> bool:
-    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
 def plot_identity_vs_prompt(
@@ -50,10 +46,10 @@ def plot_identity_vs_prompt(
 
     # Images without a known LoRA scale (photos from elsewhere, mixed into a folder of generated
     # ones) have no place on a line through scales or checkpoints.
-    rows = [s for s in summary if _finite(s.get("identity_mean")) and s.get("scale") is not None]
-    xs_known = any(_finite(s.get("clip_t_mean")) for s in rows)
+    rows = [s for s in summary if is_finite_number(s.get("identity_mean")) and s.get("scale") is not None]
+    xs_known = any(is_finite_number(s.get("clip_t_mean")) for s in rows)
     x = (lambda s: s["clip_t_mean"]) if xs_known else (lambda s: s["scale"] or 0.0)
-    base = [s for s in rows if s.get("scale") in (0, 0.0) or s.get("checkpoint") == "base"]
+    base = [s for s in rows if is_base(s)]
     lora = [s for s in rows if s not in base]
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True, constrained_layout=True)
@@ -72,7 +68,7 @@ def plot_identity_vs_prompt(
                 ax.annotate(tag, (x(s), s["identity_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for s in base:
             ax.plot([x(s)], [s["identity_mean"]], "k*", markersize=12, label="base model (lower bound)")
-        if upper_bound is not None and _finite(upper_bound):
+        if upper_bound is not None and is_finite_number(upper_bound):
             ax.axhline(upper_bound, color="grey", linestyle="--", label=f"references, leave-one-out {upper_bound:.3f}")
         if threshold is not None:
             ax.axhline(threshold, color="grey", linestyle=":", label=f"same-person threshold {threshold:.2f}")

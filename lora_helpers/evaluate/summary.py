@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["summarize", "unreadable_rows", "is_base"]
+__all__ = ["summarize", "unreadable_rows", "is_base", "is_finite_number"]
 
 
 def _nanmean(values) -> float:
@@ -62,6 +63,11 @@ def unreadable_rows(rows: Sequence[dict]) -> list[dict]:
         rows: per-image rows, as in ``scores.csv``.
     """
     return [{"image": r.get("image"), "error": r["error"]} for r in rows if r.get("error")]
+
+
+def is_finite_number(v) -> bool:
+    """True for a real, finite number (not None, NaN, inf or a bool): a score that can be averaged or plotted."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def is_base(s: dict) -> bool:

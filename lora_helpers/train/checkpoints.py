@@ -96,7 +96,9 @@ def check_resume_value(which: str | int | os.PathLike | None, run_dir: str | os.
 
 
 def _read_torch(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # mmap: the archive and every record are checked (a truncated or garbled file fails here) without
+    # reading the tensors, so resuming does not read a full-size optimizer.pt twice
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 def checkpoint_problem(folder: str | os.PathLike) -> str | None:
