@@ -30,6 +30,8 @@ __all__ = [
     "LOG_FILE",
     "CAPTION_CONFIG_FILE",
     "METADATA_FILE",
+    "HELD_OUT_FIELD",
+    "RESIZE_QUALITY_FIELD",
     "CHECKPOINTS_DIR",
     "LOCK_FILE",
     "RunFolderError",
@@ -60,6 +62,10 @@ CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 CAPTION_CONFIG_FILE = "caption_config.json"
 METADATA_FILE = "metadata.jsonl"  # the dataset's rows: file_name, mask_file, micro-conditioning, text
+# Optional metadata.jsonl fields: a photo kept out of training so evaluation can score likeness on a
+# face the model never saw, and how much of a crop's 1024 px detail is real (0..1).
+HELD_OUT_FIELD = "held_out"
+RESIZE_QUALITY_FIELD = "resize_quality"
 CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".lock"  # a dot file: the Hub upload of a run leaves it out
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
