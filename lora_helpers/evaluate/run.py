@@ -18,7 +18,6 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from lora_helpers.core.fileio import sha256_file
 from lora_helpers.core.grids import save_png_with_metadata
 from lora_helpers.core.lora_files import weights_digest
 from lora_helpers.core.run_folder import (
@@ -31,7 +30,8 @@ from lora_helpers.evaluate.prompts import EvalPrompt, people_prompts
 from lora_helpers.evaluate.report import EvaluationResult, write_evaluation
 from lora_helpers.evaluate.scoring import png_text, score_rows
 from lora_helpers.generate import (
-    GenerateConfig, choose_base_model, generate_images, load_lora, load_pipeline, resolve_size, resolve_steps,
+    GenerateConfig, choose_base_model, generate_images, load_lora, load_pipeline, lora_digest, resolve_size,
+    resolve_steps,
 )
 
 __all__ = ["evaluate_run"]
@@ -117,7 +117,7 @@ def _generate_missing(run_dir: Path, subject: str, jobs: list[tuple[str, int | N
     todo = []
     for name, step, weights, scale in jobs:
         folder = image_dir / name / f"scale-{scale:g}"
-        want = {**settings, "lora_sha256": sha256_file(weights) if weights is not None else None}
+        want = {**settings, "lora_sha256": lora_digest(weights) if weights is not None else None}
         missing = [(p, s) for p in prompts for s in config.seeds
                    if not _is_current(folder / _image_name(p, s), {**want, "prompt": p.text})]
         if missing:

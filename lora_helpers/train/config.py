@@ -71,6 +71,11 @@ class TrainConfig:
         lora_rank, lora_alpha, lora_dropout, target_modules: the UNet LoRA (alpha None = rank).
         train_text_encoder, text_encoder_lr: also train LoRAs on both text encoders (more memory;
             captions are then encoded every step).
+        pivotal_tokens, pivotal_lr, pivotal_freeze_fraction: pivotal tuning: this many new tokens
+            (``<s0><s1>``) replace the identifier in every caption and the trigger, and their
+            embeddings in both text encoders train (at ``pivotal_lr``) with the UNet LoRA for the
+            first ``pivotal_freeze_fraction`` of the steps, then freeze. 0: off. The text encoders
+            stay on the GPU (frozen) until then; the embeddings are saved beside the LoRA.
         mixed_precision: "fp16", "bf16", "no" or "auto" (bf16 where supported, else fp16); on CPU
             "no", except "bf16" asked for by name (fast on CPUs with AVX-512 BF16 or AMX). The frozen
             UNet takes this dtype; LoRA weights stay fp32.
@@ -129,6 +134,9 @@ class TrainConfig:
     target_modules: tuple[str, ...] = UNET_TARGET_MODULES
     train_text_encoder: bool = False
     text_encoder_lr: float = 5e-5
+    pivotal_tokens: int = 0
+    pivotal_lr: float = 3e-4
+    pivotal_freeze_fraction: float = 0.5
     mixed_precision: str = "fp16"
     gradient_checkpointing: bool = True
     optimizer: str = "auto"
@@ -235,7 +243,13 @@ class TrainConfig:
         if self.lora_alpha is not None and not positive(self.lora_alpha):
             raise ValueError(f"lora_alpha must be above 0 (or None for the rank, {self.lora_rank}), "
                              f"not {self.lora_alpha}")
-        for name, example in (("learning_rate", "1e-4"), ("text_encoder_lr", "5e-5")):
+        if isinstance(self.pivotal_tokens, bool) or not isinstance(self.pivotal_tokens, int) \
+                or not 0 <= self.pivotal_tokens <= 8:
+            raise ValueError(f"pivotal_tokens must be a whole number from 0 (off) to 8 (e.g. 2), not {self.pivotal_tokens!r}")
+        if not (isinstance(self.pivotal_freeze_fraction, (int, float)) and 0 < self.pivotal_freeze_fraction <= 1):
+            raise ValueError("pivotal_freeze_fraction must be above 0 and at most 1 (e.g. 0.5: the new tokens train "
+                             f"for the first half of the steps), not {self.pivotal_freeze_fraction!r}")
+        for name, example in (("learning_rate", "1e-4"), ("text_encoder_lr", "5e-5"), ("pivotal_lr", "3e-4")):
             if not positive(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number above 0 (e.g. {example}), not {getattr(self, name)}")
         if self.resolution <= 0 or self.resolution % 8:

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from lora_helpers.core.config import smoke_mode
+from lora_helpers.core.embeddings import pivotal_token_count
 from lora_helpers.core.lora_files import text_encoder_lora_supported
 from lora_helpers.core.runtime import free_memory
 from lora_helpers.train import checkpoints as ckpt
@@ -92,7 +93,8 @@ def plan_memory(config: TrainConfig, *, device_type: str | None = None) -> Memor
         target_modules=tuple(cfg.target_modules), weight_dtype=weight_dtype, unet_8bit=cfg.unet_8bit,
         unet_4bit=cfg.unet_4bit,
         gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
-        train_text_encoder=cfg.train_text_encoder, prior_preservation=cfg.with_prior_preservation,
+        train_text_encoder=cfg.train_text_encoder, pivotal_tokens=cfg.pivotal_tokens,
+        prior_preservation=cfg.with_prior_preservation,
         device_type=device_type, budget_gb=cfg.memory_budget_gb,
     )
     weights = "8-bit" if cfg.unet_8bit else "4-bit NF4" if cfg.unet_4bit else {"no": "fp32"}.get(
@@ -122,6 +124,19 @@ def _trigger(config: TrainConfig, dataset_dir: Path) -> tuple[str, str | None]:
     caption_cfg = read_caption_config(dataset_dir)
     trigger = config.trigger or caption_cfg.get("trigger") or caption_cfg.get("subject") or DEFAULT_TRIGGER
     return str(trigger), caption_cfg.get("class_noun")
+
+
+def _pivotal_from_captions(cfg: TrainConfig, dataset_dir: Path) -> TrainConfig:
+    """Captions written with new tokens (``caption --format pivotal``) train them, whatever the config says."""
+    identifier = _trigger(cfg, dataset_dir)[0].split()[0] if dataset_dir.is_dir() else ""
+    n = pivotal_token_count(identifier)
+    if n and cfg.pivotal_tokens != n:
+        if cfg.pivotal_tokens:
+            raise ValueError(f"the captions use {n} new tokens ({identifier}) but pivotal_tokens={cfg.pivotal_tokens}; "
+                             f"set pivotal_tokens={n} (--pivotal {n}) or caption again")
+        print(f"the captions use new tokens {identifier}: training them (pivotal_tokens={n})")
+        cfg = dataclasses.replace(cfg, pivotal_tokens=n)
+    return cfg
 
 
 @contextlib.contextmanager
@@ -208,7 +223,7 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
         if not supported:
             raise ValueError(reason)
     device_type = _device_type(config)
-    cfg = _resolve(config, device_type)
+    cfg = _pivotal_from_captions(_resolve(config, device_type), dataset_dir)
     plan = plan_memory(cfg, device_type=device_type)
     if cfg.memory_budget_gb:
         plan = check_budget(plan, cfg.memory_budget_gb)
@@ -276,6 +291,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", dest="lora_alpha", type=float, default=None)
     parser.add_argument("--target-modules", default=None, help="comma-separated UNet layer names")
     parser.add_argument("--train-text-encoder", action="store_true", default=None)
+    parser.add_argument("--pivotal", dest="pivotal_tokens", type=int, default=None, metavar="N",
+                        help="pivotal tuning: N new tokens (<s0><s1>...) replace the identifier and train in both text "
+                             "encoders (e.g. 2; 0: off)")
+    parser.add_argument("--pivotal-lr", dest="pivotal_lr", type=float, default=None,
+                        help="learning rate of the new tokens' embeddings (default 3e-4)")
+    parser.add_argument("--pivotal-freeze", dest="pivotal_freeze_fraction", type=float, default=None, metavar="FRACTION",
+                        help="share of the steps the new tokens train before they freeze (default 0.5)")
     parser.add_argument("--mixed-precision", choices=["fp16", "bf16", "no", "auto"], default=None)
     parser.add_argument("--optimizer", choices=["auto", "adamw8bit", "adamw"], default=None)
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",

@@ -21,6 +21,7 @@ from lora_helpers.train.data import batch_plan
 from lora_helpers.train.latents import TrainCache
 from lora_helpers.train.memory import GB
 from lora_helpers.train.models import TrainingModels, encode_live, weight_dtype
+from lora_helpers.train.pivotal import freeze_and_cache
 
 __all__ = ["TrainStep"]
 
@@ -136,7 +137,7 @@ class TrainStep:
     # ------------------------------------------------------------------ the loss
 
     def _embeds(self, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.cfg.train_text_encoder:
+        if self.models.text_encoders[0] is None:
             pe, pooled = self.cache.embeds(prompt_ids)
             return pe.to(self.device), pooled.to(self.device)
         prompts = [self.cache.prompts[i] for i in prompt_ids]
@@ -169,6 +170,14 @@ class TrainStep:
             finite = self.accelerator.gather(finite).min().reshape(1)
         return bool(finite.item() > 0)
 
+    def freeze_pivotal(self) -> None:
+        """Stop training the new tokens; encode the captions once with them and free the text encoders."""
+        models = self.models
+        freeze_and_cache(models.pivotal, self.cache, models.text_encoders, models.tokenizers, encode=encode_live,
+                         device=self.device, keep_encoders=self.cfg.train_text_encoder)
+        if not self.cfg.train_text_encoder:
+            models.text_encoders = (None, None)
+
     # ------------------------------------------------------------------ one step
 
     def __call__(self, step: int) -> dict:
@@ -180,6 +189,9 @@ class TrainStep:
         """
         cfg, acc, models = self.cfg, self.accelerator, self.models
         accum = cfg.gradient_accumulation_steps
+        pivotal = models.pivotal
+        if pivotal is not None and not pivotal.frozen and step >= pivotal.freeze_step:
+            self.freeze_pivotal()
         start = time.perf_counter()
         parts: dict[str, float] = {"instance_loss": 0.0}
         finite = True
@@ -210,6 +222,9 @@ class TrainStep:
                 break
         row: dict[str, Any] = {"step": step + 1, "epoch": self.epoch, "lr": models.lr_scheduler.get_last_lr()[0]}
         if finite:
+            if pivotal is not None and not pivotal.frozen and acc.num_processes > 1:
+                for p in pivotal.params:  # not under DDP (see build_models): average by hand
+                    p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
             grad_norm = float(acc.clip_grad_norm_(models.params, cfg.max_grad_norm))
             models.optimizer.step()
             if acc.optimizer_step_was_skipped:  # fp16 overflow in the gradients: the scaler lowers its scale
