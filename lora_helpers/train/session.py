@@ -25,7 +25,7 @@ from lora_helpers.train import outputs as runs
 from lora_helpers.train import validation as samples
 from lora_helpers.train.config import (TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError, TrainResult,
                                        auto_steps)
-from lora_helpers.train.data import read_training_images
+from lora_helpers.train.data import loss_weights, read_training_images
 from lora_helpers.train.events import TrainStart
 from lora_helpers.train.latents import TrainCache, build_cache
 from lora_helpers.train.memory import GB, MemoryPlan
@@ -104,7 +104,8 @@ class TrainingSession:
                                                                        "plan": self.plan.to_dict()},
                                                             **self._resume_facts()})
         self.models = build_models(cfg, self.accelerator)
-        self.stepper = TrainStep(cfg, self.accelerator, self.models, self.cache)
+        weights = loss_weights(self.images, by_resize_quality=cfg.weight_by_resize_quality)
+        self.stepper = TrainStep(cfg, self.accelerator, self.models, self.cache, sample_weights=weights)
         if start_from is not None:
             self.resume(start_from)
         self._log_ready = True
@@ -116,7 +117,7 @@ class TrainingSession:
         """Read the images and their fingerprint, and fill in the steps, warm-up and class prompt."""
         cfg = self.cfg
         self.images = read_training_images(self.dataset_dir, instance_prompt=cfg.instance_prompt,
-                                           use_captions=cfg.use_captions)
+                                           use_captions=cfg.use_captions, min_resize_quality=cfg.min_resize_quality)
         self.dataset = dataset_fingerprint(runs.dataset_hashes(self.images))
         steps = cfg.max_train_steps or auto_steps(len(self.images), cfg)
         warmup = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else round(0.05 * steps)
