@@ -117,6 +117,25 @@ def test_overrides_force_photos_in_and_out_and_switch_holding_out_off(eight, tmp
         write_overrides(out, {"x.jpg": "keep"})
 
 
+def test_override_widgets_save_hold_out_and_train_choices(eight, tmp_path):
+    from lora_helpers.prepare import read_overrides
+    from lora_helpers.ui import override_widgets
+
+    result = prepare_photos(SAMPLE / "person", tmp_path / "d", config=PrepareConfig(resolution=64), progress=False,
+                            previous=eight)
+    panel = override_widgets(result)
+    rows = panel.children[1:-1]  # header, one row per photo, status
+    (held_row, held), (other_row, other) = [next((row, rec) for row, rec in zip(rows, result.records)
+                                                 if rec.held_out is flag) for flag in (True, False)]
+    assert "held out" in held_row.children[1].value and "held out" not in other_row.children[1].value
+    held_row.children[0].value = "train"
+    other_row.children[0].value = "hold_out"
+    assert read_overrides(tmp_path / "d") == {held.file: "train", other.file: "hold_out"}
+    again = prepare_photos(SAMPLE / "person", tmp_path / "d", config=PrepareConfig(resolution=64), progress=False,
+                           previous=result)
+    assert _held(again) == [other.file]
+
+
 def _records(folder: Path, n: int) -> list[PhotoRecord]:
     """n usable one-face records over distinct files (content decides the choice)."""
     folder.mkdir(exist_ok=True)
@@ -167,6 +186,19 @@ def test_cli_holds_out_photos_and_names_a_bad_setting(tmp_path, capsys):
     assert [r["source"] for r in _rows(tmp_path / "out") if r.get(HELD_OUT_FIELD)] == [PERSON[1].name]
     assert main(args + ["--hold-out", "some"]) == 2
     assert "hold_out must be 'auto'" in capsys.readouterr().err
+
+
+
+def test_train_cli_flags_set_the_resize_quality_settings():
+    from lora_helpers.cli import build_parser
+    from lora_helpers.train.stage import _config_from_args
+
+    args = build_parser().parse_args(["train", "d", "r", "--preset", "cpu-smoke", "--min-resize-quality", "0.9",
+                                      "--weight-by-resize-quality"])
+    config = _config_from_args(args)
+    assert config.min_resize_quality == 0.9 and config.weight_by_resize_quality is True
+    defaults = _config_from_args(build_parser().parse_args(["train", "d", "r", "--preset", "cpu-smoke"]))
+    assert defaults.min_resize_quality == 0.0 and defaults.weight_by_resize_quality is False
 
 
 # --------------------------------------------------------------------------- captioning and training
