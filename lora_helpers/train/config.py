@@ -97,6 +97,9 @@ class TrainConfig:
             images are generated with the base model into ``class_data_dir`` (default run/class_images).
         use_masks, background_weight: weight the loss by the face masks; outside the face
             the weight is ``background_weight`` (1 = no effect).
+        min_resize_quality: skip crops whose ``resize_quality`` (share of real detail, recorded
+            by prepare; 1.0 when absent) is below this; 0 keeps all.
+        weight_by_resize_quality: scale each image's loss by its ``resize_quality``.
         snr_gamma: min-SNR-gamma loss weighting (None: off).
         noise_offset: offset noise strength (0: off).
         seed: seeds the LoRA init, data order, noise and timesteps.
@@ -159,6 +162,8 @@ class TrainConfig:
     class_inference_steps: int = 25
     use_masks: bool = True
     background_weight: float = 0.5
+    min_resize_quality: float = 0.0
+    weight_by_resize_quality: bool = False
     snr_gamma: float | None = 5.0
     noise_offset: float = 0.0
     seed: int = 0
@@ -224,6 +229,8 @@ class TrainConfig:
         self._check_numbers()
         if not 0.0 <= self.background_weight <= 1.0:
             raise ValueError(f"background_weight must be in [0, 1], not {self.background_weight}")
+        if not 0.0 <= self.min_resize_quality <= 1.0:
+            raise ValueError(f"min_resize_quality must be in [0, 1] (0 keeps every crop), not {self.min_resize_quality}")
 
     def _check_numbers(self) -> None:
         """Refuse values that would train nothing, or fail only after the models are loaded.

@@ -25,6 +25,7 @@ GUARDED: dict[str, str | None] = {
     "model": "--model", "resolution": "--resolution", "learning_rate": "--lr", "text_encoder_lr": None,
     "train_batch_size": "--batch-size", "gradient_accumulation_steps": "--grad-accum", "lora_alpha": "--alpha",
     "seed": "--seed", "pivotal_lr": "--pivotal-lr", "pivotal_freeze_fraction": "--pivotal-freeze",
+    "weight_by_resize_quality": "--weight-by-resize-quality",
 }
 # The shape of the LoRA: the checkpoint's tensors cannot take another one.
 FIXED: dict[str, str | None] = {"lora_rank": "--rank", "target_modules": "--target-modules",

@@ -26,7 +26,7 @@ from lora_helpers.train import outputs as runs
 from lora_helpers.train import validation as samples
 from lora_helpers.train.config import (TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError, TrainResult,
                                        auto_steps)
-from lora_helpers.train.data import read_training_images
+from lora_helpers.train.data import loss_weights, read_training_images
 from lora_helpers.train.events import TrainStart
 from lora_helpers.train.latents import TrainCache, build_cache
 from lora_helpers.train.memory import GB, MemoryPlan
@@ -106,7 +106,8 @@ class TrainingSession:
                                                                        "plan": self.plan.to_dict()},
                                                             **self._resume_facts()})
         self.models = build_models(cfg, self.accelerator, class_noun=self.class_noun or "person")
-        self.stepper = TrainStep(cfg, self.accelerator, self.models, self.cache)
+        weights = loss_weights(self.images, by_resize_quality=cfg.weight_by_resize_quality)
+        self.stepper = TrainStep(cfg, self.accelerator, self.models, self.cache, sample_weights=weights)
         if start_from is not None:
             self.resume(start_from)
         self._log_ready = True
@@ -118,7 +119,7 @@ class TrainingSession:
         """Read the images and their fingerprint, and fill in the steps, warm-up and class prompt."""
         cfg = self.cfg
         self.images = read_training_images(self.dataset_dir, instance_prompt=cfg.instance_prompt,
-                                           use_captions=cfg.use_captions)
+                                           use_captions=cfg.use_captions, min_resize_quality=cfg.min_resize_quality)
         if cfg.pivotal_tokens:  # the identifier becomes the new tokens in every caption and the trigger
             self.images, self.trigger = pivotal_captions(self.images, self.trigger, cfg.pivotal_tokens)
         self.dataset = dataset_fingerprint(runs.dataset_hashes(self.images))

@@ -316,6 +316,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior-weight", dest="prior_loss_weight", type=float, default=None)
     parser.add_argument("--no-masks", dest="use_masks", action="store_false", default=None)
     parser.add_argument("--background-weight", type=float, default=None)
+    parser.add_argument("--min-resize-quality", type=float, default=None,
+                        help="skip crops whose resize quality (share of real detail, from prepare) is below this")
+    parser.add_argument("--weight-by-resize-quality", action="store_true", default=None,
+                        help="scale each image's loss by its resize quality")
     parser.add_argument("--snr-gamma", type=float, default=None, help="min-SNR gamma (0 turns it off)")
     parser.add_argument("--noise-offset", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)

@@ -27,8 +27,8 @@ __all__ = ["TrainStep"]
 
 
 def _diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
-                    snr_weights: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error per image, weighted by the face mask and min-SNR, averaged over the batch."""
+                    snr_weights: torch.Tensor | None, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per image, weighted by the face mask, min-SNR and a per-image scale, averaged."""
     err = (pred.float() - target.float()) ** 2
     if weights is not None:
         # a weighted mean per image keeps the loss scale independent of the face's size
@@ -37,6 +37,8 @@ def _diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Ten
         per_image = err.mean(dim=(1, 2, 3))
     if snr_weights is not None:
         per_image = per_image * snr_weights
+    if scales is not None:
+        per_image = per_image * scales
     return per_image.mean()
 
 
@@ -57,6 +59,7 @@ class TrainStep:
         accelerator: the run's ``accelerate.Accelerator``.
         models: from :func:`lora_helpers.train.models.build_models`.
         cache: the encoded training set.
+        sample_weights: a loss scale per cached image (its resize quality), or None for 1.
 
     Attributes:
         nonfinite_total, nonfinite_in_a_row: steps skipped for a NaN/inf loss.
@@ -64,8 +67,10 @@ class TrainStep:
         epoch: the epoch of the last batch drawn.
     """
 
-    def __init__(self, cfg: TrainConfig, accelerator, models: TrainingModels, cache: TrainCache):
+    def __init__(self, cfg: TrainConfig, accelerator, models: TrainingModels, cache: TrainCache,
+                 sample_weights: list[float] | None = None):
         self.cfg, self.accelerator, self.models, self.cache = cfg, accelerator, models, cache
+        self.sample_weights = sample_weights
         self.device, self.dtype = accelerator.device, weight_dtype(cfg.mixed_precision)
         self.nonfinite_total = self.nonfinite_in_a_row = self.scaler_skips = 0
         self.epoch = 0
@@ -132,7 +137,9 @@ class TrainStep:
         keys = list(idx) if self.cfg.fixed_noise else [(micro * self.accelerator.num_processes
                                                         + self.accelerator.process_index) * 1024 + j
                                                        for j in range(len(idx))]
-        return latents, time_ids, [c.prompt_ids[i] for i in idx], weights, keys
+        scales = (None if self.sample_weights is None
+                  else torch.tensor([self.sample_weights[i] for i in idx], device=self.device))
+        return latents, time_ids, [c.prompt_ids[i] for i in idx], weights, keys, scales
 
     # ------------------------------------------------------------------ the loss
 
@@ -144,7 +151,7 @@ class TrainStep:
         return encode_live(self.models.text_encoders, self.models.tokenizers, prompts, self.device)
 
     def _loss(self, latents: torch.Tensor, time_ids: torch.Tensor, prompt_ids: list[int],
-              weights: torch.Tensor | None, keys: list[int]) -> torch.Tensor:
+              weights: torch.Tensor | None, keys: list[int], scales: torch.Tensor | None = None) -> torch.Tensor:
         from diffusers.training_utils import compute_snr  # diffusers costs seconds to import (loaded by now)
 
         scheduler = self.models.noise_scheduler
@@ -162,7 +169,7 @@ class TrainStep:
         if self.cfg.snr_gamma:
             snr = compute_snr(scheduler, timesteps)
             snr_weights = torch.clamp(snr, max=self.cfg.snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
-        return _diffusion_loss(pred, target, weights, snr_weights)
+        return _diffusion_loss(pred, target, weights, snr_weights, scales)
 
     def _agree_finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).float().reshape(1)
@@ -197,8 +204,8 @@ class TrainStep:
         finite = True
         for k in range(accum):
             micro = step * accum + k
-            latents, time_ids, prompt_ids, weights, keys = self._instance_batch(micro)
-            backwards = [("instance_loss", 1.0, lambda: self._loss(latents, time_ids, prompt_ids, weights, keys))]
+            latents, time_ids, prompt_ids, weights, keys, scales = self._instance_batch(micro)
+            backwards = [("instance_loss", 1.0, lambda: self._loss(latents, time_ids, prompt_ids, weights, keys, scales))]
             if cfg.with_prior_preservation and self.cache.class_latents:
                 ci = self._class_indices(micro, len(prompt_ids))
                 c_lat = torch.stack([self.cache.class_latents[i] for i in ci])
