@@ -220,3 +220,24 @@ def test_plan_counts_the_text_encoders_until_the_tokens_freeze_and_fits_a_t4():
     # validation images are made with the encoders in host RAM: no higher than without new tokens
     assert pivotal.validation_peak_gb == pytest.approx(plain.validation_peak_gb, abs=0.01)
     assert any("new tokens" in k for k in pivotal.items)
+
+
+def test_captions_written_with_new_tokens_train_them(tiny_models, tmp_path, capsys):
+    from lora_helpers.cli import main
+    from train_helpers import make_dataset as make
+
+    dataset = make(tmp_path / "ds", n=4, with_captions=False)
+    assert main(["caption", str(dataset), "--format", "pivotal", "--model", str(tiny_models / "blip"),
+                 "--max-new-tokens", "8"]) == 0
+    rows = [json.loads(x) for x in (dataset / "metadata.jsonl").read_text().splitlines()]
+    assert all(r["text"].count("<s0><s1> person") == 1 for r in rows), [r["text"] for r in rows]
+    assert json.loads((dataset / "caption_config.json").read_text())["pivotal_tokens"] == ["<s0>", "<s1>"]
+    capsys.readouterr()
+    assert main(["train", str(dataset), str(tmp_path / "run"), "--preset", "cpu-smoke", "--model",
+                 str(tiny_models / "sdxl"), "--steps", "2", "--validate-every", "0"]) == 0
+    assert "training them (pivotal_tokens=2)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["pivotal"]["tokens"] == ["<s0>", "<s1>"]
+    # asking for another number of tokens than the captions carry is refused, naming both
+    assert main(["train", str(dataset), str(tmp_path / "run3"), "--preset", "cpu-smoke", "--pivotal", "3",
+                 "--model", str(tiny_models / "sdxl"), "--steps", "2"]) != 0
+    assert "--pivotal 2" in capsys.readouterr().err
