@@ -44,6 +44,15 @@ def pivotal_run(dataset, tiny_models, tmp_path_factory):
     return result, captured, cfg
 
 
+def _card_snippet(run_dir, starting: str) -> str:
+    """The lines of the model card's diffusers code from the one that starts with ``starting`` to the end of the block."""
+    code = (run_dir / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    lines = code.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith(starting))
+    last = next(i for i, line in enumerate(lines) if line.startswith("image = pipe"))
+    return "\n".join(lines[first:last])
+
+
 def _rows(folder):
     return read_embeddings(find_embedding_file(folder))
 
@@ -103,6 +112,21 @@ def test_only_the_new_rows_train(tiny_models):
             assert torch.equal(after[key], sd[key]), f"{key} changed"
 
 
+def test_pooled_output_stays_at_the_end_token_with_sdxls_legacy_config(tiny_models):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = tiny_models / "sdxl"
+    # SDXL's text encoder configs say eos_token_id=2: transformers then pools at the highest id
+    encoders = [CLIPTextModel.from_pretrained(folder, subfolder=s, eos_token_id=2) for s in ("text_encoder",) * 2]
+    tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer") for _ in range(2)]
+    add_pivotal_tokens(encoders, tokenizers, n_tokens=2, init_word="person", seed=0, freeze_step=1)
+    ids = tokenizers[0](["a photo of <s0><s1> person"], padding="max_length", max_length=77,
+                        return_tensors="pt").input_ids
+    end = int((ids[0] == tokenizers[0].eos_token_id).nonzero()[0])
+    out = encoders[0](ids)
+    torch.testing.assert_close(out.pooler_output[0], out.last_hidden_state[0, end])
+
+
 def test_lora_and_embeddings_reload_into_a_fresh_pipeline(pivotal_run, tiny_models):
     from diffusers import StableDiffusionXLPipeline
 
@@ -125,11 +149,13 @@ def test_lora_and_embeddings_reload_into_a_fresh_pipeline(pivotal_run, tiny_mode
     # the model card's diffusers code: load_lora_weights + load_textual_inversion per encoder
     card = StableDiffusionXLPipeline.from_pretrained(tiny_models / "sdxl")
     card.load_lora_weights(result.run_dir)
+    assert f'load_file("{result.run_dir.name}/lora_emb.safetensors")' in (result.run_dir / "README.md").read_text()
     emb = load_file(result.run_dir / "lora_emb.safetensors")
     card.load_textual_inversion(emb["clip_l"], token=["<s0>", "<s1>"], text_encoder=card.text_encoder,
                                 tokenizer=card.tokenizer)
     card.load_textual_inversion(emb["clip_g"], token=["<s0>", "<s1>"], text_encoder=card.text_encoder_2,
                                 tokenizer=card.tokenizer_2)
+    exec(_card_snippet(result.run_dir, "# pool at the end-of-text token"), {"pipe": card})
     from_card = render(card)
     # the LoRA alone, without the learned tokens
     lora_only = StableDiffusionXLPipeline.from_pretrained(tiny_models / "sdxl")

@@ -37,6 +37,7 @@ __all__ = [
     "read_embeddings",
     "load_embeddings",
     "unload_embeddings",
+    "pool_at_end_token",
 ]
 
 EMBEDDING_SUFFIX = "_emb.safetensors"
@@ -172,6 +173,23 @@ def read_embeddings(path: str | os.PathLike) -> PivotalEmbeddings:
     return PivotalEmbeddings(tokens=tokens, clip_l=tensors["clip_l"], clip_g=tensors["clip_g"])
 
 
+def pool_at_end_token(encoder, tokenizer) -> None:
+    """Make a CLIP text encoder take its pooled output at the end-of-text token, whatever ids were added.
+
+    SDXL's configs carry ``eos_token_id = 2``, a legacy value with which transformers pools at the
+    *highest* token id. Without added tokens that is the end-of-text token (49407, the last id);
+    with ``<s0><s1>`` added (ids 49408, 49409) it would be the new token instead, and the pooled
+    embedding (SDXL's second conditioning) would differ from what ComfyUI and AUTOMATIC1111 compute,
+    which pool at the end-of-text token. Setting the real id makes all of them agree.
+    """
+    if tokenizer.eos_token_id is None:
+        return
+    encoder.config.eos_token_id = tokenizer.eos_token_id
+    for module in encoder.modules():  # the model itself in transformers 5, its .text_model before
+        if hasattr(module, "eos_token_id"):
+            module.eos_token_id = tokenizer.eos_token_id
+
+
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as tlog
@@ -224,6 +242,7 @@ def load_embeddings(pipe, embeddings: PivotalEmbeddings | str | os.PathLike) -> 
             with _quiet_transformers():  # "new embeddings will be initialized from ..." (they are overwritten)
                 pipe.load_textual_inversion(rows, token=list(embeddings.tokens), text_encoder=encoder,
                                             tokenizer=tokenizer)
+        pool_at_end_token(encoder, tokenizer)
     return embeddings
 
 

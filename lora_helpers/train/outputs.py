@@ -267,11 +267,16 @@ def _pivotal_card(path: Path, tokens: list[str], trigger: str, config: dict) -> 
     """The model card's parts about the new tokens: loading them in diffusers, ComfyUI and A1111."""
     identifier = "".join(tokens)
     stem = path.stem
-    code = (f'from safetensors.torch import load_file\n\nemb = load_file("{path.name}")  # beside the LoRA\n'
+    code = (f'from safetensors.torch import load_file\n\nemb = load_file("{path.parent.name}/{path.name}")  # beside the LoRA\n'
             f'pipe.load_textual_inversion(emb["clip_l"], token={tokens!r}, text_encoder=pipe.text_encoder, '
             f'tokenizer=pipe.tokenizer)\n'
             f'pipe.load_textual_inversion(emb["clip_g"], token={tokens!r}, text_encoder=pipe.text_encoder_2, '
-            f'tokenizer=pipe.tokenizer_2)\n')
+            f'tokenizer=pipe.tokenizer_2)\n'
+            "# pool at the end-of-text token, as in training and in ComfyUI (SDXL's configs say otherwise)\n"
+            "for te, tok in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):\n"
+            "    for m in te.modules():\n"
+            "        if hasattr(m, 'eos_token_id'):\n"
+            "            m.eos_token_id = tok.eos_token_id\n")
     text = (f"\n### The new tokens ({identifier})\n\nThis LoRA was trained with pivotal tuning: the person is called by "
             f"new tokens `{identifier}` whose embeddings in both text encoders are in `{path.name}` (`clip_l` and "
             f"`clip_g`, SDXL's embedding format). Load them together with the LoRA:\n\n"

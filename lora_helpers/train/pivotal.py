@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from lora_helpers.caption.text import identifier_of, identifier_pattern
-from lora_helpers.core.embeddings import PivotalEmbeddings, pivotal_identifier, pivotal_token_count, pivotal_tokens
+from lora_helpers.core.embeddings import (PivotalEmbeddings, pivotal_identifier, pivotal_token_count, pivotal_tokens,
+                                          pool_at_end_token)
 from lora_helpers.core.runtime import free_memory
 from lora_helpers.train.data import TrainImage
 
@@ -167,6 +168,7 @@ def add_pivotal_tokens(text_encoders: Sequence[nn.Module], tokenizers: Sequence,
                              "embeddings; use the model's own tokenizer")
         rows = _initial_rows(base, tokenizer, init_word, n_tokens, generator)
         tokenizer.add_tokens(tokens)
+        pool_at_end_token(encoder, tokenizer)
         layer = PivotalEmbedding(base, rows)
         encoder.set_input_embeddings(layer)
         layers.append(layer)
