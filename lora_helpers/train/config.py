@@ -305,6 +305,7 @@ class TrainResult:
         samples: validation grids, in step order.
         validation: one dict per validation (step, grid, hook values).
         hub_url: where the run was pushed, or None.
+        embedding_path: the new tokens' embeddings (pivotal tuning), or None.
     """
 
     run_dir: Path
@@ -321,6 +322,7 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)
     hub_url: str | None = None
+    embedding_path: Path | None = None
 
 
 class TrainingDivergedError(RuntimeError):

@@ -401,4 +401,5 @@ class TrainingSession:
                            config_path=run_dir / CONFIG_FILE, log_path=run_dir / LOG_FILE, steps=self.step,
                            final_loss=final_loss, nonfinite_steps=nonfinite, seconds_per_step=s_per_step,
                            estimated_peak_gb=plan.peak_gb, measured_peak_gb=measured, samples=list(self.samples),
-                           validation=list(self.validation), hub_url=hub_url)
+                           validation=list(self.validation), hub_url=hub_url,
+                           embedding_path=self._pivotal_files().get("embedding_path"))

@@ -384,4 +384,6 @@ def run_cli(args: argparse.Namespace) -> int:
           f"{result.seconds_per_step or float('nan'):.3f} s/step, memory {measured} "
           f"(estimate {result.estimated_peak_gb:.2f} GB)")
     print(f"LoRA: {result.lora_path}\nkohya: {result.kohya_path}")
+    if result.embedding_path is not None:
+        print(f"new tokens' embeddings: {result.embedding_path} (load them with the LoRA; see the model card)")
     return 0
