@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from lora_helpers.evaluate.metrics import identity_scores, reference_embeddings  # noqa: E402
+from lora_helpers.evaluate.identity import identity_scores, reference_embeddings  # noqa: E402
 from lora_helpers.core.images import load_image  # noqa: E402
 
 

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from lora_helpers.core.fileio import write_json
-from lora_helpers.evaluate.metrics import ReferenceSet, identity_scores, identity_summary, reference_embeddings
+from lora_helpers.evaluate.identity import ReferenceSet, identity_scores, identity_summary, reference_embeddings
 
 __all__ = ["identity_validation_hook"]
 

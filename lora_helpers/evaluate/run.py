@@ -25,7 +25,7 @@ from lora_helpers.core.run_folder import (
 )
 from lora_helpers.core.runtime import free_memory
 from lora_helpers.evaluate.config import EvaluateConfig
-from lora_helpers.evaluate.metrics import ReferenceSet, reference_embeddings
+from lora_helpers.evaluate.identity import ReferenceSet, reference_embeddings
 from lora_helpers.evaluate.prompts import EvalPrompt, people_prompts
 from lora_helpers.evaluate.report import EvaluationResult, write_evaluation
 from lora_helpers.evaluate.scoring import png_text, score_rows
@@ -204,7 +204,8 @@ def evaluate_run(
     default_identifier, subject = _subject_from_config(run_cfg)
     identifier = identifier or default_identifier
     plist = people_prompts(subject, categories=config.categories, per_category=config.prompts_per_category, templates=prompts)
-    refs = reference_embeddings(references, backend=config.face_backend, threshold=config.threshold, progress=progress)
+    refs = reference_embeddings(references, backend=config.face_backend, threshold=config.threshold,
+                                copy_threshold=config.copy_threshold, progress=progress)
 
     ckpts = _run_checkpoints(run_dir, checkpoints if checkpoints is not None else config.checkpoints, config.max_checkpoints)
     jobs: list[tuple[str, int | None, Path | None, float]] = []
