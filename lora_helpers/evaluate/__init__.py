@@ -15,11 +15,11 @@ from lora_helpers.evaluate.metrics import (
 )
 from lora_helpers.evaluate.plots import plot_comparison, plot_identity_vs_prompt
 from lora_helpers.evaluate.prompts import PROMPTS_PEOPLE, EvalPrompt, people_prompts
-from lora_helpers.evaluate.report import EvaluationResult, format_summary
+from lora_helpers.evaluate.report import EvaluationResult, format_summary, held_out_line
 from lora_helpers.evaluate.run import evaluate_run
 from lora_helpers.evaluate.scores_csv import read_scores_csv, write_scores_csv
 from lora_helpers.evaluate.scoring import evaluate_images
-from lora_helpers.evaluate.summary import summarize
+from lora_helpers.evaluate.summary import memorised_rows, summarize
 
 __all__ = [
     "ARCFACE_SAME_PERSON_COSINE", "ClipScorer", "IdentityScore", "ReferenceSet", "clip_image_scores", "clip_scores",
@@ -28,5 +28,6 @@ __all__ = [
     "COPY_THRESHOLD", "CopyIndex", "CopyMatch", "copy_index", "fingerprint",
     "PROMPTS_PEOPLE", "Choice", "Comparison", "EvalPrompt", "EvaluateConfig", "EvaluationResult", "best_checkpoint",
     "compare_runs", "evaluate_images", "evaluate_run", "format_comparison", "format_summary",
-    "identity_validation_hook", "people_prompts", "read_scores_csv", "summarize", "write_scores_csv",
+    "held_out_line", "identity_validation_hook", "memorised_rows", "people_prompts", "read_scores_csv", "summarize",
+    "write_scores_csv",
 ]

@@ -111,10 +111,10 @@ def plot_identity_vs_prompt(
 
 
 def plot_comparison(rows: Sequence[dict], labels: Sequence[str], path: str | Path, *, all_prompts: str = "all") -> Path:
-    """Runs side by side: one bar per run for each prompt and over all prompts.
+    """Runs side by side: one point per run for each prompt and over all prompts.
 
     Panels: identity against the training photos (the number of near-copies of a training
-    photo written over a bar where there are any), identity against the held-out photos,
+    photo written over a point where there are any), identity against the held-out photos,
     and prompt adherence (CLIP-T); a panel without numbers is left out.
 
     Args:
@@ -134,23 +134,27 @@ def plot_comparison(rows: Sequence[dict], labels: Sequence[str], path: str | Pat
                                               ("clip_t_mean", "prompt adherence (CLIP-T)"))
               if any(is_finite_number(r.get(key)) for r in rows)]
     panels = panels or [("identity_mean", "identity vs training photos")]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.9 * len(prompts) * len(labels) + 2), 3.2 * len(panels)),
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.6 * len(prompts) + 2), 3.2 * len(panels)),
                              squeeze=False, constrained_layout=True)
-    width = 0.8 / len(labels)
+    # Points, not bars: identities differ in the second decimal, which bars from 0 would hide.
+    step = 0.5 / max(len(labels) - 1, 1)
     for ax, (key, title) in zip(axes[:, 0], panels):
         for j, label in enumerate(labels):
-            xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(prompts))]
+            xs = [i + (j - (len(labels) - 1) / 2) * step for i in range(len(prompts))]
             cells = [by.get((p, label), {}) for p in prompts]
-            values = [c.get(key) if is_finite_number(c.get(key)) else 0.0 for c in cells]
-            ax.bar(xs, values, width, label=label)
+            points = [(x, c) for x, c in zip(xs, cells) if is_finite_number(c.get(key))]
+            at = by.get((all_prompts, label), {})
+            legend = f"{label} ({at['checkpoint']}, scale {at['scale']:g})" if at.get("scale") is not None else label
+            ax.plot([x for x, _ in points], [c[key] for _, c in points], "o", markersize=8, label=legend)
             if key == "identity_mean":
-                for x, v, c in zip(xs, values, cells):
+                for x, c in points:
                     if c.get("memorised"):
-                        ax.annotate(f"{c['memorised']} copied", (x, v), ha="center", fontsize=7, color="red",
-                                    xytext=(0, 2), textcoords="offset points")
+                        ax.annotate(f"{c['memorised']} copied", (x, c[key]), ha="center", fontsize=7, color="red",
+                                    xytext=(0, 6), textcoords="offset points")
         ax.set_xticks(range(len(prompts)))
         ax.set_xticklabels(prompts, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(prompts) - 0.4)
         ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)

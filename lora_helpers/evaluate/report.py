@@ -23,7 +23,7 @@ from lora_helpers.evaluate.plots import plot_identity_vs_prompt
 from lora_helpers.evaluate.scores_csv import write_scores_csv
 from lora_helpers.evaluate.summary import is_base, memorised_rows, rounded, summarize, unreadable_rows
 
-__all__ = ["EvaluationResult", "write_evaluation", "format_summary"]
+__all__ = ["EvaluationResult", "write_evaluation", "format_summary", "held_out_line"]
 
 
 @dataclass
@@ -113,6 +113,19 @@ def write_evaluation(rows: list[dict], refs: ReferenceSet, config: EvaluateConfi
                             run_dir=Path(run_dir) if run_dir else None)
 
 
+def held_out_line(refs: ReferenceSet) -> str:
+    """One line on the photos held out of training: which, and what real photos score against
+    them; or why there is no held-out score.
+
+    Args:
+        refs: from :func:`lora_helpers.evaluate.identity.reference_embeddings`.
+    """
+    if refs.held_out is not None:
+        return (f"held-out photos: {len(refs.held_out.names)} ({', '.join(refs.held_out.names)}); the training "
+                f"photos score {refs.held_out_upper_bound:.3f} against them (upper bound of held-out identity)")
+    return f"held-out identity not available: {refs.held_out_note or 'no photo was held out'}"
+
+
 def format_summary(result: EvaluationResult) -> str:
     """A short text table of the summary, the bounds and the choice.
 
@@ -126,11 +139,7 @@ def format_summary(result: EvaluationResult) -> str:
     lines = [f"references: {len(refs.names)} with a face"
              + (f", leave-one-out similarity {refs.upper_bound:.3f} (upper bound)" if refs.leave_one_out else "")
              + f"; same-person threshold {refs.threshold:.2f}"]
-    if refs.held_out is not None:
-        lines.append(f"held-out photos: {len(refs.held_out.names)} ({', '.join(refs.held_out.names)}); the training "
-                     f"photos score {refs.held_out_upper_bound:.3f} against them (upper bound of held-out identity)")
-    else:
-        lines.append(f"held-out identity not available: {refs.held_out_note or 'no photo was held out'}")
+    lines.append(held_out_line(refs))
     lines.append(f"{'checkpoint':<18} {'scale':>5} {'images':>6} {'faces':>6} {'identity':>8} {'held-out':>8} "
                  f"{'pass':>5} {'copies':>6} {'CLIP-T':>7} {'CLIP-I':>7} {'div':>6}")
     for s in result.summary:

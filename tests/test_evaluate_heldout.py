@@ -1,0 +1,238 @@
+"""Evaluation beyond the training photos: identity on held-out photos, the memorisation flag,
+and two runs compared on the same prompts and seeds."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+
+import pytest
+from PIL import Image, ImageOps
+
+import lora_helpers.evaluate as ev
+from lora_helpers.core.images import load_image
+from lora_helpers.core.run_folder import HELD_OUT_FIELD, write_metadata
+from lora_helpers.evaluate.report import write_evaluation
+
+
+@pytest.fixture(scope="module")
+def person(sample_data):
+    return sorted((sample_data / "person").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def hopper(sample_data):
+    return sorted((sample_data / "other_person").glob("*.jpg"))
+
+
+def _dataset(folder, training, held_out=(), *, side: int = 384, mark_training: bool = False):
+    """A prepared dataset as the prepare stage writes it: images/ and metadata.jsonl with the held-out rows
+    marked (training rows carry ``held_out: false`` with ``mark_training``, else no field)."""
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i, (path, held) in enumerate([(p, False) for p in training] + [(p, True) for p in held_out]):
+        name = f"images/{i:02d}-{path.stem}.png"
+        image = load_image(path)
+        image.thumbnail((side, side))
+        image.save(folder / name)
+        row = {"file_name": name, "text": "a photo of TOK person"}
+        if held or mark_training:
+            row[HELD_OUT_FIELD] = held
+        rows.append(row)
+    write_metadata(folder, rows)
+    return folder
+
+
+def _names(photos, start: int = 0) -> list[str]:
+    return [f"{i:02d}-{p.stem}.png" for i, p in enumerate(photos, start)]
+
+
+def _jpeg(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def _tilted(path) -> Image.Image:
+    """Another picture of the person in ``path``: turned, cropped and smaller (no copy of it)."""
+    image = load_image(path).rotate(10, resample=Image.BICUBIC, expand=True, fillcolor=(128, 128, 128))
+    w, h = image.size
+    return image.crop((w // 10, h // 12, w - w // 10, h)).resize((w * 2 // 5, h * 2 // 5), Image.LANCZOS)
+
+
+@pytest.mark.parametrize("trained_on", ["hopper", "astronaut"])
+def test_identity_against_held_out_photos_tells_the_two_people_apart(tmp_path, person, hopper, trained_on):
+    # The two people of sample_data: one trained on, the other only held out.
+    astronaut = [person[0], person[3]]
+    training, held_out = (hopper, astronaut[:1]) if trained_on == "hopper" else (astronaut, hopper[:1])
+    refs = ev.reference_embeddings(_dataset(tmp_path / "dataset", training, held_out), progress=False)
+    assert refs.names == _names(training)
+    assert refs.held_out is not None and refs.held_out.names == _names(held_out, len(training))
+    assert refs.held_out_note == "" and refs.held_out_upper_bound < refs.threshold  # another person
+
+    seen, unseen = (_tilted(hopper[0]), load_image(person[5])) if trained_on == "hopper" else \
+        (load_image(person[5]), _tilted(hopper[1]))
+    s_seen, s_unseen = ev.identity_scores([seen, unseen], refs, progress=False)
+    # An image of the trained person matches the training photos, not the held-out one; and the reverse.
+    assert s_seen.similarity > refs.threshold > s_seen.heldout_similarity
+    assert s_unseen.heldout_similarity > refs.threshold > s_unseen.similarity
+    assert s_seen.similarity - s_seen.heldout_similarity > 0.05
+    assert s_unseen.heldout_similarity - s_unseen.similarity > 0.05
+    assert not s_seen.memorised and not s_unseen.memorised  # new pictures, not copies
+
+    rows = ev.evaluate_images([seen, unseen], references=refs, config=ev.EvaluateConfig(use_clip=False),
+                              progress=False)
+    assert [r["identity_heldout"] for r in rows] == pytest.approx(
+        [s_seen.heldout_similarity, s_unseen.heldout_similarity], abs=1e-4)
+    result = write_evaluation(rows, refs, ev.EvaluateConfig(use_clip=False), tmp_path / "out", extra={})
+    (summary,) = result.summary
+    assert summary["identity_heldout_mean"] == pytest.approx(
+        (s_seen.heldout_similarity + s_unseen.heldout_similarity) / 2, abs=1e-4)
+    report = json.loads(result.files["report"].read_text())
+    assert report["held_out"]["photos"] == refs.held_out.names and report["held_out"]["not_available"] is None
+    assert "held-out photos: 1" in ev.format_summary(result)
+    assert "identity_heldout" in result.files["scores"].read_text().splitlines()[0]
+    # The validation hook logs it during training too.
+    stats = ev.identity_validation_hook(refs)(10, [seen, unseen], None)
+    assert stats["identity_heldout_mean"] == pytest.approx(summary["identity_heldout_mean"], abs=1e-4)
+    assert stats["memorised"] == 0
+
+
+@pytest.mark.parametrize("count, mark_training, reason", [
+    (3, False, "the dataset has 3 usable photos; 8 or more are needed to hold one out"),
+    (8, True, "no photo was held out"),  # held_out: false on every row is a training photo too
+])
+def test_without_held_out_photos_the_summary_says_why_in_one_line(tmp_path, person, count, mark_training, reason):
+    folder = _dataset(tmp_path / "dataset", person[:count], side=256, mark_training=mark_training)
+    refs = ev.reference_embeddings(folder, progress=False)
+    assert refs.held_out is None and len(refs.names) == count
+    assert refs.held_out_note.startswith(reason)
+    rows = ev.evaluate_images([load_image(person[5])], references=refs, config=ev.EvaluateConfig(use_clip=False),
+                              progress=False)
+    assert rows[0]["identity_heldout"] is None and rows[0]["identity"] > refs.threshold
+    result = write_evaluation(rows, refs, ev.EvaluateConfig(use_clip=False), tmp_path / "out", extra={})
+    text = ev.format_summary(result)
+    (line,) = [l for l in text.splitlines() if "held-out" in l and "not available" in l]
+    assert line == f"held-out identity not available: {refs.held_out_note}"
+    assert json.loads(result.files["report"].read_text())["held_out"]["not_available"] == refs.held_out_note
+
+
+def _copies(image: Image.Image) -> dict[str, Image.Image]:
+    """What a generator that memorised a photo might hand back: resized and compressed, mirrored, squeezed."""
+    w, h = image.size
+    return {
+        "half size, JPEG 75": _jpeg(image.resize((w // 2, h // 2), Image.LANCZOS), 75),
+        "mirrored, JPEG 85": _jpeg(ImageOps.mirror(image), 85),
+        "1024 x 1024": image.resize((1024, 1024), Image.BICUBIC),
+    }
+
+
+def test_copy_fingerprint_flags_copies_and_not_other_photos_of_the_samples(person, hopper, sample_data):
+    photos = {p.name: load_image(p) for p in person + hopper}
+    index = ev.copy_index(list(photos.items()))
+    for name, image in photos.items():
+        for how, copy in _copies(image).items():
+            match = index.match(copy)
+            assert (match.photo, match.memorised) == (name, True), f"{how} copy of {name}: {match}"
+        # Every other sample photo, with this one left out of the index, is a different photo: no copy.
+        others = ev.copy_index([(n, im) for n, im in photos.items() if n != name])
+        match = others.match(image)
+        assert not match.memorised, f"{name} taken for a copy of {match.photo} ({match.similarity:.3f})"
+    # The prepare stage's near-duplicate example (resized to 96 %, JPEG 72) is a copy of the photo it came from.
+    match = index.match(load_image(sample_data / "problems" / "near_duplicate.jpg"))
+    assert match.photo == "astronaut_04_tilt_right_warm.jpg" and match.memorised
+    assert ev.copy_index([]).match(photos[person[0].name]).photo is None
+
+
+def test_a_generated_copy_of_a_training_photo_is_flagged_in_scores_and_summary(tmp_path, person, hopper):
+    dataset = _dataset(tmp_path / "dataset", person[:3], held_out=hopper[:1])
+    trained = load_image(dataset / "images" / _names(person[:3])[1])
+    held = load_image(dataset / "images" / _names(hopper[:1], 3)[0])
+    images = tmp_path / "generated"
+    images.mkdir()
+    made = {"copy.png": _copies(trained)["half size, JPEG 75"], "flipped.png": ImageOps.mirror(trained),
+            "new.png": load_image(person[5]), "held_out_copy.png": held}
+    for name, image in made.items():
+        image.save(images / name)
+    config = ev.EvaluateConfig(use_clip=False)
+    rows = {r["image"]: r for r in ev.evaluate_images(images, references=dataset, config=config, progress=False)}
+    for name in ("copy.png", "flipped.png"):
+        assert rows[name]["memorised"] is True and rows[name]["nearest_training_photo"] == _names(person[:3])[1]
+        assert rows[name]["copy_similarity"] >= ev.COPY_THRESHOLD
+    # a new picture of the person is no copy; nor is a copy of a photo the model never trained on
+    assert rows["new.png"]["memorised"] is False and rows["new.png"]["copy_similarity"] < ev.COPY_THRESHOLD
+    assert rows["held_out_copy.png"]["memorised"] is False
+    refs = ev.reference_embeddings(dataset, progress=False)
+    result = write_evaluation(list(rows.values()), refs, config, tmp_path / "out", extra={})
+    (summary,) = result.summary
+    assert summary["memorised"] == 2
+    report = json.loads(result.files["report"].read_text())
+    assert report["memorised"]["count"] == 2
+    assert sorted(r["image"] for r in report["memorised"]["images"]) == ["copy.png", "flipped.png"]
+    assert "2 image(s) are near-copies of a training photo" in ev.format_summary(result)
+    read_back = {r["image"]: r for r in ev.read_scores_csv(result.files["scores"])}
+    assert read_back["copy.png"]["memorised"] is True and read_back["new.png"]["memorised"] is False
+    assert read_back["copy.png"]["nearest_training_photo"] == _names(person[:3])[1]
+
+
+def test_two_runs_compared_on_the_same_prompts_and_seeds(tmp_path, tiny_models, person, hopper, monkeypatch, capsys):
+    from lora_helpers.cli import main
+    from lora_helpers.core.random_lora import make_random_lora
+    from lora_helpers.evaluate import run as evaluate_run_module
+
+    # Two ways of training one person: different identifiers, different weights, one dataset.
+    run_a = make_random_lora(tmp_path / "tok", tiny_models / "sdxl", seed=1, trigger="TOK person")
+    run_b = make_random_lora(tmp_path / "sks", tiny_models / "sdxl", seed=2, trigger="sks person")
+    refs = ev.reference_embeddings(_dataset(tmp_path / "dataset", person[:2], held_out=person[3:4], side=320),
+                                   progress=False)
+    config = ev.EvaluateConfig(categories=("portrait",), prompts_per_category=2, seeds=(0, 1), scales=(1.0,),
+                               clip_model=str(tiny_models / "clip"), resolution=64, num_inference_steps=2)
+    comparison = ev.compare_runs([run_a, run_b], references=refs, config=config, progress=False)
+
+    assert comparison.labels == ["tok", "sks"]
+    table = ev.read_scores_csv(comparison.files["table"])
+    assert comparison.files["table"] == run_a / "evaluation" / "comparison.csv"
+    per_prompt = [r for r in table if r["prompt_id"] != "all"]
+    assert [(r["prompt_id"], r["run"]) for r in per_prompt] == [
+        ("portrait-00", "tok"), ("portrait-00", "sks"), ("portrait-01", "tok"), ("portrait-01", "sks")]
+    assert {r["seeds"] for r in per_prompt} == {"0 1"} and {r["images"] for r in per_prompt} == {2}
+    assert all("TOK person" in r["prompt"] for r in per_prompt if r["run"] == "tok")
+    assert all("sks person" in r["prompt"] for r in per_prompt if r["run"] == "sks")
+    overall = {r["run"]: r for r in table if r["prompt_id"] == "all"}
+    assert set(overall) == {"tok", "sks"} and overall["tok"]["images"] == 4
+    for r in table:  # random LoRAs draw no face: identity 0 on both scales, numbers not empty cells
+        assert r["identity_mean"] == 0.0 and r["identity_heldout_mean"] == 0.0 and r["memorised"] == 0
+        assert r["clip_t_mean"] is not None and r["scale"] == 1.0
+    # each run's own numbers are those of its own evaluation at the compared checkpoint and scale
+    for label, result in zip(comparison.labels, comparison.results):
+        own = [s for s in result.summary if (s["checkpoint"], s["scale"]) == (overall[label]["checkpoint"], 1.0)]
+        assert overall[label]["clip_t_mean"] == pytest.approx(own[0]["clip_t_mean"], abs=1e-5)
+    assert overall["tok"]["clip_t_mean"] != overall["sks"]["clip_t_mean"]  # two runs, not one twice
+    with Image.open(comparison.files["plot"]) as im:
+        assert im.format == "PNG" and im.size[0] > 300
+    assert "portrait-00" in ev.format_comparison(comparison)
+
+    # A run evaluated with other seeds is refused, naming both runs.
+    other_seeds = ev.evaluate_run(run_b, references=refs, config=replace(config, seeds=(5,)),
+                                  out_dir=tmp_path / "other_seeds", progress=False)
+    with pytest.raises(ValueError, match="tok and .* different prompts or seeds"):
+        ev.compare_runs([comparison.results[0], other_seeds], references=refs)
+
+    # The CLI: `evaluate RUN --compare OTHER_RUN` reuses the images on disk and writes the same table.
+    monkeypatch.setattr(evaluate_run_module, "generate_images",
+                        lambda *a, **k: pytest.fail("images on disk must be reused"))
+    (run_a / "evaluation" / "comparison.csv").unlink()
+    args = ["evaluate", str(run_a), "--references", str(tmp_path / "dataset"), "--compare", str(run_b),
+            "--scales", "1", "--seeds", "0", "1", "--categories", "portrait", "--prompts-per-category", "2",
+            "--clip-model", str(tiny_models / "clip"), "--resolution", "64", "--steps", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "held-out photos: 1" in out and "comparison:" in out
+    assert ev.read_scores_csv(run_a / "evaluation" / "comparison.csv") == table
+    # --compare with a folder that is no run: one line, before anything is evaluated
+    scores = run_a / "evaluation" / "scores.csv"
+    before = scores.stat().st_mtime_ns
+    assert main(args[:5] + [str(tmp_path / "dataset")] + args[5:]) == 1
+    assert "--compare compares training runs" in capsys.readouterr().err
+    assert scores.stat().st_mtime_ns == before
