@@ -45,7 +45,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     d = EvaluateConfig()
     parser.add_argument("target", type=Path, help="a training run folder (has config.json) or a folder of images")
     parser.add_argument("--references", type=Path, required=True,
-                        help="the person's photos: a prepared dataset/ folder or a plain folder of photos")
+                        help="the person's photos: a prepared dataset/ folder (its held-out photos give the held-out "
+                             "identity) or a plain folder of photos")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: TARGET/evaluation)")
     parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="OTHER_RUN",
                         help="also evaluate these runs with the same prompts, seeds and references, and write "

@@ -172,7 +172,8 @@ def evaluate_run(
 
     Args:
         run_dir: a training run (``config.json``, LoRA weights, ``checkpoints/``).
-        references: the person's photos: dataset/, a folder, or a ReferenceSet.
+        references: the person's photos: dataset/ (its photos held out of training are scored
+            against separately), a folder, or a ReferenceSet.
         scales, checkpoints, seeds: override the config's.
         prompts: your own templates (``{subject}`` is filled in); None: the standard set.
         config: an :class:`EvaluateConfig`.
