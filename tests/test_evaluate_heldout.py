@@ -12,7 +12,8 @@ from PIL import Image, ImageOps
 
 import lora_helpers.evaluate as ev
 from lora_helpers.core.images import load_image
-from lora_helpers.core.run_folder import HELD_OUT_FIELD, write_metadata
+from lora_helpers.core.fileio import sha256_file
+from lora_helpers.core.run_folder import HELD_OUT_FIELD, read_run_config, write_metadata, write_run_config
 from lora_helpers.evaluate.report import write_evaluation
 
 
@@ -184,8 +185,12 @@ def test_two_runs_compared_on_the_same_prompts_and_seeds(tmp_path, tiny_models, 
     # Two ways of training one person: different identifiers, different weights, one dataset.
     run_a = make_random_lora(tmp_path / "tok", tiny_models / "sdxl", seed=1, trigger="TOK person")
     run_b = make_random_lora(tmp_path / "sks", tiny_models / "sdxl", seed=2, trigger="sks person")
-    refs = ev.reference_embeddings(_dataset(tmp_path / "dataset", person[:2], held_out=person[3:4], side=320),
-                                   progress=False)
+    dataset = _dataset(tmp_path / "dataset", person[:2], held_out=person[3:4], side=320)
+    refs = ev.reference_embeddings(dataset, progress=False)
+    # run_b was trained before the photo was held out: config.json lists it among its training images.
+    held_file = dataset / "images" / _names(person[3:4], 2)[0]
+    write_run_config(run_b, {**read_run_config(run_b), "dataset": {"images": [
+        {"file_name": f"images/{held_file.name}", "sha256": sha256_file(held_file)}]}})
     config = ev.EvaluateConfig(categories=("portrait",), prompts_per_category=2, seeds=(0, 1), scales=(1.0,),
                                clip_model=str(tiny_models / "clip"), resolution=64, num_inference_steps=2)
     comparison = ev.compare_runs([run_a, run_b], references=refs, config=config, progress=False)
@@ -201,9 +206,14 @@ def test_two_runs_compared_on_the_same_prompts_and_seeds(tmp_path, tiny_models, 
     assert all("sks person" in r["prompt"] for r in per_prompt if r["run"] == "sks")
     overall = {r["run"]: r for r in table if r["prompt_id"] == "all"}
     assert set(overall) == {"tok", "sks"} and overall["tok"]["images"] == 4
-    for r in table:  # random LoRAs draw no face: identity 0 on both scales, numbers not empty cells
-        assert r["identity_mean"] == 0.0 and r["identity_heldout_mean"] == 0.0 and r["memorised"] == 0
+    for r in table:  # random LoRAs draw no face: identity 0, numbers not empty cells
+        assert r["identity_mean"] == 0.0 and r["memorised"] == 0
         assert r["clip_t_mean"] is not None and r["scale"] == 1.0
+        # the photo run_b trained on is no held-out photo for it: no held-out score, not a wrong one
+        assert r["identity_heldout_mean"] == (0.0 if r["run"] == "tok" else None)
+    a_refs, b_refs = (result.references for result in comparison.results)
+    assert a_refs.held_out is not None and b_refs.held_out is None
+    assert "this run trained on the held-out photo" in ev.held_out_line(b_refs)
     # each run's own numbers are those of its own evaluation at the compared checkpoint and scale
     for label, result in zip(comparison.labels, comparison.results):
         own = [s for s in result.summary if (s["checkpoint"], s["scale"]) == (overall[label]["checkpoint"], 1.0)]
@@ -236,3 +246,18 @@ def test_two_runs_compared_on_the_same_prompts_and_seeds(tmp_path, tiny_models, 
     assert main(args[:5] + [str(tmp_path / "dataset")] + args[5:]) == 1
     assert "--compare compares training runs" in capsys.readouterr().err
     assert scores.stat().st_mtime_ns == before
+
+
+def test_held_out_photos_a_run_trained_on_are_left_out_of_its_held_out_score(tmp_path, person, hopper):
+    dataset = _dataset(tmp_path / "dataset", person[:2], held_out=[hopper[0], person[3]], side=320)
+    refs = ev.reference_embeddings(dataset, progress=False)
+    first, second = _names([hopper[0], person[3]], 2)
+    assert refs.held_out.names == [first, second]
+    assert ev.without_trained_photos(refs, set()) is refs  # not recorded: nothing to drop
+    assert ev.without_trained_photos(refs, {"0" * 64}) is refs
+    with pytest.warns(UserWarning, match=first):
+        fewer = ev.without_trained_photos(refs, {sha256_file(dataset / "images" / first)})
+    assert fewer.held_out.names == [second] and refs.held_out.names == [first, second]  # refs itself unchanged
+    # The held-out score now measures the astronaut photo alone: an astronaut image passes it.
+    (score,) = ev.identity_scores([load_image(person[5])], fewer, progress=False)
+    assert score.heldout_similarity > fewer.threshold

@@ -6,7 +6,7 @@ from lora_helpers.evaluate.compare import Comparison, compare_runs, format_compa
 from lora_helpers.evaluate.config import EvaluateConfig
 from lora_helpers.evaluate.hooks import identity_validation_hook
 from lora_helpers.evaluate.identity import (
-    MIN_PHOTOS_TO_HOLD_OUT, IdentityScore, ReferenceSet, identity_scores, identity_summary, reference_embeddings,
+    IdentityScore, ReferenceSet, identity_scores, identity_summary, reference_embeddings, without_trained_photos,
 )
 from lora_helpers.evaluate.memorisation import COPY_THRESHOLD, CopyIndex, CopyMatch, copy_index, fingerprint
 from lora_helpers.evaluate.metrics import (
@@ -24,7 +24,7 @@ from lora_helpers.evaluate.summary import memorised_rows, summarize
 __all__ = [
     "ARCFACE_SAME_PERSON_COSINE", "ClipScorer", "IdentityScore", "ReferenceSet", "clip_image_scores", "clip_scores",
     "diversity", "face_backend", "identity_scores", "identity_summary", "load_clip", "reference_embeddings",
-    "remove_identifier", "plot_identity_vs_prompt", "plot_comparison", "MIN_PHOTOS_TO_HOLD_OUT",
+    "remove_identifier", "plot_identity_vs_prompt", "plot_comparison", "without_trained_photos",
     "COPY_THRESHOLD", "CopyIndex", "CopyMatch", "copy_index", "fingerprint",
     "PROMPTS_PEOPLE", "Choice", "Comparison", "EvalPrompt", "EvaluateConfig", "EvaluationResult", "best_checkpoint",
     "compare_runs", "evaluate_images", "evaluate_run", "format_comparison", "format_summary",

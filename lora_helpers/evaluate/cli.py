@@ -116,18 +116,20 @@ def run_cli(args: argparse.Namespace) -> int:
             bad = target if not is_run else other
             raise FileNotFoundError(f"--compare compares training runs: {bad / CONFIG_FILE} not found "
                                     "(give run folders written by `python -m lora_helpers train`)")
+    # Embedded once: every compared run is scored against the same photos (each run then drops
+    # the held-out photos it trained on).
+    refs = reference_embeddings(args.references, backend=config.face_backend, threshold=config.threshold,
+                                copy_threshold=config.copy_threshold)
     if is_run:
-        result = evaluate_run(target, references=args.references, prompts=templates, config=config, out_dir=out,
+        result = evaluate_run(target, references=refs, prompts=templates, config=config, out_dir=out,
                               identifier=args.identifier)
     else:
-        refs = reference_embeddings(args.references, backend=config.face_backend, threshold=config.threshold,
-                                    copy_threshold=config.copy_threshold)
         rows = evaluate_images(target, references=refs, config=config, identifier=args.identifier or DEFAULT_TOKEN)
         result = write_evaluation(rows, refs, config, Path(out), extra={"images": str(target)})
     print(format_summary(result))
     print(f"scores: {result.files['scores']}")
     if args.compare:
-        comparison = compare_runs([result, *args.compare], references=result.references, config=config,
+        comparison = compare_runs([result, *args.compare], references=refs, config=config,
                                   prompts=templates, out_dir=out)
         print(format_comparison(comparison))
         print(f"comparison: {comparison.files['table']}")

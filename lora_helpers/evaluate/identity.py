@@ -12,30 +12,28 @@ it. Each image is also matched with its nearest training photo to flag near-copi
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from lora_helpers.core.fileio import sha256_file
 from lora_helpers.core.images import ImageLoadError, list_images
 from lora_helpers.core.run_folder import HELD_OUT_FIELD, METADATA_FILE, read_metadata
 from lora_helpers.evaluate.memorisation import COPY_THRESHOLD, CopyIndex, copy_index, fingerprint_pair
 from lora_helpers.evaluate.metrics import as_image, default_threshold, face_backend, largest_face_embedding, unit
+from lora_helpers.prepare.holdout import MIN_PHOTOS
 
 __all__ = [
-    "MIN_PHOTOS_TO_HOLD_OUT",
     "ReferenceSet",
     "reference_embeddings",
+    "without_trained_photos",
     "IdentityScore",
     "identity_scores",
     "identity_summary",
 ]
-
-MIN_PHOTOS_TO_HOLD_OUT = 8
-"""Usable photos a dataset needs before the prepare stage holds one out of training."""
-
 
 @dataclass
 class ReferenceSet:
@@ -110,10 +108,11 @@ def _split_references(source) -> tuple[list[tuple[str, Any]], list[tuple[str, An
     note = ""
     if not held_out:
         what = "the dataset has" if dataset else "the references have"
-        if len(items) < MIN_PHOTOS_TO_HOLD_OUT:
-            note = f"{what} {len(items)} usable photos; {MIN_PHOTOS_TO_HOLD_OUT} or more are needed to hold one out"
+        if len(items) < MIN_PHOTOS:  # the prepare stage's rule
+            note = f"{what} {len(items)} usable photos; {MIN_PHOTOS} or more are needed to hold one out"
         elif dataset:
-            note = "no photo was held out (prepare the photos again to hold one out of training)"
+            note = ("no photo was held out (HOLD_OUT in 01_prepare_photos, or `prepare --hold-out`, keeps one "
+                    "out of training; then train again)")
         else:
             note = "no photo was held out (only a prepared dataset/ marks held-out photos; pass it as the references)"
     return training, held_out, note
@@ -204,6 +203,39 @@ def reference_embeddings(
             note = f"no face found in the held-out photo(s) {', '.join(n for n, _ in held_out)}"
     refs.held_out_note = note
     return refs
+
+
+def without_trained_photos(refs: ReferenceSet, trained_sha256: set[str]) -> ReferenceSet:
+    """``refs`` without the held-out photos that a run did train on.
+
+    A dataset prepared again after training may mark a photo held out that the run saw;
+    scored as "held out" it would reward memory again. The run's ``config.json`` lists the
+    SHA-256 of every image it trained on, and held-out photos with one of those are dropped.
+
+    Args:
+        refs: from :func:`reference_embeddings`.
+        trained_sha256: SHA-256 of the image files the run trained on (empty: unknown, keep all).
+
+    Returns:
+        ``refs`` itself when nothing changes, else a copy whose ``held_out`` lacks those
+        photos (None, with ``held_out_note`` saying why, when none is left).
+    """
+    held = refs.held_out
+    if held is None or not trained_sha256:
+        return refs
+    seen = [i for i, item in enumerate(held.images) if isinstance(item, (str, Path)) and Path(item).is_file()
+            and sha256_file(item) in trained_sha256]
+    if not seen:
+        return refs
+    names = ", ".join(held.names[i] for i in seen)
+    keep = [i for i in range(len(held.names)) if i not in seen]
+    if not keep:
+        return replace(refs, held_out=None, held_out_note=f"this run trained on the held-out photo(s) {names} "
+                       "(the dataset was prepared again after training); train again to score on them")
+    warnings.warn(f"held-out photo(s) {names} left out of the held-out score: this run trained on them")
+    return replace(refs, held_out=_reference_set([held.names[i] for i in keep], [held.embeddings[i] for i in keep],
+                                                 [held.images[i] for i in keep], held.without_face,
+                                                 threshold=held.threshold, backend=held.backend))
 
 
 @dataclass
