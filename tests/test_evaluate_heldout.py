@@ -261,3 +261,47 @@ def test_held_out_photos_a_run_trained_on_are_left_out_of_its_held_out_score(tmp
     # The held-out score now measures the astronaut photo alone: an astronaut image passes it.
     (score,) = ev.identity_scores([load_image(person[5])], fewer, progress=False)
     assert score.heldout_similarity > fewer.threshold
+
+
+def _result(tmp_path, name: str, identity: dict[tuple[str, float], float], copied: int = 0) -> ev.EvaluationResult:
+    """An evaluated run made of rows with known scores: 2 prompts x 2 seeds per checkpoint and scale."""
+    rows = []
+    for (ckpt, scale), value in identity.items():
+        for pid in ("portrait-00", "place-00"):
+            for seed in (0, 1):
+                rows.append({"checkpoint": ckpt, "step": int(ckpt.split("-")[-1]) if "-" in ckpt else 200,
+                             "scale": scale, "prompt_id": pid, "prompt": f"{pid} of {name}", "seed": seed,
+                             "face_found": True, "identity": value + seed / 100, "identity_heldout": value - 0.1,
+                             "identity_pass": True, "clip_t": 0.2, "memorised": pid == "portrait-00" and seed < copied})
+    run_dir = tmp_path / name
+    return ev.EvaluationResult(rows=rows, summary=ev.summarize(rows), choice=None, references=None,
+                               out_dir=run_dir / "evaluation", files={}, run_dir=run_dir)
+
+
+def test_compare_runs_at_a_named_checkpoint_and_scale_with_known_numbers(tmp_path):
+    settings = {("checkpoint-100", 0.5): 0.80, ("checkpoint-100", 1.0): 0.85, ("final", 0.5): 0.90, ("final", 1.0): 0.95}
+    a = _result(tmp_path, "tok", settings, copied=2)
+    b = _result(tmp_path, "pivotal", {k: v - 0.05 for k, v in settings.items()})
+    # No choice recorded: the last checkpoint at its highest scale.
+    default = ev.compare_runs([a, b], references=None, out_dir=tmp_path / "cmp")
+    overall = {r["run"]: r for r in default.rows if r["prompt_id"] == "all"}
+    assert (overall["tok"]["checkpoint"], overall["tok"]["scale"]) == ("final", 1.0)
+    assert overall["tok"]["identity_mean"] == pytest.approx(0.955)  # 0.95 and 0.96 for the two seeds
+    assert overall["pivotal"]["identity_heldout_mean"] == pytest.approx(0.80)
+    assert (overall["tok"]["memorised"], overall["pivotal"]["memorised"]) == (2, 0)
+    portrait = {r["run"]: r for r in default.rows if r["prompt_id"] == "portrait-00"}
+    assert portrait["tok"]["memorised"] == 2 and portrait["tok"]["prompt"] == "portrait-00 of tok"
+    # By step and scale.
+    named = ev.compare_runs([a, b], references=None, checkpoint="100", scale=0.5, labels=["A", "B"],
+                            out_dir=tmp_path / "cmp")
+    overall = {r["run"]: r for r in named.rows if r["prompt_id"] == "all"}
+    assert (overall["A"]["checkpoint"], overall["A"]["scale"], overall["A"]["identity_mean"]) == \
+        ("checkpoint-100", 0.5, pytest.approx(0.805))
+    assert overall["B"]["identity_mean"] == pytest.approx(0.755)
+    assert [r["run"] for r in ev.read_scores_csv(named.files["table"])][:2] == ["A", "B"]
+    with pytest.raises(ValueError, match="checkpoint-999.*it has checkpoint-100 at scale 0.5"):
+        ev.compare_runs([a, b], references=None, checkpoint="checkpoint-999", out_dir=tmp_path / "cmp")
+    with pytest.raises(ValueError, match="name each of the 2 runs once"):
+        ev.compare_runs([a, b], references=None, labels=["A", "A"], out_dir=tmp_path / "cmp")
+    with pytest.raises(ValueError, match="at least two runs"):
+        ev.compare_runs([a], references=None)

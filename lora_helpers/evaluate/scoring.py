@@ -5,8 +5,9 @@ through ``insightface`` where installed): the cosine similarity of the largest f
 each image to the mean embedding of the training photos, and whether it passes the
 same-person threshold; beside it the same against photos held out of training, which
 the model cannot have copied. Each image is also matched with its nearest training photo
-and flagged when it is a near-copy of it (:mod:`lora_helpers.evaluate.memorisation`). An image without a face scores 0 and counts, so a LoRA that
-stops drawing faces cannot look good by being skipped. An unreadable file is the
+and flagged when it is a near-copy of it (:mod:`lora_helpers.evaluate.memorisation`).
+An image without a face scores 0 and counts, so a LoRA that stops drawing faces cannot
+look good by being skipped. An unreadable file is the
 opposite case: it says nothing about the LoRA, so it is named (``error``), gets no
 scores, and is left out of every average.
 
