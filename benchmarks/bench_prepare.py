@@ -1,7 +1,7 @@
 """Seconds per photo for the preparation stage, end to end, on one CPU core, against a reference.
 
 Runs ``prepare_photos`` on a folder holding only the 12-MP EXIF-rotated sample photo
-(load, EXIF, detection, landmarks, embedding, checks, aligned Lanczos crop, mask,
+(load, EXIF, detection, landmarks, embedding, checks, aligned crop, mask,
 PNG files, metadata, report and contact sheet), with the face models loaded once before
 timing, as in a real batch. Our machines are shared and noisy, so the same run also times
 a reference version of the package (default: ``main``, taken with ``git archive``): two
