@@ -80,7 +80,8 @@ class DlibBackend:
         self._lock = threading.Lock()  # dlib objects are not documented as thread-safe
 
     # -- detection -------------------------------------------------------------------
-    def detect(self, image: np.ndarray, *, upsample: int = 0, min_score: float | None = None, verify: bool = True) -> list[Face]:
+    def detect(self, image: np.ndarray, *, upsample: int = 0, min_score: float | None = None, verify: bool = True,
+               landmarks: bool = True) -> list[Face]:
         """Faces in ``image``, largest first (see :class:`lora_helpers.prepare.faces.FaceBackend`).
 
         Args:
@@ -90,6 +91,8 @@ class DlibBackend:
             min_score: override the backend's score threshold (negative values find
                 faint faces, e.g. heavily blurred ones, and more false ones).
             verify: confirm weak detections with the Haar cascade.
+            landmarks: False leaves each face's landmarks empty, for a caller that
+                computes them itself (on a larger copy of the image).
         """
         import cv2
 
@@ -106,7 +109,8 @@ class DlibBackend:
             box = (float(rect.left()), float(rect.top()), float(rect.right()), float(rect.bottom()))
             if verify and score < self.verify_below and not self._haar_confirms(gray, box):
                 continue
-            faces.append(Face(box=box, landmarks=self.landmarks(gray, box), score=float(score)))
+            points = self.landmarks(gray, box) if landmarks else np.empty((0, 2))
+            faces.append(Face(box=box, landmarks=points, score=float(score)))
         faces.sort(key=lambda f: f.area, reverse=True)
         return faces
 
