@@ -52,21 +52,18 @@ def _peek_mode(path: Path) -> str | None:
         return None
 
 
-def _thumbnail(image, side: int = 256, *, reduce_by: int | None = None):
+def _thumbnail(image, side: int = 256, *, reduce_by: int | None = None) -> Image.Image:
     """A small copy for the contact sheet; ``reduce_by`` matches detection's shrink factor
     so a :class:`~lora_helpers.prepare.lazy_photo.LazyPhoto` reduces a 12-MP frame only once."""
-    if isinstance(image, np.ndarray):  # a rendered crop: one area resize, quicker than PIL reduce + bicubic
-        import cv2
+    import cv2
 
-        scale = min(1.0, side / max(image.shape[:2]))
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-        return Image.fromarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
-    im = image
-    k = reduce_by or min(im.size) // (2 * side)
-    im = im.reduce(k) if k >= 2 else im if isinstance(im, Image.Image) else im.convert("RGB")
-    scale = min(1.0, side / max(im.size))
-    size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-    return im.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)  # a new image: cached reductions stay intact
+    if not isinstance(image, np.ndarray):
+        k = reduce_by or min(image.size) // (2 * side)
+        image = np.asarray(image.reduce(k) if k >= 2 else image if isinstance(image, Image.Image) else image.convert("RGB"))
+    scale = min(1.0, side / max(image.shape[:2]))
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    # One area resize: half the time of PIL's bicubic, and the same perceptual hashes on our samples.
+    return Image.fromarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
 
 
 def _align_spec(config: PrepareConfig) -> align.AlignSpec:
