@@ -168,6 +168,8 @@ def main() -> int:
         mp = im.width * im.height / 1e6
     print(f"photo: {args.photo.name} ({mp:.1f} MP), output {args.resolution} px bucket, 1 thread, "
           f"{args.repeats} runs each, taking turns")
+    for name, w in versions.items():
+        print(f"  {name}: {w.package}")
     print(f"{'s/photo':24s} {'wall min':>9s} {'wall median':>12s} {'cpu min':>9s} {'cpu median':>11s}")
     rows = {name: (min(w.wall), statistics.median(w.wall), min(w.cpu), statistics.median(w.cpu))
             for name, w in versions.items()}
