@@ -142,3 +142,17 @@ def test_cli_combines_two_runs_and_refuses_a_wrong_number_of_weights(runs, base_
                  "--out", str(tmp_path / "out2")])
     err = capsys.readouterr().err
     assert code == 2 and "--weights: 1 given for 2 LoRAs" in err and "Traceback" not in err
+
+
+def test_panel_with_two_loras_starts_with_both_placeholders_and_generates(pipe, runs):
+    from lora_helpers.ui.generation_panel import generation_panel
+
+    both = load_loras(pipe, list(runs), weights=[0.8, 0.8])
+    panel = generation_panel(pipe, lora_info=both, config=CFG)
+    assert panel.prompt.value == "a photo of {ada} and {grace}, natural light"
+    assert "{ada}</code> = <code>TOK1 person" in panel.status.value
+    panel.size.value = 512
+    panel._on_generate()
+    assert panel.last and panel.last[0].prompt == "a photo of TOK1 person and TOK2 person, natural light", \
+        panel.status.value
+    unload_lora(pipe, both)
