@@ -44,6 +44,15 @@ def test_batches_draw_each_person_equally_often_and_depend_on_seed_and_epoch_alo
         assert plan == batch_plan(sizes, 2, seed=5, epoch=epoch, subjects=subjects)
     assert batch_plan(sizes, 2, seed=5, epoch=0, subjects=subjects) != batch_plan(sizes, 2, seed=5, epoch=1,
                                                                                   subjects=subjects)
+    # 5 photos and 2 of different sizes, batches of 2: every epoch has the same number of batches
+    # (the step counter maps to (epoch, batch) with it), and each person is drawn 5 times
+    sizes7, people7 = [(64, 64)] * 3 + [(56, 72)] * 2 + [(64, 64), (56, 72)], ["a"] * 5 + ["b"] * 2
+    plans = [batch_plan(sizes7, 2, seed=1, epoch=e, subjects=people7) for e in range(8)]
+    assert len({len(plan) for plan in plans}) == 1
+    for plan in plans:
+        drawn = Counter(people7[i] for batch in plan for i in batch)
+        assert drawn == {"a": 5, "b": 5}
+        assert sorted(Counter(i for batch in plan for i in batch if people7[i] == "b").values()) == [2, 3]
     # one person (or none named): every image once, the order of a one-person run
     assert batch_plan(sizes, 2, seed=5, epoch=0, subjects=["a"] * 8) == batch_plan(sizes, 2, seed=5, epoch=0)
     with pytest.raises(ValueError, match="subjects"):

@@ -313,11 +313,23 @@ def subject_prompts(prompts: Sequence[str], trigger: str | None, subjects: dict[
     return [fill_subjects(p, triggers, subject=trigger) for p in expand_subject(prompts, list(triggers))]
 
 
-def _balanced_draws(subjects: Sequence[str | None], rng: np.random.Generator) -> list[int]:
+def _shares(total: int, counts: dict[tuple[int, int], int]) -> dict[tuple[int, int], int]:
+    """``total`` split across buckets in proportion to ``counts`` (largest remainder, ties by bucket)."""
+    n = sum(counts.values())
+    quotas = {key: total * c // n for key, c in counts.items()}
+    rest = sorted(counts, key=lambda key: (-(total * counts[key] % n), key))
+    for key in rest[:total - sum(quotas.values())]:
+        quotas[key] += 1
+    return quotas
+
+
+def _balanced_draws(subjects: Sequence[str | None], sizes: Sequence[tuple[int, int]],
+                    rng: np.random.Generator) -> list[int]:
     """Image indices of one epoch in which every person appears as often as the one with most photos.
 
-    The photos of a person with fewer are repeated in fresh shuffles (each photo once before any twice),
-    so 6 photos of one person and 2 of another give 6 draws of each: 2 x 3 shuffles of the two.
+    A person with fewer photos has each drawn equally often, plus a few drawn once more: which ones
+    changes with the epoch, how many of each size does not, so every epoch has the same number of
+    batches (the step counter maps to (epoch, batch) with it). 6 photos and 2 give 6 draws of each.
     """
     people: dict[str | None, list[int]] = {}
     for i, subject in enumerate(subjects):
@@ -326,10 +338,15 @@ def _balanced_draws(subjects: Sequence[str | None], rng: np.random.Generator) ->
     draws = []
     for subject in sorted(people, key=str):  # a fixed order: the draws depend on (seed, epoch) alone
         idx = people[subject]
-        repeated: list[int] = []
-        while len(repeated) < most:
-            repeated += [idx[j] for j in rng.permutation(len(idx))]
-        draws += repeated[:most]
+        repeats, extra = divmod(most, len(idx))
+        draws += idx * repeats
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i in idx:
+            buckets.setdefault(tuple(sizes[i]), []).append(i)
+        quotas = _shares(extra, {key: len(members) for key, members in buckets.items()})
+        for key in sorted(buckets):
+            members = buckets[key]
+            draws += [members[j] for j in rng.permutation(len(members))[:quotas[key]]]
     return draws
 
 
@@ -354,7 +371,7 @@ def batch_plan(sizes: Sequence[tuple[int, int]], batch_size: int, *, seed: int, 
     rng = np.random.default_rng([seed, epoch])
     if subjects is not None and len(subjects) != len(sizes):
         raise ValueError(f"batch_plan: {len(subjects)} subjects for {len(sizes)} images")
-    draws = (_balanced_draws(subjects, rng) if subjects is not None and len(set(subjects)) > 1
+    draws = (_balanced_draws(subjects, sizes, rng) if subjects is not None and len(set(subjects)) > 1
              else list(range(len(sizes))))
     groups: dict[tuple[int, int], list[int]] = {}
     for i in draws:
