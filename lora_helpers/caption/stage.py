@@ -15,6 +15,11 @@ it wrote, a re-run keeps a hand edit from whichever file holds it (and copies it
 other), and leaves both files alone, naming the image, when both were edited differently.
 ``overwrite`` re-captions everything.
 
+Several people (rows of ``metadata.jsonl`` naming their ``"subject"``): each person gets an
+identifier of their own ("TOK1 person", "TOK2 person"), every caption carries its own person's
+exactly once and no other's, and ``caption_config.json`` maps each person to theirs under
+``"subjects"`` instead of one "trigger" (:mod:`~lora_helpers.caption.subjects`).
+
 The pieces live beside this module: :mod:`~lora_helpers.caption.blip` (the model),
 :mod:`~lora_helpers.caption.files` (reading and writing both caption formats,
 :func:`~lora_helpers.caption.files.load_captions`) and :mod:`~lora_helpers.caption.text`
@@ -35,6 +40,7 @@ from typing import Literal
 from lora_helpers.caption.blip import generate_captions, load_blip, resolve_blip
 from lora_helpers.caption.edits import WRITTEN_KEY, written_captions
 from lora_helpers.caption.files import METADATA, CaptionError, CaptionWarning, DatasetEntry, dataset_entries, write_metadata
+from lora_helpers.caption.subjects import dataset_subjects, parse_subject_settings, shared_token_warnings, subject_phrases
 from lora_helpers.caption.text import (
     CLIP_MAX_TOKENS, check_identifier, clip_token_count, count_identifier, identifier_of, load_clip_tokenizer,
     standardise_caption,
@@ -42,7 +48,9 @@ from lora_helpers.caption.text import (
 from lora_helpers.core.embeddings import pivotal_identifier, pivotal_tokens
 from lora_helpers.core.fileio import write_text
 from lora_helpers.core.images import ImageLoadError, load_image
-from lora_helpers.core.run_folder import DEFAULT_CLASS_NOUN, DEFAULT_TOKEN, write_caption_config
+from lora_helpers.core.run_folder import (
+    DEFAULT_CLASS_NOUN, DEFAULT_TOKEN, SUBJECT_FIELD, SUBJECTS_KEY, read_caption_config, write_caption_config,
+)
 from lora_helpers.core.runtime import free_memory
 
 __all__ = [
@@ -79,6 +87,9 @@ class CaptionConfig:
         overwrite: re-caption images that already have a caption (hand edits are lost, and
             so are unreadable or conflicting captions).
         device: None picks CUDA when present, else CPU.
+        subjects: for a dataset of several people, each person's token, class noun and name
+            (``{"ada": {"token": "ADA", "class_noun": "woman"}}`` or ``"ada: ADA woman; grace: GRACE"``);
+            people not named get ``token`` with a number ("TOK1", "TOK2") and ``class_noun``.
     """
 
     model: str | None = None
@@ -96,8 +107,10 @@ class CaptionConfig:
     prompt: str | None = None
     overwrite: bool = False
     device: str | None = None
+    subjects: dict | str | None = None
 
     def __post_init__(self) -> None:
+        self.subjects = parse_subject_settings(self.subjects) or None
         if self.identifier_format not in ("tok", "at", "pivotal"):
             raise ValueError(f"identifier_format must be 'tok', 'at' or 'pivotal', not {self.identifier_format!r}")
         if self.identifier_format == "pivotal":
@@ -116,7 +129,7 @@ class CaptionResult:
 
     Attributes:
         dataset_dir: the dataset folder.
-        subject: the subject phrase in every caption (the trigger).
+        subject: the subject phrase in every caption (the trigger); "" with several people.
         captions: file name (relative to ``dataset_dir``) -> caption, for every captioned image.
         generated: file names captioned by BLIP in this run.
         kept: file names whose existing caption was kept.
@@ -125,6 +138,7 @@ class CaptionResult:
             the files of such an image are left as they were).
         warnings: messages also issued as :class:`CaptionWarning`.
         seconds: time spent in BLIP (loading excluded).
+        subjects: with several people, each person's phrase (``{"ada": "TOK1 person"}``); else {}.
     """
 
     dataset_dir: Path
@@ -135,6 +149,7 @@ class CaptionResult:
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    subjects: dict[str, str] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -167,6 +182,22 @@ def _warn(messages: list[str], message: str) -> None:
     warnings.warn(message, CaptionWarning, stacklevel=3)
 
 
+def _phrases(config: CaptionConfig, dataset_dir: Path, people: list[str]) -> tuple[dict | None, dict]:
+    """``(the "subjects" map or None, {person or None: phrase})`` for a dataset of several people or one."""
+    if not people:
+        return None, {None: subject_phrase(config)}
+    try:
+        settings = subject_phrases(config, people, read_caption_config(dataset_dir), subject_phrase)
+    except ValueError as exc:  # settings that do not fit the dataset: nothing is written
+        raise CaptionError(str(exc)) from None
+    return settings, {who: s["trigger"] for who, s in settings.items()}
+
+
+def _identifiers(phrases: dict, who) -> tuple[str, list[str]]:
+    """The person's identifier and every other person's."""
+    return identifier_of(phrases[who]), [identifier_of(p) for w, p in phrases.items() if w != who]
+
+
 def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = None, tokenizer=None,
                     progress: bool = True) -> CaptionResult:
     """Caption every image of a dataset folder and write both caption formats.
@@ -193,30 +224,45 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
     """
     config = config or CaptionConfig()
     dataset_dir = Path(dataset_dir)
-    subject = subject_phrase(config)
-    identifier = identifier_of(subject)
     tokenizer = tokenizer if tokenizer is not None else load_clip_tokenizer()
-    result = CaptionResult(dataset_dir=dataset_dir, subject=subject)
     entries, notes = dataset_entries(dataset_dir)
+    people = dataset_subjects([e.row for e in entries])
+    settings, phrases = _phrases(config, dataset_dir, people)
+    subject = "" if people else phrases[None]
+    result = CaptionResult(dataset_dir=dataset_dir, subject=subject, subjects=dict(phrases) if people else {})
     written = written_captions(dataset_dir)
-    for message in notes + check_identifier(subject, tokenizer):
+    checks = [m for p in phrases.values() for m in check_identifier(p, tokenizer)]
+    if people:
+        checks += shared_token_warnings({who: identifier_of(p) for who, p in phrases.items()}, tokenizer)
+    elif config.subjects:
+        checks.append("subjects names people, but no row of metadata.jsonl names its person (a one-person dataset), "
+                      "so one identifier is used; prepare with subjects='folders' or 'group' for several people")
+    for message in notes + checks:
         _warn(result.warnings, message)
 
     todo: list[DatasetEntry] = []
     for e in entries:
         current = e.current(written)
         existing = current.text
-        if current.problem and not config.overwrite:
+        who = (e.row or {}).get(SUBJECT_FIELD) if people else None
+        if who not in phrases:
+            result.failed[e.file_name] = (f"its row in {METADATA} names no person of the dataset ({who!r}) while "
+                                          f"others do; set its 'subject' to one of {', '.join(people)}, or prepare again")
+            _warn(result.warnings, f"{e.file_name}: {result.failed[e.file_name]}")
+        elif current.problem and not config.overwrite:
             # Both files stay as they are: which caption is meant is the person's call.
             result.failed[e.file_name] = current.problem
             _warn(result.warnings, f"{e.file_name}: {current.problem}")
         elif existing and not config.overwrite:
             result.captions[e.file_name] = existing
             result.kept.append(e.file_name)
-            if count_identifier(existing, identifier) != 1:
+            identifier, others = _identifiers(phrases, who)
+            stray = [o for o in others if count_identifier(existing, o)]
+            if count_identifier(existing, identifier) != 1 or stray:
+                also = f" and another person's {', '.join(map(repr, stray))}" if stray else ""
                 _warn(result.warnings, f"{e.file_name}: kept caption has {identifier!r} "
-                                       f"{count_identifier(existing, identifier)} times (want once): {existing!r}; edit it, "
-                                       "or re-caption with overwrite")
+                                       f"{count_identifier(existing, identifier)} times (want once){also}: {existing!r}; "
+                                       "edit it, or re-caption with overwrite")
         elif e.path.is_file():
             todo.append(e)
         else:
@@ -247,7 +293,9 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
             images.clear()
             free_memory()
         for e, text in zip(ready, raw):
-            result.captions[e.file_name] = standardise_caption(text, subject=subject, template=config.template)
+            who = (e.row or {}).get(SUBJECT_FIELD) if people else None
+            result.captions[e.file_name] = standardise_caption(text, subject=phrases[who], template=config.template,
+                                                               forbidden=_identifiers(phrases, who)[1])
             result.generated.append(e.file_name)
 
     for e in entries:
@@ -265,8 +313,11 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
     write_metadata(dataset_dir, entries, result.captions)
     # Both files now hold these captions; a later difference from them is a hand edit.
     written.update(result.captions)
+    # One person: one trigger; several: only the per-person map, so nobody takes one trigger for all.
+    who = {SUBJECTS_KEY: settings} if people else {"trigger": subject, "subject": subject,
+                                                    "identifier": identifier_of(subject)}
     write_caption_config(dataset_dir, {
-        "trigger": subject, "subject": subject, "identifier": identifier, "template": config.template,
+        **who, "template": config.template,
         "identifier_format": config.identifier_format, "token": config.token, "class_noun": config.class_noun,
         **({"pivotal_tokens": pivotal_tokens(config.pivotal_tokens)} if config.identifier_format == "pivotal" else {}),
         "name": config.name, "model": resolve_blip(config.model),
