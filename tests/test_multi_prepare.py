@@ -6,24 +6,29 @@ photos are made here by crops, a mirror and colour changes, as the astronaut one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
 from pathlib import Path
 
+import ipywidgets as widgets
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 from lora_helpers.caption import CaptionConfig, CaptionError, caption_dataset, caption_table, load_captions
-from lora_helpers.caption.subjects import parse_subject_settings, shared_token_warnings
+from lora_helpers.caption import load_clip_tokenizer, parse_subject_settings, shared_token_warnings
 from lora_helpers.caption.text import count_identifier
 from lora_helpers.core import fileio
 from lora_helpers.core.run_folder import SUBJECT_FIELD, SUBJECTS_KEY, read_caption_config, read_metadata
-from lora_helpers.prepare import PrepareConfig, contact_sheet, prepare_photos, report_rows, write_subject_overrides
+from lora_helpers.prepare import (
+    PrepareConfig, contact_sheet, prepare_photos, read_subject_overrides, report_rows, write_subject_overrides,
+)
 from lora_helpers.prepare.faces import SAME_PERSON_COSINE
 from lora_helpers.prepare.report import SUBJECT_COLOURS
 from lora_helpers.prepare.subjects import find_photos, group_faces
+from lora_helpers.ui import override_widgets
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 ASTRONAUT = ["astronaut_01_headshot.jpg", "astronaut_03_tilt_left_dark.jpg", "astronaut_05_mirrored_cool.jpg",
@@ -119,6 +124,18 @@ def test_contact_sheet_labels_each_photo_with_its_persons_colour(grouped):
     for i in range(8):
         own, other = (SUBJECT_COLOURS[0], SUBJECT_COLOURS[1]) if i < 4 else (SUBJECT_COLOURS[1], SUBJECT_COLOURS[0])
         assert label_pixels(i, own) > 100 and label_pixels(i, other) == 0, i
+
+
+def test_override_widgets_save_renames_and_moves(grouped, tmp_path):
+    shutil.copytree(grouped.out_dir, tmp_path / "d")
+    panel = override_widgets(dataclasses.replace(grouped, out_dir=tmp_path / "d"))
+    renames = next(w for w in panel.children if isinstance(w, widgets.HBox) and isinstance(w.children[0], widgets.Text))
+    assert [w.value for w in renames.children] == ["person_1", "person_2"]
+    renames.children[1].value = "grace"
+    row = next(w for w in panel.children if isinstance(w, widgets.HBox) and "grace_hopper_04.jpg" in w.children[-1].value)
+    row.children[1].value = "person_1"
+    assert read_subject_overrides(tmp_path / "d") == {"photos": {"grace_hopper_04.jpg": "person_1"},
+                                                      "names": {"grace_hopper_01.jpg": "grace"}}
 
 
 def test_overrides_rename_a_group_and_move_a_photo_to_the_other_person(photos, grouped):
@@ -252,8 +269,6 @@ def test_chosen_tokens_per_person_and_numbers_kept_on_rerun(captioned, tmp_path,
 def test_shared_clip_tokens_warn_for_tok1_tok2_and_not_for_distinct_words(captioned, tiny_models):
     _, _, messages = captioned
     assert any("'TOK1' (astronaut) and 'TOK2' (grace) share the CLIP token" in m for m in messages), messages
-    from lora_helpers.caption import load_clip_tokenizer
-
     tokenizer = load_clip_tokenizer(str(tiny_models / "sdxl"))
     assert tokenizer is not None
     shared = shared_token_warnings({"a": "TOK1", "b": "TOK2"}, tokenizer)

@@ -29,98 +29,38 @@ The pieces live beside this module: :mod:`~lora_helpers.caption.blip` (the model
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from lora_helpers.caption.blip import generate_captions, load_blip, resolve_blip
+from lora_helpers.caption.config import CaptionConfig, subject_phrase
 from lora_helpers.caption.edits import WRITTEN_KEY, written_captions
-from lora_helpers.caption.files import METADATA, CaptionError, CaptionWarning, DatasetEntry, dataset_entries, write_metadata
-from lora_helpers.caption.subjects import dataset_subjects, parse_subject_settings, shared_token_warnings, subject_phrases
-from lora_helpers.caption.text import (
-    CLIP_MAX_TOKENS, check_identifier, clip_token_count, count_identifier, identifier_of, load_clip_tokenizer,
-    standardise_caption,
+from lora_helpers.caption.files import METADATA, CaptionWarning, DatasetEntry, dataset_entries, write_metadata
+from lora_helpers.caption.subjects import (
+    dataset_identifiers, dataset_subjects, identifier_warnings, identifiers_of, subject_identifiers,
 )
-from lora_helpers.core.embeddings import pivotal_identifier, pivotal_tokens
+from lora_helpers.caption.text import (
+    CLIP_MAX_TOKENS, clip_token_count, count_identifier, identifier_of, load_clip_tokenizer, standardise_caption,
+)
+from lora_helpers.core.embeddings import pivotal_tokens
 from lora_helpers.core.fileio import write_text
 from lora_helpers.core.images import ImageLoadError, load_image
-from lora_helpers.core.run_folder import (
-    DEFAULT_CLASS_NOUN, DEFAULT_TOKEN, SUBJECT_FIELD, SUBJECTS_KEY, read_caption_config, write_caption_config,
-)
+from lora_helpers.core.run_folder import SUBJECT_FIELD, SUBJECTS_KEY, write_caption_config
 from lora_helpers.core.runtime import free_memory
 
 __all__ = [
     "CaptionConfig",
     "CaptionResult",
     "subject_phrase",
+    "dataset_identifiers",
+    "identifier_warnings",
     "caption_dataset",
     "add_cli_arguments",
     "run_cli",
 ]
-
-
-@dataclass
-class CaptionConfig:
-    """Settings of the caption stage.
-
-    Attributes:
-        model: BLIP hub id or local folder; "base" / "large" pick Salesforce's models;
-            None takes :func:`lora_helpers.core.config.resolve_models` (tiny model in smoke mode).
-        token: the rare word that becomes the person ("TOK", "sks", "ohwx").
-        class_noun: what the person is ("person", "man", "woman"); keeps the prior.
-        name: optional name after the class noun ("TOK person Ada").
-        identifier_format: "tok" -> "TOK person [name]"; "at" -> "@name" (or "@tok"); "pivotal" ->
-            "<s0><s1> person [name]": new tokens that training adds to both text encoders and learns
-            (pivotal tuning), instead of a word CLIP already has a meaning for.
-        pivotal_tokens: how many new tokens the "pivotal" format uses.
-        template: how subject and BLIP's description combine; needs ``{subject}``.
-        batch_size: images per BLIP forward pass.
-        num_beams: beam search width (1 = greedy); never sampling, so runs repeat.
-        max_new_tokens: caption length bound.
-        min_new_tokens: at least this many words-pieces, so captions describe something.
-        repetition_penalty: >1 keeps BLIP from looping ("a man man man").
-        prompt: optional text BLIP continues (conditional captioning, e.g. "a picture of").
-        overwrite: re-caption images that already have a caption (hand edits are lost, and
-            so are unreadable or conflicting captions).
-        device: None picks CUDA when present, else CPU.
-        subjects: for a dataset of several people, each person's token, class noun and name
-            (``{"ada": {"token": "ADA", "class_noun": "woman"}}`` or ``"ada: ADA woman; grace: GRACE"``);
-            people not named get ``token`` with a number ("TOK1", "TOK2") and ``class_noun``.
-    """
-
-    model: str | None = None
-    token: str = DEFAULT_TOKEN
-    class_noun: str = DEFAULT_CLASS_NOUN
-    name: str | None = None
-    identifier_format: Literal["tok", "at", "pivotal"] = "tok"
-    pivotal_tokens: int = 2
-    template: str = "a photo of {subject}, {caption}"
-    batch_size: int = 8
-    num_beams: int = 3
-    max_new_tokens: int = 40
-    min_new_tokens: int = 5
-    repetition_penalty: float = 1.3
-    prompt: str | None = None
-    overwrite: bool = False
-    device: str | None = None
-    subjects: dict | str | None = None
-
-    def __post_init__(self) -> None:
-        self.subjects = parse_subject_settings(self.subjects) or None
-        if self.identifier_format not in ("tok", "at", "pivotal"):
-            raise ValueError(f"identifier_format must be 'tok', 'at' or 'pivotal', not {self.identifier_format!r}")
-        if self.identifier_format == "pivotal":
-            pivotal_tokens(self.pivotal_tokens)  # raises for a count below 1
-        if not re.fullmatch(r"[A-Za-z0-9_]+", self.token or ""):
-            raise ValueError(f"token {self.token!r}: use one word of letters/digits, e.g. 'TOK' or 'sks'")
-        if "{subject}" not in self.template:
-            raise ValueError(f"template {self.template!r} needs '{{subject}}', where the identifier goes")
-        if self.batch_size < 1 or self.num_beams < 1 or self.max_new_tokens < 1:
-            raise ValueError("batch_size, num_beams and max_new_tokens must be at least 1")
 
 
 @dataclass
@@ -156,46 +96,9 @@ class CaptionResult:
         return len(self.generated) / self.seconds if self.seconds > 0 else 0.0
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.strip().lower()).strip("_")
-
-
-def subject_phrase(config: CaptionConfig) -> str:
-    """The phrase that stands for the person in every caption.
-
-    Args:
-        config: the caption settings (token, class noun, name, identifier format).
-
-    Returns:
-        "TOK person", "TOK person Ada" (format "tok"), or "@ada" / "@tok" (format "at").
-    """
-    if config.identifier_format == "pivotal":
-        return " ".join(p for p in (pivotal_identifier(config.pivotal_tokens), config.class_noun,
-                                    (config.name or "").strip()) if p)
-    if config.identifier_format == "at":
-        return "@" + (_slug(config.name) if config.name and _slug(config.name) else config.token.lower())
-    return " ".join(p for p in (config.token, config.class_noun, (config.name or "").strip()) if p)
-
-
 def _warn(messages: list[str], message: str) -> None:
     messages.append(message)
     warnings.warn(message, CaptionWarning, stacklevel=3)
-
-
-def _phrases(config: CaptionConfig, dataset_dir: Path, people: list[str]) -> tuple[dict | None, dict]:
-    """``(the "subjects" map or None, {person or None: phrase})`` for a dataset of several people or one."""
-    if not people:
-        return None, {None: subject_phrase(config)}
-    try:
-        settings = subject_phrases(config, people, read_caption_config(dataset_dir), subject_phrase)
-    except ValueError as exc:  # settings that do not fit the dataset: nothing is written
-        raise CaptionError(str(exc)) from None
-    return settings, {who: s["trigger"] for who, s in settings.items()}
-
-
-def _identifiers(phrases: dict, who) -> tuple[str, list[str]]:
-    """The person's identifier and every other person's."""
-    return identifier_of(phrases[who]), [identifier_of(p) for w, p in phrases.items() if w != who]
 
 
 def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = None, tokenizer=None,
@@ -227,14 +130,12 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
     tokenizer = tokenizer if tokenizer is not None else load_clip_tokenizer()
     entries, notes = dataset_entries(dataset_dir)
     people = dataset_subjects([e.row for e in entries])
-    settings, phrases = _phrases(config, dataset_dir, people)
+    settings, phrases = subject_identifiers(config, dataset_dir, people)
     subject = "" if people else phrases[None]
     result = CaptionResult(dataset_dir=dataset_dir, subject=subject, subjects=dict(phrases) if people else {})
     written = written_captions(dataset_dir)
-    checks = [m for p in phrases.values() for m in check_identifier(p, tokenizer)]
-    if people:
-        checks += shared_token_warnings({who: identifier_of(p) for who, p in phrases.items()}, tokenizer)
-    elif config.subjects:
+    checks = identifier_warnings(phrases, tokenizer)
+    if config.subjects and not people:
         checks.append("subjects names people, but no row of metadata.jsonl names its person (a one-person dataset), "
                       "so one identifier is used; prepare with subjects='folders' or 'group' for several people")
     for message in notes + checks:
@@ -256,7 +157,7 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
         elif existing and not config.overwrite:
             result.captions[e.file_name] = existing
             result.kept.append(e.file_name)
-            identifier, others = _identifiers(phrases, who)
+            identifier, others = identifiers_of(phrases, who)
             stray = [o for o in others if count_identifier(existing, o)]
             if count_identifier(existing, identifier) != 1 or stray:
                 also = f" and another person's {', '.join(map(repr, stray))}" if stray else ""
@@ -295,7 +196,7 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
         for e, text in zip(ready, raw):
             who = (e.row or {}).get(SUBJECT_FIELD) if people else None
             result.captions[e.file_name] = standardise_caption(text, subject=phrases[who], template=config.template,
-                                                               forbidden=_identifiers(phrases, who)[1])
+                                                               forbidden=identifiers_of(phrases, who)[1])
             result.generated.append(e.file_name)
 
     for e in entries:
@@ -353,6 +254,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
     parser.add_argument("--prompt", default=None, help="text for BLIP to continue, e.g. 'a picture of'")
     parser.add_argument("--overwrite", action="store_true", help="re-caption images that have captions (loses hand edits)")
+    parser.add_argument("--subjects", default=None,
+                        help="several people: each one's token [class noun [name]], e.g. 'ada: ADA woman; grace: GRACE' "
+                             "(default TOK1 person, TOK2 person, ...)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -362,21 +266,21 @@ def run_cli(args: argparse.Namespace) -> int:
         args: arguments parsed with the flags of :func:`add_cli_arguments`.
 
     Returns:
-        The exit code: 0 done, 1 an image got no caption or the folder has none.
+        The exit code: 0 done, 1 an image got no caption or the folder has none, or a setting is wrong.
     """
-    config = CaptionConfig(
-        model=args.model, token=args.token, class_noun=args.class_noun, name=args.name,
-        identifier_format=args.identifier_format, pivotal_tokens=args.pivotal_tokens, template=args.template,
-        batch_size=args.batch_size,
-        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
-        prompt=args.prompt, overwrite=args.overwrite,
-    )
     try:
+        config = CaptionConfig(
+            model=args.model, token=args.token, class_noun=args.class_noun, name=args.name,
+            identifier_format=args.identifier_format, pivotal_tokens=args.pivotal_tokens, template=args.template,
+            batch_size=args.batch_size,
+            num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+            prompt=args.prompt, overwrite=args.overwrite, subjects=getattr(args, "subjects", None),
+        )
         with warnings.catch_warnings():
             # Printed below as "warning:" lines, once each.
             warnings.simplefilter("ignore", CaptionWarning)
             result = caption_dataset(args.dataset_dir, config=config)
-    except (CaptionError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # CaptionError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for name, text in result.captions.items():
@@ -385,7 +289,8 @@ def run_cli(args: argparse.Namespace) -> int:
     for name, why in result.failed.items():
         print(f"[failed] {name}: {why}")
     rate = f", {result.images_per_second:.2f} images/s" if result.generated else ""
-    print(f"subject {result.subject!r}: {len(result.generated)} captioned, {len(result.kept)} kept, "
+    who = ", ".join(f"{k}: {v!r}" for k, v in result.subjects.items()) or f"subject {result.subject!r}"
+    print(f"{who}: {len(result.generated)} captioned, {len(result.kept)} kept, "
           f"{len(result.failed)} failed{rate}; wrote {args.dataset_dir / METADATA} and .txt sidecars")
     for message in result.warnings:
         print(f"warning: {message}")

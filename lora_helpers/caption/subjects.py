@@ -19,65 +19,22 @@ from __future__ import annotations
 import dataclasses
 import re
 from itertools import combinations
+from pathlib import Path
 
-from lora_helpers.caption.text import identifier_of
-from lora_helpers.core.run_folder import SUBJECT_FIELD, SUBJECTS_KEY
+from lora_helpers.caption.config import CaptionConfig, parse_subject_settings, subject_phrase
+from lora_helpers.caption.files import CaptionError, dataset_entries
+from lora_helpers.caption.text import check_identifier, identifier_of
+from lora_helpers.core.run_folder import SUBJECT_FIELD, SUBJECTS_KEY, read_caption_config
 
-__all__ = ["SUBJECT_SETTINGS", "parse_subject_settings", "dataset_subjects", "subject_phrases",
-           "shared_token_warnings"]
-
-SUBJECT_SETTINGS = ("token", "class_noun", "name")  # what CaptionConfig.subjects may set per person
-_TOKEN = re.compile(r"[A-Za-z0-9_]+")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", str(text).strip().lower()).strip("_")
-
-
-def parse_subject_settings(value) -> dict[str, dict[str, str]]:
-    """Per-person identifier settings from a mapping or a form field's text.
-
-    Args:
-        value: ``{"ada": {"token": "ADA", "class_noun": "woman"}}``, or text such as
-            ``"ada: ADA woman; grace: GRACE"`` (person: token [class noun [name]]); None or "" for none.
-
-    Returns:
-        ``{person: {"token": ..., "class_noun": ..., "name": ...}}`` with only the keys given.
-
-    Raises:
-        ValueError: an entry that cannot be read, an unknown key, or a token that is not one word.
-    """
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return {}
-    if isinstance(value, str):
-        parsed = {}
-        for part in filter(str.strip, re.split(r"[;\n]", value)):
-            who, sep, rest = part.partition(":")
-            words = rest.split()
-            if not sep or not words:
-                raise ValueError(f"subjects: cannot read {part.strip()!r}; write 'person: TOKEN [class noun [name]]', "
-                                 "entries separated by ';', e.g. 'ada: ADA woman; grace: GRACE woman'")
-            parsed[who] = dict(zip(SUBJECT_SETTINGS, words[:2] + ([" ".join(words[2:])] if words[2:] else [])))
-        value = parsed
-    if not isinstance(value, dict):
-        raise ValueError(f"subjects must map each person to their token and class noun, got {type(value).__name__}")
-    out = {}
-    for who, settings in value.items():
-        if not isinstance(settings, dict) or not set(settings) <= set(SUBJECT_SETTINGS):
-            raise ValueError(f"subjects[{who!r}]: expected a mapping with {', '.join(SUBJECT_SETTINGS)}, got {settings!r}")
-        token = settings.get("token")
-        if token is not None and not _TOKEN.fullmatch(str(token)):
-            raise ValueError(f"subjects[{who!r}]: token {token!r}: use one word of letters/digits, e.g. 'ADA' or 'sks'")
-        out[_slug(who)] = {k: str(v) for k, v in settings.items() if v not in (None, "")}
-    return out
-
+__all__ = ["dataset_subjects", "subject_phrases", "shared_token_warnings", "dataset_identifiers",
+           "identifier_warnings", "subject_identifiers", "identifiers_of"]
 
 def dataset_subjects(rows: list[dict | None]) -> list[str]:
     """The people named in ``metadata.jsonl`` rows, sorted; [] for a one-person dataset."""
     return sorted({str(row[SUBJECT_FIELD]) for row in rows if row and row.get(SUBJECT_FIELD)})
 
 
-def subject_phrases(config, people: list[str], previous: dict, phrase) -> dict[str, dict[str, str]]:
+def subject_phrases(config: CaptionConfig, people: list[str], previous: dict) -> dict[str, dict[str, str]]:
     """Each person's identifier settings and phrase: the ``"subjects"`` map of ``caption_config.json``.
 
     Args:
@@ -85,7 +42,6 @@ def subject_phrases(config, people: list[str], previous: dict, phrase) -> dict[s
             per-person ``subjects``).
         people: the dataset's people (:func:`dataset_subjects`).
         previous: the last ``caption_config.json`` (its ``"subjects"`` keep each person's number).
-        phrase: ``subject_phrase(config) -> str`` of the caption stage.
 
     Returns:
         ``{person: {"trigger": "TOK1 person", "token": "TOK1", "class_noun": "person"[, "name": ...]}}``.
@@ -111,7 +67,7 @@ def subject_phrases(config, people: list[str], previous: dict, phrase) -> dict[s
     for who in people:
         settings = {"token": f"{config.token}{kept[who] if who in kept else next(free)}",
                     "class_noun": config.class_noun, "name": None, **chosen.get(who, {})}
-        trigger = phrase(dataclasses.replace(config, subjects=None, **settings))
+        trigger = subject_phrase(dataclasses.replace(config, subjects=None, **settings))
         out[who] = {"trigger": trigger, **{k: v for k, v in settings.items() if v}}
     by_identifier: dict[str, str] = {}
     for who, s in out.items():
@@ -151,3 +107,53 @@ def shared_token_warnings(identifiers: dict[str, str], tokenizer=None) -> list[s
                        "people start from the same meaning and may blend; give each a token of its own "
                        "(e.g. subjects='ada: sks; grace: ohwx')")
     return out
+
+
+def dataset_identifiers(dataset_dir: str | Path, config: CaptionConfig | None = None) -> dict[str | None, str]:
+    """The phrase each person of a dataset gets in captions.
+
+    Args:
+        dataset_dir: the dataset folder (its ``metadata.jsonl`` rows name the people, if several).
+        config: the caption settings (defaults if None).
+
+    Returns:
+        ``{None: "TOK person"}`` for one person; ``{"ada": "TOK1 person", "grace": "TOK2 person"}`` for several.
+
+    Raises:
+        CaptionError: a row that cannot be used, or settings that do not fit the dataset's people.
+    """
+    config = config or CaptionConfig()
+    entries, _ = dataset_entries(Path(dataset_dir))
+    return subject_identifiers(config, Path(dataset_dir), dataset_subjects([e.row for e in entries]))[1]
+
+
+def identifier_warnings(phrases: dict[str | None, str], tokenizer=None) -> list[str]:
+    """Warnings about identifiers that would learn badly: common or long words, and people sharing CLIP tokens.
+
+    Args:
+        phrases: from :func:`dataset_identifiers`.
+        tokenizer: the CLIP tokenizer; None estimates.
+
+    Returns:
+        Messages (empty when every identifier looks fine).
+    """
+    out = [m for p in phrases.values() for m in check_identifier(p, tokenizer)]
+    if len(phrases) > 1:
+        out += shared_token_warnings({who: identifier_of(p) for who, p in phrases.items()}, tokenizer)
+    return out
+
+
+def subject_identifiers(config: CaptionConfig, dataset_dir: Path, people: list[str]) -> tuple[dict | None, dict]:
+    """``(the "subjects" map or None, {person or None: phrase})`` for a dataset of several people or one."""
+    if not people:
+        return None, {None: subject_phrase(config)}
+    try:
+        settings = subject_phrases(config, people, read_caption_config(dataset_dir))
+    except ValueError as exc:  # settings that do not fit the dataset: nothing is written
+        raise CaptionError(str(exc)) from None
+    return settings, {who: s["trigger"] for who, s in settings.items()}
+
+
+def identifiers_of(phrases: dict, who) -> tuple[str, list[str]]:
+    """The person's identifier and every other person's."""
+    return identifier_of(phrases[who]), [identifier_of(p) for w, p in phrases.items() if w != who]

@@ -315,6 +315,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="never hold this photo out: always train on it (repeatable)")
     parser.add_argument("--quality-threshold", type=float, default=0.95,
                         help="warn about crops whose resize quality (share of real detail) is below this (default 0.95)")
+    parser.add_argument("--subjects", choices=("auto", "one", "folders", "group"), default="auto",
+                        help="several people: 'folders' (a subfolder per person), 'group' (group a mixed folder by "
+                             "face), 'one', or 'auto' (subfolders when the folder holds only subfolders); corrections "
+                             "go in subjects.json in the dataset folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -337,6 +341,7 @@ def run_cli(args: argparse.Namespace) -> int:
             face_fraction=args.face_fraction,
             quality_threshold=args.quality_threshold,
             hold_out=args.hold_out,
+            subjects=getattr(args, "subjects", "auto"),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
