@@ -1,15 +1,19 @@
-"""The standard evaluation prompts for a person, filled in with the run's subject phrase."""
+"""The standard evaluation prompts for a person, filled in with the run's subject phrase; for a
+multi-person run, the standard set once per person and a few prompts naming two people."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from lora_helpers.core.run_folder import DEFAULT_TRIGGER
 
-__all__ = ["PROMPTS_PEOPLE", "EvalPrompt", "people_prompts", "read_prompts_file"]
+__all__ = ["PROMPTS_PEOPLE", "PROMPTS_TWO_PEOPLE", "EvalPrompt", "people_prompts", "subject_prompts", "fill_people",
+           "read_prompts_file"]
 
 
 # Standard prompts for a person, in the spirit of the DreamBooth paper's live-subject
@@ -50,14 +54,24 @@ PROMPTS_PEOPLE: dict[str, tuple[str, ...]] = {
 }
 
 
+# Two people in one picture: both must appear, each with their own face.
+PROMPTS_TWO_PEOPLE: tuple[str, ...] = (
+    "a photo of {a} and {b} at a cafe",
+    "a photo of {a} and {b} standing side by side in a park",
+    "a photo of {a} shaking hands with {b}",
+)
+
+
 @dataclass(frozen=True)
 class EvalPrompt:
-    """One evaluation prompt: ``text`` is what the generator sees."""
+    """One evaluation prompt: ``text`` is what the generator sees; ``subjects`` the people of a
+    multi-person run it names (slugs; () for a one-person run)."""
 
     prompt_id: str
     category: str
     template: str
     text: str
+    subjects: tuple[str, ...] = ()
 
 
 def people_prompts(
@@ -88,6 +102,79 @@ def people_prompts(
     for cat in chosen:
         for i, t in enumerate(PROMPTS_PEOPLE[cat][:per_category]):
             out.append(EvalPrompt(f"{cat}-{i:02d}", cat, t, t.replace("{subject}", subject)))
+    return out
+
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def fill_people(template: str, triggers: dict[str, str]) -> tuple[str, tuple[str, ...]]:
+    """Fill ``{<slug>}`` placeholders with each person's trigger phrase.
+
+    Args:
+        template: e.g. ``"{ada} and {grace} at a cafe"``.
+        triggers: slug -> trigger phrase.
+
+    Returns:
+        (the prompt, the people it names in order of ``triggers``).
+
+    Raises:
+        ValueError: ``{subject}`` (ambiguous with several people), an unknown placeholder, or none,
+            naming the people there are.
+    """
+    names = _PLACEHOLDER.findall(template)
+    have = ", ".join("{" + s + "}" for s in triggers)
+    bad = [n for n in names if n not in triggers]
+    if bad or not names:
+        what = (f"uses {{{bad[0]}}}" + (" (which person?)" if bad[0] == "subject" else "")) if bad else "names nobody"
+        raise ValueError(f"prompt {template!r} {what}; this run has several people: write {have}")
+    return _PLACEHOLDER.sub(lambda m: triggers[m.group(1)], template), tuple(s for s in triggers if s in names)
+
+
+def subject_prompts(
+    triggers: dict[str, str],
+    *,
+    categories: Iterable[str] | None = None,
+    per_category: int | None = None,
+    templates: Sequence[str] | None = None,
+    pairs: Sequence[str] = PROMPTS_TWO_PEOPLE,
+) -> list[EvalPrompt]:
+    """Prompts for a multi-person run: the standard set once per person, and two-person prompts for
+    every pair of people.
+
+    Args:
+        triggers: slug -> trigger phrase (``{"ada": "TOK1 person", ...}``), in the run's order.
+        categories, per_category: as for :func:`people_prompts`.
+        templates: your own prompts instead: one with ``{subject}`` is made once per person, one with
+            ``{<slug>}`` placeholders once as written.
+        pairs: two-person templates with ``{a}`` and ``{b}`` (ignored with ``templates``; the first
+            ``per_category`` of them).
+
+    Returns:
+        :class:`EvalPrompt` s with ``subjects`` set and ids such as ``"ada-place-01"`` or
+        ``"ada+grace-together-00"``.
+
+    Raises:
+        ValueError: an unknown category, or a template naming an unknown person (see :func:`fill_people`).
+    """
+    out: list[EvalPrompt] = []
+    if templates is not None:
+        for i, t in enumerate(templates):
+            if "{subject}" in t and set(_PLACEHOLDER.findall(t)) == {"subject"}:
+                out += [EvalPrompt(f"{slug}-custom-{i:02d}", "custom", t, t.replace("{subject}", phrase), (slug,))
+                        for slug, phrase in triggers.items()]
+            else:
+                text, named = fill_people(t, triggers)
+                out.append(EvalPrompt(f"{'+'.join(named)}-custom-{i:02d}", "custom", t, text, named))
+        return out
+    for slug, phrase in triggers.items():
+        out += [EvalPrompt(f"{slug}-{p.prompt_id}", p.category, p.template, p.text, (slug,))
+                for p in people_prompts(phrase, categories=categories, per_category=per_category)]
+    for a, b in itertools.combinations(triggers, 2):
+        for i, t in enumerate(pairs[:per_category]):
+            # one pass, so a person whose slug is "a" or "b" is not replaced twice
+            text = _PLACEHOLDER.sub(lambda m: triggers[{"a": a, "b": b}[m.group(1)]], t)
+            out.append(EvalPrompt(f"{a}+{b}-together-{i:02d}", "together", t, text, (a, b)))
     return out
 
 

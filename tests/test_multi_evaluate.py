@@ -1,0 +1,186 @@
+"""Evaluation of several people in one LoRA: identity per person, leakage between them, and who
+appeared in an image of two people; on the two real people of sample_data (the astronaut and
+Grace Hopper), where the answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image, ImageEnhance, ImageOps
+
+import lora_helpers.evaluate as ev
+from lora_helpers.core.images import load_image
+from lora_helpers.core.run_folder import (
+    HELD_OUT_FIELD, SUBJECT_FIELD, SUBJECTS_KEY, write_caption_config, write_metadata,
+)
+from lora_helpers.evaluate.report import write_evaluation
+
+TRIGGERS = {"astronaut": "TOK1 person", "grace": "TOK2 person"}
+
+
+@pytest.fixture(scope="module")
+def person(sample_data):
+    return sorted((sample_data / "person").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def hopper(sample_data):
+    return sorted((sample_data / "other_person").glob("*.jpg"))
+
+
+def _variants(path) -> list[Image.Image]:
+    """More photos of the person in ``path``: a crop, a mirror, a warmer and a turned copy."""
+    im = load_image(path)
+    w, h = im.size
+    return [
+        im.crop((w // 10, h // 12, w - w // 10, h - h // 20)),
+        ImageOps.mirror(im),
+        ImageEnhance.Color(im).enhance(1.4),
+        im.rotate(-8, resample=Image.BICUBIC, expand=True, fillcolor=(120, 120, 120)),
+    ]
+
+
+def _dataset(folder, people: dict[str, list], held_out: dict[str, list] | None = None, side: int = 384):
+    """A prepared multi-person dataset: images/, metadata.jsonl rows with "subject" (and held-out
+    rows), caption_config.json with the people's triggers."""
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for slug, photos in people.items():
+        for held, items in ((False, photos), (True, (held_out or {}).get(slug, []))):
+            for item in items:
+                name = f"images/{len(rows):02d}-{slug}.png"
+                image = load_image(item) if not isinstance(item, Image.Image) else item
+                image = image.copy()
+                image.thumbnail((side, side))
+                image.save(folder / name)
+                row = {"file_name": name, "text": f"a photo of {TRIGGERS[slug]}", SUBJECT_FIELD: slug}
+                if held:
+                    row[HELD_OUT_FIELD] = True
+                rows.append(row)
+    write_metadata(folder, rows)
+    write_caption_config(folder, {SUBJECTS_KEY: {s: {"trigger": t, "token": t.split()[0], "class_noun": "person"}
+                                                 for s, t in TRIGGERS.items()}})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, person, hopper):
+    return _dataset(tmp_path_factory.mktemp("multi") / "dataset",
+                    {"astronaut": person[:4], "grace": [hopper[0], *_variants(hopper[0])[:3]]})
+
+
+@pytest.fixture(scope="module")
+def refs(dataset):
+    return ev.subject_references(dataset, progress=False)
+
+
+def _side_by_side(left: Image.Image, right: Image.Image | None, height: int = 420) -> Image.Image:
+    """One canvas with two photos (or one and an empty grey half): two people in one picture."""
+    def fit(im):
+        return im.resize((round(im.width * height / im.height), height), Image.LANCZOS)
+
+    a = fit(left)
+    b = fit(right) if right is not None else Image.new("RGB", a.size, (128, 128, 128))
+    canvas = Image.new("RGB", (a.width + b.width, height), (128, 128, 128))
+    canvas.paste(a, (0, 0))
+    canvas.paste(b, (a.width, 0))
+    return canvas
+
+
+def test_each_person_is_embedded_from_their_own_rows_with_the_triggers(refs, dataset):
+    assert refs.slugs == ["astronaut", "grace"] and refs.triggers == TRIGGERS
+    assert len(refs.subjects["astronaut"].names) == 4 and len(refs.subjects["grace"].names) == 4
+    assert all(n.endswith("-astronaut.png") for n in refs.subjects["astronaut"].names)
+    assert all(n.endswith("-grace.png") for n in refs.subjects["grace"].names)
+    # each person's photos agree with each other, not with the other person's
+    for slug, other in (("astronaut", "grace"), ("grace", "astronaut")):
+        own = refs.subjects[slug]
+        assert own.upper_bound > refs.threshold
+        assert float((own.embeddings @ refs.subjects[other].mean).max()) < refs.threshold
+    assert refs.named("a photo of TOK2 person and tok1 person") == ("astronaut", "grace")
+    assert refs.named("a photo of TOK10 person") == ()
+    # One person's references from a multi-person dataset need the person named.
+    with pytest.raises(ValueError, match="several people \\(astronaut, grace\\)"):
+        ev.reference_embeddings(dataset, progress=False)
+    with pytest.raises(ValueError, match="choose one of astronaut, grace"):
+        ev.reference_embeddings(dataset, subject="ada", progress=False)
+    assert ev.reference_embeddings(dataset, subject="grace", progress=False).names == refs.subjects["grace"].names
+
+
+def test_identity_is_high_and_leakage_low_for_the_right_person_and_the_reverse_for_the_wrong(refs, person, hopper):
+    astronaut = [load_image(person[5]), load_image(person[6])]
+    grace = _variants(hopper[1])[:2]
+    images = astronaut + grace + grace[:1]
+    prompts = ["a photo of TOK1 person"] * 2 + ["a photo of TOK2 person on the beach"] * 2 + ["TOK1 person, smiling"]
+    rows = ev.evaluate_images(images, references=refs, prompts=prompts, config=ev.EvaluateConfig(use_clip=False),
+                              progress=False)
+    assert [r["subject"] for r in rows] == ["astronaut"] * 2 + ["grace"] * 2 + ["astronaut"]
+    for r in rows[:4]:  # the person prompted: their own face, the other person's far below
+        assert r["identity_pass"] and r["identity"] > refs.threshold > r["leakage"], r
+        assert r["identity"] - r["leakage"] > 0.05
+        assert r["appeared_" + r["subject"]] and not any(r[f"appeared_{s}"] for s in refs.slugs if s != r["subject"])
+    assert "leak_grace" in rows[0] and "leak_astronaut" not in rows[0]
+    assert rows[0]["leakage"] == rows[0]["leak_grace"]
+    # Grace prompted as the astronaut: the face is the other person's, which leakage shows.
+    wrong = rows[4]
+    assert not wrong["identity_pass"] and wrong["leak_grace"] > refs.threshold > wrong["identity"]
+    assert wrong["appeared_grace"] and not wrong["appeared_astronaut"]
+    assert wrong["leak_grace"] == pytest.approx(rows[2]["identity"], abs=1e-4)  # the same picture
+
+
+def test_two_people_in_one_picture_both_appear_and_one_alone_only_that_one(refs, person, hopper):
+    both = _side_by_side(load_image(person[5]), _variants(hopper[1])[0])
+    swapped = _side_by_side(_variants(hopper[1])[0], load_image(person[5]))
+    alone = _side_by_side(load_image(person[5]), None)
+    prompt = "a photo of TOK1 person and TOK2 person at a cafe"
+    rows = ev.evaluate_images([both, swapped, alone], references=refs, prompts=[prompt] * 3,
+                              config=ev.EvaluateConfig(use_clip=False), progress=False)
+    for r in rows[:2]:
+        assert r["subject"] == "astronaut+grace" and r["faces"] == 2
+        assert r["appeared_astronaut"] and r["appeared_grace"] and r["identity_pass"]
+        assert min(r["face_astronaut"], r["face_grace"]) > refs.threshold
+        assert r["identity"] == pytest.approx((r["face_astronaut"] + r["face_grace"]) / 2, abs=1e-4)
+        assert "leakage" not in r  # both people were asked for
+    assert rows[0]["face_astronaut"] == pytest.approx(rows[1]["face_astronaut"], abs=0.02)  # left or right alike
+    one = rows[2]
+    assert one["faces"] == 1 and one["appeared_astronaut"] and not one["appeared_grace"]
+    assert not one["identity_pass"] and one["face_grace"] == 0.0
+    assert one["identity"] == pytest.approx(one["face_astronaut"] / 2, abs=1e-4)  # the missing person counts 0
+
+
+def test_subject_summary_from_rows_with_known_numbers():
+    def row(subject, identity, leakage=None, appeared=(), **kw):
+        r = {"checkpoint": "final", "step": 10, "scale": 1.0, "subject": subject, "face_found": identity > 0,
+             "identity": identity, "identity_pass": identity >= 0.9, "leakage": leakage}
+        r.update({f"appeared_{s}": s in appeared for s in ("a", "b")}, **kw)
+        return r
+
+    rows = [row("a", 0.95, 0.5, "a"), row("a", 0.85, 0.93, "b"), row("b", 0.0, None),
+            row("a+b", 0.9, None, "ab"), row("a+b", 0.5, None, "a"),
+            {"checkpoint": "final", "scale": 1.0, "subject": "a", "error": "unreadable"}]
+    summary = {s["subject"]: s for s in ev.subject_summary(rows)}
+    assert list(summary) == ["a", "b", "a+b"]
+    a = summary["a"]
+    assert a["images"] == 2 and a["identity_mean"] == pytest.approx(0.9) and a["identity_pass_rate"] == 0.5
+    assert a["leakage_mean"] == pytest.approx(0.715) and a["appeared_rate"] == 0.5 and a["others_appeared_rate"] == 0.5
+    assert summary["b"]["faces_found"] == 0.0 and summary["b"]["appeared_rate"] == 0.0
+    assert summary["a+b"]["appeared_rate"] == 0.5 and summary["a+b"]["identity_mean"] == pytest.approx(0.7)
+    assert summary["a+b"]["others_appeared_rate"] == 0.0
+
+
+def test_prompts_per_person_and_for_two_people():
+    prompts = ev.subject_prompts(TRIGGERS, categories=("portrait", "place"), per_category=1)
+    assert [p.prompt_id for p in prompts] == ["astronaut-portrait-00", "astronaut-place-00", "grace-portrait-00",
+                                             "grace-place-00", "astronaut+grace-together-00"]
+    assert prompts[2].text == "a close-up portrait photo of TOK2 person" and prompts[2].subjects == ("grace",)
+    assert prompts[-1].text == "a photo of TOK1 person and TOK2 person at a cafe"
+    assert prompts[-1].subjects == ("astronaut", "grace")
+    custom = ev.subject_prompts(TRIGGERS, templates=["{subject} in the snow", "{grace} hugs {astronaut}"])
+    assert [(p.text, p.subjects) for p in custom] == [
+        ("TOK1 person in the snow", ("astronaut",)), ("TOK2 person in the snow", ("grace",)),
+        ("TOK2 person hugs TOK1 person", ("astronaut", "grace"))]
+    for template, words in (("{subject} and {grace}", "which person"), ("{ada} at a cafe", "write {astronaut}, {grace}"),
+                            ("a cafe", "names nobody")):
+        with pytest.raises(ValueError, match=words):
+            ev.subject_prompts(TRIGGERS, templates=[template])
