@@ -12,7 +12,8 @@ from PIL import Image, ImageEnhance, ImageOps
 import lora_helpers.evaluate as ev
 from lora_helpers.core.images import load_image
 from lora_helpers.core.run_folder import (
-    HELD_OUT_FIELD, SUBJECT_FIELD, SUBJECTS_KEY, write_caption_config, write_metadata,
+    HELD_OUT_FIELD, SUBJECT_FIELD, SUBJECTS_KEY, read_run_config, write_caption_config, write_metadata,
+    write_run_config,
 )
 from lora_helpers.evaluate.report import write_evaluation
 
@@ -184,3 +185,86 @@ def test_prompts_per_person_and_for_two_people():
                             ("a cafe", "names nobody")):
         with pytest.raises(ValueError, match=words):
             ev.subject_prompts(TRIGGERS, templates=[template])
+
+
+def _two_person_run(run_dir, tiny_models):
+    """A run of the two people as the train stage records it: "subjects" in config.json, no top-level trigger."""
+    from lora_helpers.core.random_lora import make_random_lora
+
+    run = make_random_lora(run_dir, tiny_models / "sdxl", checkpoint_steps=(1, 2))
+    cfg = read_run_config(run)
+    cfg.pop("trigger", None)
+    cfg[SUBJECTS_KEY] = {s: {"trigger": t, "class_noun": "person", "images": 4} for s, t in TRIGGERS.items()}
+    write_run_config(run, cfg)
+    return run
+
+
+def test_a_two_person_run_is_scored_per_person_with_leakage_and_written(tmp_path, tiny_models, refs, monkeypatch,
+                                                                         dataset):
+    from lora_helpers.evaluate import run as evaluate_run_module
+
+    run = _two_person_run(tmp_path / "run", tiny_models)
+    config = ev.EvaluateConfig(categories=("portrait",), prompts_per_category=1, seeds=(0,), scales=(0.0, 1.0),
+                               checkpoints="final", clip_model=str(tiny_models / "clip"), resolution=64,
+                               num_inference_steps=2)
+    result = ev.evaluate_run(run, references=refs, config=config, progress=False)
+    # per person the standard prompt, and one prompt naming both; for the base model and the final LoRA
+    assert sorted({(r["prompt_id"], r["subject"]) for r in result.rows}) == [
+        ("astronaut+grace-together-00", "astronaut+grace"), ("astronaut-portrait-00", "astronaut"),
+        ("grace-portrait-00", "grace")]
+    assert len(result.rows) == 3 * 2
+    texts = {r["subject"]: r["prompt"] for r in result.rows}
+    assert "TOK1 person" in texts["astronaut"] and "TOK2" not in texts["astronaut"]
+    assert "TOK1 person" in texts["astronaut+grace"] and "TOK2 person" in texts["astronaut+grace"]
+    for r in result.rows:  # random weights draw nobody: no face, nobody appeared, identity counted 0
+        assert r["identity"] == 0.0 and not r["appeared_astronaut"] and not r["appeared_grace"]
+        assert r["clip_t"] is not None and r["clip_i"] is not None
+    assert {(s["checkpoint"], s["subject"]) for s in result.subjects} == {
+        (c, s) for c in ("base", "final") for s in ("astronaut", "grace", "astronaut+grace")}
+    for key in ("scores", "summary", "plot", "report", "subjects", "leakage_plot"):
+        assert result.files[key].is_file() and result.files[key].stat().st_size > 0, key
+    header = result.files["scores"].read_text().splitlines()[0].split(",")
+    assert {"subject", "appeared_astronaut", "appeared_grace", "face_astronaut", "face_grace"} <= set(header)
+    report = json.loads(result.files["report"].read_text())
+    assert report["subjects"] == TRIGGERS and set(report["held_out"]) == {"astronaut", "grace"}
+    assert report["people"]["grace"]["references"] == refs.subjects["grace"].names
+    text = ev.format_summary(result)
+    assert "astronaut (TOK1 person): references: 4 with a face" in text and "astronaut+grace" in text
+
+    # Resumed from the images on disk; the multi-person dataset works as the references too.
+    monkeypatch.setattr(evaluate_run_module, "generate_images", lambda *a, **k: pytest.fail("images must be reused"))
+    again = ev.evaluate_run(run, references=dataset, config=config, progress=False)
+    assert [r["identity"] for r in again.rows] == [r["identity"] for r in result.rows]
+    # One person's references do not fit a run of two (and the reverse), each said in one line.
+    with pytest.raises(ValueError, match="several people \\(astronaut, grace\\)"):
+        ev.evaluate_run(run, references=refs.subjects["astronaut"], config=config, progress=False)
+    with pytest.raises(ValueError, match="one-person run"):
+        ev.evaluate_run(_one_person(tmp_path, tiny_models), references=refs, config=config, progress=False)
+
+
+def _one_person(tmp_path, tiny_models):
+    from lora_helpers.core.random_lora import make_random_lora
+
+    return make_random_lora(tmp_path / "one", tiny_models / "sdxl")
+
+
+def test_summary_and_leakage_plot_written_for_rows_with_known_leakage(tmp_path, refs):
+    rows = []
+    for scale, identity, leak in ((0.0, 0.5, 0.5), (1.0, 0.95, 0.6)):
+        for slug, other, more in (("astronaut", "grace", 0.0), ("grace", "astronaut", 0.1)):
+            rows.append({"checkpoint": "base" if scale == 0 else "final", "step": 10, "scale": scale, "subject": slug,
+                         "face_found": True, "identity": identity, "identity_pass": identity > refs.threshold,
+                         f"leak_{other}": leak + more, "leakage": leak + more,
+                         f"appeared_{slug}": identity > refs.threshold, f"appeared_{other}": False})
+    result = write_evaluation(rows, refs, ev.EvaluateConfig(use_clip=False), tmp_path, extra={})
+    final = [s for s in result.subjects if s["checkpoint"] == "final"]
+    assert [(s["subject"], s["identity_mean"], s["leakage_mean"], s["appeared_rate"]) for s in final] == [
+        ("astronaut", 0.95, 0.6, 1.0), ("grace", 0.95, pytest.approx(0.7), 1.0)]
+    written = {(r["checkpoint"], r["subject"]): r for r in ev.read_scores_csv(result.files["subjects"])}
+    assert written[("final", "grace")]["leakage_mean"] == 0.7 and written[("base", "astronaut")]["leakage_mean"] == 0.5
+    assert result.files["leakage_plot"].stat().st_size > 0
+    # One person: the outputs are those of before (no per-person file, no leakage plot).
+    single = write_evaluation([{k: v for k, v in r.items() if k in ("checkpoint", "step", "scale", "identity")}
+                               for r in rows], refs.subjects["astronaut"], ev.EvaluateConfig(use_clip=False),
+                              tmp_path / "one", extra={})
+    assert set(single.files) == {"scores", "summary", "report", "plot"} and single.subjects is None
