@@ -268,3 +268,19 @@ def test_summary_and_leakage_plot_written_for_rows_with_known_leakage(tmp_path, 
                                for r in rows], refs.subjects["astronaut"], ev.EvaluateConfig(use_clip=False),
                               tmp_path / "one", extra={})
     assert set(single.files) == {"scores", "summary", "report", "plot"} and single.subjects is None
+
+
+def test_held_out_photos_are_kept_per_person(tmp_path, person, hopper):
+    folder = _dataset(tmp_path / "dataset", {"astronaut": person[:3], "grace": [hopper[0], *_variants(hopper[0])[:2]]},
+                      held_out={"astronaut": [person[3]]})
+    refs = ev.subject_references(folder, progress=False)
+    astronaut, grace = refs.subjects["astronaut"], refs.subjects["grace"]
+    assert astronaut.held_out is not None and astronaut.held_out.names == ["03-astronaut.png"]
+    assert astronaut.names == ["00-astronaut.png", "01-astronaut.png", "02-astronaut.png"]
+    assert grace.held_out is None and grace.held_out_note.startswith("the dataset has 3 usable photos of grace")
+    rows = ev.evaluate_images([load_image(person[6]), _variants(hopper[1])[1]], references=refs,
+                              prompts=["TOK1 person", "TOK2 person"], config=ev.EvaluateConfig(use_clip=False),
+                              progress=False)
+    assert rows[0]["identity_heldout"] > refs.threshold and rows[1]["identity_heldout"] is None
+    text = ev.format_references(refs)
+    assert "grace (TOK2 person):" in text and "astronaut: held-out photos: 1 (03-astronaut.png)" in ev.held_out_line(refs)

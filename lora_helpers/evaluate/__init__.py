@@ -18,8 +18,10 @@ from lora_helpers.evaluate.plots import plot_comparison, plot_identity_vs_prompt
 from lora_helpers.evaluate.prompts import (
     PROMPTS_PEOPLE, PROMPTS_TWO_PEOPLE, EvalPrompt, fill_people, people_prompts, subject_prompts,
 )
-from lora_helpers.evaluate.report import EvaluationResult, format_summary, held_out_line
-from lora_helpers.evaluate.run import evaluate_run
+from lora_helpers.evaluate.report import (
+    EvaluationResult, format_references, format_summary, held_out_line, references_line,
+)
+from lora_helpers.evaluate.run import evaluate_run, references_for_run
 from lora_helpers.evaluate.scores_csv import read_scores_csv, write_scores_csv
 from lora_helpers.evaluate.scoring import evaluate_images
 from lora_helpers.evaluate.subjects import (
@@ -37,5 +39,6 @@ __all__ = [
     "held_out_line", "identity_validation_hook", "memorised_rows", "people_prompts", "read_scores_csv", "summarize",
     "write_scores_csv",
     "PROMPTS_TWO_PEOPLE", "SubjectReferences", "SubjectScore", "dataset_subjects", "fill_people", "subject_prompts",
-    "subject_references", "subject_scores", "subject_summary",
+    "subject_references", "subject_scores", "subject_summary", "format_references", "references_for_run",
+    "references_line",
 ]

@@ -24,7 +24,8 @@ from lora_helpers.evaluate.scores_csv import write_scores_csv
 from lora_helpers.evaluate.subjects import SubjectReferences, subject_summary
 from lora_helpers.evaluate.summary import is_base, memorised_rows, rounded, summarize, unreadable_rows
 
-__all__ = ["EvaluationResult", "write_evaluation", "format_summary", "held_out_line", "references_line"]
+__all__ = ["EvaluationResult", "write_evaluation", "format_summary", "held_out_line", "references_line",
+           "format_references"]
 
 
 @dataclass
@@ -166,6 +167,26 @@ def references_line(refs: ReferenceSet | SubjectReferences) -> str:
     return (f"references: {len(refs.names)} with a face"
             + (f", leave-one-out similarity {refs.upper_bound:.3f} (upper bound)" if refs.leave_one_out else "")
             + f"; same-person threshold {refs.threshold:.2f}")
+
+
+def format_references(refs: ReferenceSet | SubjectReferences) -> str:
+    """Each reference photo's similarity to the mean of the others, the bound, the threshold and the
+    held-out photos; per person for several people.
+
+    Args:
+        refs: from :func:`lora_helpers.evaluate.identity.reference_embeddings`,
+            :func:`lora_helpers.evaluate.subjects.subject_references` or
+            :func:`lora_helpers.evaluate.run.references_for_run`.
+
+    Returns:
+        The lines (a photo far below the others is worth a look: another person, a heavy filter).
+    """
+    if isinstance(refs, SubjectReferences):
+        return "\n\n".join(f"{slug} ({refs.triggers.get(slug, '?')}):\n{format_references(r)}"
+                            for slug, r in refs.subjects.items())
+    lines = [f"{sim:.3f}  {name}" for name, sim in zip(refs.names, refs.leave_one_out)]
+    lines += [references_line(refs), f"no face found in: {', '.join(refs.without_face) or 'none'}", held_out_line(refs)]
+    return "\n".join(lines)
 
 
 def _people_lines(people: list[dict]) -> list[str]:

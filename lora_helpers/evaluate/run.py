@@ -35,7 +35,7 @@ from lora_helpers.generate import (
     resolve_steps,
 )
 
-__all__ = ["evaluate_run"]
+__all__ = ["evaluate_run", "references_for_run"]
 
 
 def _evenly(items: list, k: int) -> list:
@@ -116,6 +116,33 @@ def _references(references, people: dict[str, str], trained: set[str], config: E
     refs = subject_references(references, triggers=people, **settings)
     return SubjectReferences(subjects={s: without_trained_photos(r, trained) for s, r in refs.subjects.items()},
                              triggers=refs.triggers, threshold=refs.threshold, backend=refs.backend)
+
+
+def references_for_run(
+    run_dir: str | Path,
+    references: ReferenceSet | SubjectReferences | str | Path | Sequence,
+    *,
+    config: EvaluateConfig | None = None,
+    progress: bool = True,
+) -> ReferenceSet | SubjectReferences:
+    """The reference photos a run is scored against: its person's, or each of its people's.
+
+    Args:
+        run_dir: a training run (its ``config.json`` says whether it learned one person or several).
+        references: what :func:`evaluate_run` takes.
+        config: face backend, threshold and copy threshold (None: the defaults).
+        progress: show progress bars.
+
+    Returns:
+        A :class:`ReferenceSet` (one person) or a :class:`SubjectReferences` (several), without
+        held-out photos the run trained on; pass it to :func:`evaluate_run`.
+
+    Raises:
+        ValueError: references that do not fit the run (one person's photos for several, ...), named.
+    """
+    cfg = read_run_config(run_dir)
+    return _references(references, _people_from_config(cfg), _trained_sha256(cfg), config or EvaluateConfig(),
+                       Path(run_dir), progress)
 
 
 def _trained_sha256(cfg: dict) -> set[str]:
