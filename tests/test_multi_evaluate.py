@@ -200,7 +200,7 @@ def _two_person_run(run_dir, tiny_models):
 
 
 def test_a_two_person_run_is_scored_per_person_with_leakage_and_written(tmp_path, tiny_models, refs, monkeypatch,
-                                                                         dataset):
+                                                                         dataset, capsys):
     from lora_helpers.evaluate import run as evaluate_run_module
 
     run = _two_person_run(tmp_path / "run", tiny_models)
@@ -231,10 +231,16 @@ def test_a_two_person_run_is_scored_per_person_with_leakage_and_written(tmp_path
     text = ev.format_summary(result)
     assert "astronaut (TOK1 person): references: 4 with a face" in text and "astronaut+grace" in text
 
-    # Resumed from the images on disk; the multi-person dataset works as the references too.
+    # Resumed from the images on disk, here through the CLI with the multi-person dataset as the references.
+    from lora_helpers.cli import main
+
     monkeypatch.setattr(evaluate_run_module, "generate_images", lambda *a, **k: pytest.fail("images must be reused"))
-    again = ev.evaluate_run(run, references=dataset, config=config, progress=False)
-    assert [r["identity"] for r in again.rows] == [r["identity"] for r in result.rows]
+    assert main(["evaluate", str(run), "--references", str(dataset), "--checkpoints", "final", "--scales", "0", "1",
+                 "--seeds", "0", "--categories", "portrait", "--prompts-per-category", "1", "--clip-model",
+                 str(tiny_models / "clip"), "--resolution", "64", "--steps", "2"]) == 0
+    again = ev.read_scores_csv(result.files["scores"])
+    assert [(r["subject"], r["identity"]) for r in again] == [(r["subject"], r["identity"]) for r in result.rows]
+    assert "astronaut+grace" in capsys.readouterr().out
     # One person's references do not fit a run of two (and the reverse), each said in one line.
     with pytest.raises(ValueError, match="several people \\(astronaut, grace\\)"):
         ev.evaluate_run(run, references=refs.subjects["astronaut"], config=config, progress=False)
