@@ -77,13 +77,15 @@ def _png_meta(path: Path) -> dict:
     return {k: v for k, v in meta.items() if v is not None}
 
 
+_UNREADABLE = dict(face_found=None, faces=None, identity=None, identity_heldout=None, identity_pass=None)
+
+
 def _identity_columns(items: list[dict], references: ReferenceSet, progress: bool) -> None:
     """identity, identity_heldout, identity_pass and the memorisation columns of one person's rows."""
     ids = identity_scores([r["_image"] for r in items], references, progress=progress)
     for r, s in zip(items, ids):
         if s.error:  # unreadable: no scores at all, so no average can take it for "no face"
-            r.update(face_found=None, faces=None, identity=None, identity_heldout=None, identity_pass=None,
-                     error=s.error)
+            r.update(_UNREADABLE, error=s.error)
             continue
         # identity_heldout stays empty without held-out photos: the summary says why.
         r.update(face_found=s.face_found, faces=s.faces, identity=round(s.similarity, 5), identity_pass=s.passed,
@@ -104,8 +106,7 @@ def _subject_columns(items: list[dict], references: SubjectReferences, progress:
     copies = references.copies
     for r, s in zip(items, scores):
         if s.error:
-            r.update(face_found=None, faces=None, identity=None, identity_heldout=None, identity_pass=None,
-                     error=s.error)
+            r.update(_UNREADABLE, error=s.error)
             continue
         r.update(face_found=s.face_found, faces=s.faces, identity=round(s.identity, 5) if s.subjects else None,
                  identity_pass=s.passed if s.subjects else None,

@@ -29,6 +29,7 @@ from lora_helpers.core.run_folder import SUBJECTS_KEY, read_caption_config
 from lora_helpers.evaluate.identity import ReferenceSet, dataset_subjects, reference_embeddings
 from lora_helpers.evaluate.memorisation import COPY_THRESHOLD, CopyIndex
 from lora_helpers.evaluate.metrics import as_image, default_threshold, face_backend, face_embeddings, unit
+from lora_helpers.evaluate.summary import _nanmean
 
 __all__ = ["SubjectReferences", "SubjectScore", "subject_references", "subject_scores", "subject_summary"]
 
@@ -263,11 +264,6 @@ def subject_scores(images: Sequence, references: SubjectReferences, *, named: Se
     return out
 
 
-def _mean(values) -> float:
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return float(np.mean(vals)) if vals else float("nan")
-
-
 def subject_summary(rows: Sequence[dict]) -> list[dict]:
     """Aggregate the rows of a multi-person evaluation by checkpoint, scale and the people prompted.
 
@@ -293,10 +289,10 @@ def subject_summary(rows: Sequence[dict]) -> list[dict]:
         out.append({
             "checkpoint": ckpt, "step": rs[0].get("step"), "scale": scale, "subject": subject, "images": len(rs),
             "faces_found": sum(bool(r.get("face_found")) for r in rs) / len(rs),
-            "identity_mean": _mean(r.get("identity") or 0.0 for r in rs),
-            "identity_heldout_mean": _mean(r.get("identity_heldout") for r in rs),
+            "identity_mean": _nanmean(r.get("identity") or 0.0 for r in rs),
+            "identity_heldout_mean": _nanmean(r.get("identity_heldout") for r in rs),
             "identity_pass_rate": sum(bool(r.get("identity_pass")) for r in rs) / len(rs),
-            "leakage_mean": _mean(r.get("leakage") for r in rs),
+            "leakage_mean": _nanmean(r.get("leakage") for r in rs),
             "appeared_rate": sum(all(r.get(f"appeared_{s}") for s in named) for r in rs) / len(rs),
             "others_appeared_rate": sum(any(r.get(f"appeared_{s}") for s in others) for r in rs) / len(rs),
         })
