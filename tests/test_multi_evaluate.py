@@ -181,7 +181,7 @@ def test_prompts_per_person_and_for_two_people():
     assert [(p.text, p.subjects) for p in custom] == [
         ("TOK1 person in the snow", ("astronaut",)), ("TOK2 person in the snow", ("grace",)),
         ("TOK2 person hugs TOK1 person", ("astronaut", "grace"))]
-    for template, words in (("{subject} and {grace}", "which person"), ("{ada} at a cafe", "write {astronaut}, {grace}"),
+    for template, words in (("{ada} at a cafe", "not one of the LoRA's people; use {astronaut}, {grace}"),
                             ("a cafe", "names nobody")):
         with pytest.raises(ValueError, match=words):
             ev.subject_prompts(TRIGGERS, templates=[template])

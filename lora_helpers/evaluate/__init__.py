@@ -16,7 +16,7 @@ from lora_helpers.evaluate.metrics import (
 )
 from lora_helpers.evaluate.plots import plot_comparison, plot_identity_vs_prompt
 from lora_helpers.evaluate.prompts import (
-    PROMPTS_PEOPLE, PROMPTS_TWO_PEOPLE, EvalPrompt, fill_people, people_prompts, subject_prompts,
+    PROMPTS_PEOPLE, PROMPTS_TWO_PEOPLE, EvalPrompt, people_prompts, subject_prompts,
 )
 from lora_helpers.evaluate.report import (
     EvaluationResult, format_references, format_summary, held_out_line, references_line,
@@ -38,7 +38,7 @@ __all__ = [
     "compare_runs", "evaluate_images", "evaluate_run", "format_comparison", "format_summary",
     "held_out_line", "identity_validation_hook", "memorised_rows", "people_prompts", "read_scores_csv", "summarize",
     "write_scores_csv",
-    "PROMPTS_TWO_PEOPLE", "SubjectReferences", "SubjectScore", "dataset_subjects", "fill_people", "subject_prompts",
+    "PROMPTS_TWO_PEOPLE", "SubjectReferences", "SubjectScore", "dataset_subjects", "subject_prompts",
     "subject_references", "subject_scores", "subject_summary", "format_references", "references_for_run",
     "references_line",
 ]

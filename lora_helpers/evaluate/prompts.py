@@ -6,13 +6,14 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from lora_helpers.core.run_folder import DEFAULT_TRIGGER
+from lora_helpers.core.subjects import expand_subject, fill_subjects, placeholders
 
-__all__ = ["PROMPTS_PEOPLE", "PROMPTS_TWO_PEOPLE", "EvalPrompt", "people_prompts", "subject_prompts", "fill_people",
+__all__ = ["PROMPTS_PEOPLE", "PROMPTS_TWO_PEOPLE", "EvalPrompt", "people_prompts", "subject_prompts",
            "read_prompts_file"]
 
 
@@ -105,30 +106,14 @@ def people_prompts(
     return out
 
 
-_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-
-
-def fill_people(template: str, triggers: dict[str, str]) -> tuple[str, tuple[str, ...]]:
-    """Fill ``{<slug>}`` placeholders with each person's trigger phrase.
-
-    Args:
-        template: e.g. ``"{ada} and {grace} at a cafe"``.
-        triggers: slug -> trigger phrase.
-
-    Returns:
-        (the prompt, the people it names in order of ``triggers``).
-
-    Raises:
-        ValueError: ``{subject}`` (ambiguous with several people), an unknown placeholder, or none,
-            naming the people there are.
-    """
-    names = _PLACEHOLDER.findall(template)
-    have = ", ".join("{" + s + "}" for s in triggers)
-    bad = [n for n in names if n not in triggers]
-    if bad or not names:
-        what = (f"uses {{{bad[0]}}}" + (" (which person?)" if bad[0] == "subject" else "")) if bad else "names nobody"
-        raise ValueError(f"prompt {template!r} {what}; this run has several people: write {have}")
-    return _PLACEHOLDER.sub(lambda m: triggers[m.group(1)], template), tuple(s for s in triggers if s in names)
+def _person_prompt(prompt_id: str, category: str, template: str, triggers: dict[str, str]) -> EvalPrompt:
+    """A prompt naming people by ``{<slug>}``, filled in (an unknown name or ``{subject}`` is refused, naming them)."""
+    text = fill_subjects(template, triggers)
+    named = tuple(s for s in triggers if s in placeholders(template))
+    if not named:
+        raise ValueError(f"prompt {template!r} names nobody; this run has several people: write "
+                         + ", ".join("{" + s + "}" for s in triggers))
+    return EvalPrompt(prompt_id, category, template, text, named)
 
 
 def subject_prompts(
@@ -155,26 +140,25 @@ def subject_prompts(
         ``"ada+grace-together-00"``.
 
     Raises:
-        ValueError: an unknown category, or a template naming an unknown person (see :func:`fill_people`).
+        ValueError: an unknown category, or a template naming nobody or someone the run does not know
+            (see :func:`lora_helpers.core.subjects.fill_subjects`).
     """
     out: list[EvalPrompt] = []
     if templates is not None:
         for i, t in enumerate(templates):
-            if "{subject}" in t and set(_PLACEHOLDER.findall(t)) == {"subject"}:
-                out += [EvalPrompt(f"{slug}-custom-{i:02d}", "custom", t, t.replace("{subject}", phrase), (slug,))
-                        for slug, phrase in triggers.items()]
-            else:
-                text, named = fill_people(t, triggers)
-                out.append(EvalPrompt(f"{'+'.join(named)}-custom-{i:02d}", "custom", t, text, named))
+            # {subject} becomes one prompt per person, as in the generate stage's grids
+            for one in expand_subject([t], list(triggers)):
+                p = _person_prompt("", "custom", one, triggers)
+                out.append(replace(p, prompt_id=f"{'+'.join(p.subjects)}-custom-{i:02d}", template=t))
         return out
     for slug, phrase in triggers.items():
         out += [EvalPrompt(f"{slug}-{p.prompt_id}", p.category, p.template, p.text, (slug,))
                 for p in people_prompts(phrase, categories=categories, per_category=per_category)]
     for a, b in itertools.combinations(triggers, 2):
         for i, t in enumerate(pairs[:per_category]):
-            # one pass, so a person whose slug is "a" or "b" is not replaced twice
-            text = _PLACEHOLDER.sub(lambda m: triggers[{"a": a, "b": b}[m.group(1)]], t)
-            out.append(EvalPrompt(f"{a}+{b}-together-{i:02d}", "together", t, text, (a, b)))
+            # {a} and {b} first become the two people's placeholders, in one pass (a slug may be "a" or "b")
+            named = re.sub(r"\{([ab])\}", lambda m: "{" + {"a": a, "b": b}[m.group(1)] + "}", t)
+            out.append(replace(_person_prompt(f"{a}+{b}-together-{i:02d}", "together", named, triggers), template=t))
     return out
 
 
