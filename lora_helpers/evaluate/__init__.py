@@ -6,7 +6,8 @@ from lora_helpers.evaluate.compare import Comparison, compare_runs, format_compa
 from lora_helpers.evaluate.config import EvaluateConfig
 from lora_helpers.evaluate.hooks import identity_validation_hook
 from lora_helpers.evaluate.identity import (
-    IdentityScore, ReferenceSet, identity_scores, identity_summary, reference_embeddings, without_trained_photos,
+    IdentityScore, ReferenceSet, dataset_subjects, identity_scores, identity_summary, reference_embeddings,
+    without_trained_photos,
 )
 from lora_helpers.evaluate.memorisation import COPY_THRESHOLD, CopyIndex, CopyMatch, copy_index, fingerprint
 from lora_helpers.evaluate.metrics import (
@@ -14,11 +15,18 @@ from lora_helpers.evaluate.metrics import (
     remove_identifier,
 )
 from lora_helpers.evaluate.plots import plot_comparison, plot_identity_vs_prompt
-from lora_helpers.evaluate.prompts import PROMPTS_PEOPLE, EvalPrompt, people_prompts
-from lora_helpers.evaluate.report import EvaluationResult, format_summary, held_out_line
-from lora_helpers.evaluate.run import evaluate_run
+from lora_helpers.evaluate.prompts import (
+    PROMPTS_PEOPLE, PROMPTS_TWO_PEOPLE, EvalPrompt, people_prompts, subject_prompts,
+)
+from lora_helpers.evaluate.report import (
+    EvaluationResult, format_references, format_summary, held_out_line, references_line,
+)
+from lora_helpers.evaluate.run import evaluate_run, references_for_run
 from lora_helpers.evaluate.scores_csv import read_scores_csv, write_scores_csv
 from lora_helpers.evaluate.scoring import evaluate_images
+from lora_helpers.evaluate.subjects import (
+    SubjectReferences, SubjectScore, subject_references, subject_scores, subject_summary,
+)
 from lora_helpers.evaluate.summary import memorised_rows, summarize
 
 __all__ = [
@@ -30,4 +38,7 @@ __all__ = [
     "compare_runs", "evaluate_images", "evaluate_run", "format_comparison", "format_summary",
     "held_out_line", "identity_validation_hook", "memorised_rows", "people_prompts", "read_scores_csv", "summarize",
     "write_scores_csv",
+    "PROMPTS_TWO_PEOPLE", "SubjectReferences", "SubjectScore", "dataset_subjects", "subject_prompts",
+    "subject_references", "subject_scores", "subject_summary", "format_references", "references_for_run",
+    "references_line",
 ]

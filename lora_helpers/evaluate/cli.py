@@ -10,10 +10,11 @@ from typing import Callable
 from lora_helpers.core.run_folder import CONFIG_FILE, DEFAULT_TOKEN
 from lora_helpers.evaluate.compare import compare_runs, format_comparison
 from lora_helpers.evaluate.config import EvaluateConfig
-from lora_helpers.evaluate.identity import reference_embeddings
+from lora_helpers.evaluate.identity import dataset_subjects, reference_embeddings
 from lora_helpers.evaluate.prompts import PROMPTS_PEOPLE, read_prompts_file
 from lora_helpers.evaluate.report import format_summary, write_evaluation
-from lora_helpers.evaluate.run import evaluate_run
+from lora_helpers.evaluate.run import evaluate_run, references_for_run
+from lora_helpers.evaluate.subjects import subject_references
 from lora_helpers.evaluate.scoring import evaluate_images
 from lora_helpers.generate import check_number, check_seed, check_size, check_steps, cli_type
 
@@ -46,7 +47,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", type=Path, help="a training run folder (has config.json) or a folder of images")
     parser.add_argument("--references", type=Path, required=True,
                         help="the person's photos: a prepared dataset/ folder (its held-out photos give the held-out "
-                             "identity) or a plain folder of photos")
+                             "identity) or a plain folder of photos; for a run of several people their dataset/ "
+                             "or a folder with one subfolder per person")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: TARGET/evaluation)")
     parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="OTHER_RUN",
                         help="also evaluate these runs with the same prompts, seeds and references, and write "
@@ -118,8 +120,14 @@ def run_cli(args: argparse.Namespace) -> int:
                                     "(give run folders written by `python -m lora_helpers train`)")
     # Embedded once: every compared run is scored against the same photos (each run then drops
     # the held-out photos it trained on).
-    refs = reference_embeddings(args.references, backend=config.face_backend, threshold=config.threshold,
-                                copy_threshold=config.copy_threshold)
+    if is_run:  # one person's photos, or each person's for a run of several people
+        refs = references_for_run(target, args.references, config=config)
+    elif dataset_subjects(args.references):
+        refs = subject_references(args.references, backend=config.face_backend, threshold=config.threshold,
+                                  copy_threshold=config.copy_threshold)
+    else:
+        refs = reference_embeddings(args.references, backend=config.face_backend, threshold=config.threshold,
+                                    copy_threshold=config.copy_threshold)
     if is_run:
         result = evaluate_run(target, references=refs, prompts=templates, config=config, out_dir=out,
                               identifier=args.identifier)

@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 
 from lora_helpers.core.fileio import sha256_file
 from lora_helpers.core.images import ImageLoadError, list_images
-from lora_helpers.core.run_folder import HELD_OUT_FIELD, METADATA_FILE, read_metadata
+from lora_helpers.core.run_folder import HELD_OUT_FIELD, METADATA_FILE, SUBJECT_FIELD, read_metadata
 from lora_helpers.evaluate.memorisation import COPY_THRESHOLD, CopyIndex, copy_index, fingerprint_pair
 from lora_helpers.evaluate.metrics import as_image, default_threshold, face_backend, largest_face_embedding, unit
 from lora_helpers.prepare.holdout import MIN_PHOTOS
 
 __all__ = [
     "ReferenceSet",
+    "dataset_subjects",
     "reference_embeddings",
     "without_trained_photos",
     "IdentityScore",
@@ -86,15 +87,37 @@ class ReferenceSet:
         return float(unit(np.asarray(embedding, dtype=np.float64)) @ self.mean)
 
 
-def _split_references(source) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]], str]:
-    """(training photos, held-out photos, why none is held out) as ``(name, path or image)``."""
+def dataset_subjects(source) -> list[str]:
+    """The people of a prepared multi-person dataset (the ``subject`` of its metadata.jsonl rows), in
+    order of first appearance; [] for a one-person dataset or anything that is not a dataset.
+
+    Args:
+        source: what :func:`reference_embeddings` takes.
+    """
+    if not isinstance(source, (str, Path)) or not (Path(source) / METADATA_FILE).is_file():
+        return []
+    return list(dict.fromkeys(str(r[SUBJECT_FIELD]) for r in read_metadata(source) if r.get(SUBJECT_FIELD)))
+
+
+def _split_references(source, subject: str | None = None,
+                      ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]], str]:
+    """(training photos, held-out photos, why none is held out) as ``(name, path or image)``; with
+    ``subject``, only that person's rows of a multi-person dataset."""
     dataset = False
+    people = dataset_subjects(source)
+    if people and subject is None:
+        raise ValueError(f"{source} holds photos of several people ({', '.join(people)}): score each against its own "
+                         "photos with subject_references(), or pass subject= one of them")
+    if subject is not None and subject not in people:
+        raise ValueError(f"subject {subject!r} is not a person of {source!r}; "
+                         + (f"choose one of {', '.join(people)}" if people else
+                            "only a prepared multi-person dataset/ (metadata.jsonl rows with 'subject') has several"))
     if isinstance(source, (str, Path)):
         folder = Path(source)
         if (folder / "images").is_dir():  # a prepared dataset/
             dataset = True
             if (folder / METADATA_FILE).is_file():
-                rows = read_metadata(folder)
+                rows = [r for r in read_metadata(folder) if subject is None or r.get(SUBJECT_FIELD) == subject]
                 items = [(Path(r["file_name"]).name, folder / r["file_name"], r.get(HELD_OUT_FIELD) is True)
                          for r in rows]
             else:
@@ -108,10 +131,11 @@ def _split_references(source) -> tuple[list[tuple[str, Any]], list[tuple[str, An
     note = ""
     if not held_out:
         what = "the dataset has" if dataset else "the references have"
-        if len(items) < MIN_PHOTOS:  # the prepare stage's rule
-            note = f"{what} {len(items)} usable photos; {MIN_PHOTOS} or more are needed to hold one out"
+        of = f" of {subject}" if subject else ""
+        if len(items) < MIN_PHOTOS:  # the prepare stage's rule, per person
+            note = f"{what} {len(items)} usable photos{of}; {MIN_PHOTOS} or more are needed to hold one out"
         elif dataset:
-            note = ("no photo was held out (HOLD_OUT in 01_prepare_photos, or `prepare --hold-out`, keeps one "
+            note = (f"no photo{of} was held out (HOLD_OUT in 01_prepare_photos, or `prepare --hold-out`, keeps one "
                     "out of training; then train again)")
         else:
             note = "no photo was held out (only a prepared dataset/ marks held-out photos; pass it as the references)"
@@ -156,6 +180,7 @@ def reference_embeddings(
     backend: str = "dlib",
     threshold: float | None = None,
     copy_threshold: float = COPY_THRESHOLD,
+    subject: str | None = None,
     progress: bool = True,
 ) -> ReferenceSet:
     """Embed the reference photos of the person and compute the leave-one-out upper bound.
@@ -172,25 +197,28 @@ def reference_embeddings(
         threshold: same-person cosine; None takes the backend's own.
         copy_threshold: fingerprint correlation from which an image is a near-copy of a
             training photo (see :mod:`lora_helpers.evaluate.memorisation`).
+        subject: in a multi-person dataset, the person (its ``subject`` slug) whose photos to embed.
         progress: show a progress bar.
 
     Returns:
         A :class:`ReferenceSet`.
 
     Raises:
-        ValueError: when no training photo has a detectable face.
+        ValueError: when no training photo has a detectable face; a multi-person dataset without
+            ``subject`` (or a ``subject`` it does not hold), naming its people.
         RunFolderError: a ``metadata.jsonl`` line that cannot be read (named).
     """
     if isinstance(source, ReferenceSet):
         return source
     fb = face_backend(backend)
     threshold = threshold if threshold is not None else default_threshold(backend)
-    training, held_out, note = _split_references(source)
-    names, vecs, images, without, readable = _embed(training, fb, desc="reference faces", progress=progress,
-                                                    fingerprints=True)
+    training, held_out, note = _split_references(source, subject)
+    names, vecs, images, without, readable = _embed(training, fb, desc=f"{subject or 'reference'} faces",
+                                                    progress=progress, fingerprints=True)
     if not vecs:
+        whose = f" (subject {subject})" if subject else ""
         raise ValueError(
-            f"no face found in any reference image of {source!r}; pass the folder of original photos "
+            f"no face found in any reference image of {source!r}{whose}; pass the folder of original photos "
             "(faces at least ~80 px wide) with --references"
         )
     refs = _reference_set(names, vecs, images, without, threshold, backend)

@@ -32,6 +32,7 @@ __all__ = [
     "default_threshold",
     "as_image",
     "largest_face_embedding",
+    "face_embeddings",
     "unit",
     "ClipScorer",
     "load_clip",
@@ -112,8 +113,8 @@ def as_image(item) -> Image.Image:
     return load_image(item)
 
 
-def largest_face_embedding(image: Image.Image, backend) -> tuple[np.ndarray | None, int]:
-    """(embedding of the largest face or None, number of faces) of an RGB image."""
+def _faces(image: Image.Image, backend) -> tuple[np.ndarray, list]:
+    """(the RGB array faces were found in, its faces largest first); small images are enlarged first."""
     import cv2  # as in prepare.faces: importing this module does not load OpenCV
 
     array = np.asarray(image)
@@ -121,11 +122,30 @@ def largest_face_embedding(image: Image.Image, backend) -> tuple[np.ndarray | No
     if longest < _MIN_DETECT_SIDE:
         k = _MIN_DETECT_SIDE / longest
         array = cv2.resize(array, (round(array.shape[1] * k), round(array.shape[0] * k)), interpolation=cv2.INTER_CUBIC)
-    faces = detect_faces(array, backend=backend)
+    return array, detect_faces(array, backend=backend)
+
+
+def largest_face_embedding(image: Image.Image, backend) -> tuple[np.ndarray | None, int]:
+    """(embedding of the largest face or None, number of faces) of an RGB image."""
+    array, faces = _faces(image, backend)
     if not faces:
         return None, 0
     vec = np.asarray(backend.embed(array, faces[0]), dtype=np.float64)
     return vec, len(faces)
+
+
+def face_embeddings(image: Image.Image, backend) -> list[np.ndarray]:
+    """Embeddings of every face of an RGB image, largest first (empty without a face).
+
+    Args:
+        image: an RGB PIL image.
+        backend: from :func:`face_backend`.
+
+    Returns:
+        One embedding per face: what scoring an image of several people needs.
+    """
+    array, faces = _faces(image, backend)
+    return [np.asarray(backend.embed(array, f), dtype=np.float64) for f in faces]
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -188,16 +208,19 @@ def load_clip(model: str | Path | ClipScorer | None = None, **kwargs) -> ClipSco
     return model if isinstance(model, ClipScorer) else ClipScorer(model, **kwargs)
 
 
-def remove_identifier(prompt: str, identifier: str | None) -> str:
+def remove_identifier(prompt: str, identifier: str | Sequence[str] | None) -> str:
     """Remove the rare identifier (e.g. ``"TOK"``) from a prompt, as whole words.
 
     ``"a photo of TOK person, smiling"`` becomes ``"a photo of person, smiling"``: CLIP does
-    not know the identifier, so leaving it in measures noise.
+    not know the identifier, so leaving it in measures noise. Several identifiers (one per
+    person of a multi-person run, e.g. ``["TOK1", "TOK2"]``) are all removed.
     """
     if not identifier:
         return prompt
-    # Case-insensitive with "@"-aware word boundaries, as the caption stage matches it.
-    text = re.sub(rf"(?<![\w@]){re.escape(identifier)}(?!\w)", " ", prompt, flags=re.IGNORECASE)
+    text = prompt
+    for word in [identifier] if isinstance(identifier, str) else identifier:
+        # Case-insensitive with "@"-aware word boundaries, as the caption stage matches it.
+        text = re.sub(rf"(?<![\w@]){re.escape(word)}(?!\w)", " ", text, flags=re.IGNORECASE)
     text = re.sub(r"\s+([,.;:!?])", r"\1", re.sub(r"\s{2,}", " ", text))
     return re.sub(r"^[\s,;:]+", "", text).strip()
 

@@ -1,4 +1,5 @@
-"""Plots for the evaluation stage: identity likeness against prompt adherence.
+"""Plots for the evaluation stage: identity likeness against prompt adherence, runs side by side,
+and, for several people, identity against leakage.
 
 matplotlib runs headless (Agg) and every figure is written atomically.
 """
@@ -11,7 +12,7 @@ from typing import Sequence
 from lora_helpers.core.fileio import atomic_path
 from lora_helpers.evaluate.summary import is_base, is_finite_number
 
-__all__ = ["plot_identity_vs_prompt", "plot_comparison"]
+__all__ = ["plot_identity_vs_prompt", "plot_comparison", "plot_identity_vs_leakage"]
 
 
 def _pyplot():
@@ -157,4 +158,72 @@ def plot_comparison(rows: Sequence[dict], labels: Sequence[str], path: str | Pat
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_identity_vs_leakage(
+    people: Sequence[dict],
+    path: str | Path,
+    *,
+    threshold: float | None = None,
+    upper_bounds: dict[str, float] | None = None,
+) -> Path:
+    """Several people in one LoRA: identity against leakage, and whether two people both appeared.
+
+    Left: one colour per person, one point per checkpoint and LoRA scale (the base model a star):
+    identity against that person's photos (y) and the same faces' highest similarity to another
+    person (x). A LoRA that keeps people apart sits high and left, above the diagonal; one that
+    blends them drifts to the diagonal. Right (when prompts named two people): the share of those
+    images in which every person prompted appeared.
+
+    Args:
+        people: rows of :func:`lora_helpers.evaluate.subjects.subject_summary`.
+        path: PNG file to write.
+        threshold: same-person cosine (dotted lines).
+        upper_bounds: slug -> leave-one-out similarity of that person's photos (dashed, in their colour).
+
+    Returns:
+        ``path``.
+    """
+    plt = _pyplot()
+    single = [s for s in people if "+" not in s["subject"] and is_finite_number(s.get("identity_mean"))]
+    pairs = [s for s in people if "+" in s["subject"]]
+    fig, axes = plt.subplots(1, 2 if pairs else 1, figsize=(12 if pairs else 6.5, 5), squeeze=False,
+                             constrained_layout=True)
+    ax = axes[0, 0]
+    for slug in dict.fromkeys(s["subject"] for s in single):
+        grp = [s for s in single if s["subject"] == slug]
+        lora = [s for s in grp if not is_base(s) and is_finite_number(s.get("leakage_mean"))]
+        (line,) = ax.plot([s["leakage_mean"] for s in lora], [s["identity_mean"] for s in lora], "o", label=slug)
+        for s in lora:
+            ax.annotate(f"{s['checkpoint']} {s['scale']:g}" if s.get("scale") is not None else str(s["checkpoint"]),
+                        (s["leakage_mean"], s["identity_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for s in grp:
+            if is_base(s) and is_finite_number(s.get("leakage_mean")):
+                ax.plot([s["leakage_mean"]], [s["identity_mean"]], "*", color=line.get_color(), markersize=12)
+        bound = (upper_bounds or {}).get(slug)
+        if bound is not None and is_finite_number(bound):
+            ax.axhline(bound, color=line.get_color(), linestyle="--", alpha=0.6, label=f"{slug}'s photos {bound:.3f}")
+    ax.plot([], [], "k*", label="base model (stars)")
+    lims = [min([0.0] + [s["identity_mean"] for s in single]), 1.0]
+    ax.plot(lims, lims, color="grey", linewidth=0.8, label="identity = leakage")
+    if threshold is not None:
+        ax.axhline(threshold, color="grey", linestyle=":", label=f"same-person threshold {threshold:.2f}")
+        ax.axvline(threshold, color="grey", linestyle=":")
+    ax.set_xlabel("leakage: similarity to another person's photos (highest)")
+    ax.set_ylabel("identity: similarity to the prompted person's photos")
+    ax.set_title("one person per prompt")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    if pairs:
+        ax = axes[0, 1]
+        labels = [f"{s['subject']}\n{s['checkpoint']} {s['scale']:g}" if s.get("scale") is not None
+                  else f"{s['subject']}\n{s['checkpoint']}" for s in pairs]
+        ax.bar(range(len(pairs)), [s["appeared_rate"] for s in pairs], color="tab:green")
+        ax.set_xticks(range(len(pairs)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("share of images where every person prompted appeared")
+        ax.set_title("several people per prompt")
+        ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)

@@ -1,15 +1,20 @@
-"""The standard evaluation prompts for a person, filled in with the run's subject phrase."""
+"""The standard evaluation prompts for a person, filled in with the run's subject phrase; for a
+multi-person run, the standard set once per person and a few prompts naming two people."""
 
 from __future__ import annotations
 
+import itertools
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from lora_helpers.core.run_folder import DEFAULT_TRIGGER
+from lora_helpers.core.subjects import expand_subject, fill_subjects, placeholders
 
-__all__ = ["PROMPTS_PEOPLE", "EvalPrompt", "people_prompts", "read_prompts_file"]
+__all__ = ["PROMPTS_PEOPLE", "PROMPTS_TWO_PEOPLE", "EvalPrompt", "people_prompts", "subject_prompts",
+           "read_prompts_file"]
 
 
 # Standard prompts for a person, in the spirit of the DreamBooth paper's live-subject
@@ -50,14 +55,24 @@ PROMPTS_PEOPLE: dict[str, tuple[str, ...]] = {
 }
 
 
+# Two people in one picture: both must appear, each with their own face.
+PROMPTS_TWO_PEOPLE: tuple[str, ...] = (
+    "a photo of {a} and {b} at a cafe",
+    "a photo of {a} and {b} standing side by side in a park",
+    "a photo of {a} shaking hands with {b}",
+)
+
+
 @dataclass(frozen=True)
 class EvalPrompt:
-    """One evaluation prompt: ``text`` is what the generator sees."""
+    """One evaluation prompt: ``text`` is what the generator sees; ``subjects`` the people of a
+    multi-person run it names (slugs; () for a one-person run)."""
 
     prompt_id: str
     category: str
     template: str
     text: str
+    subjects: tuple[str, ...] = ()
 
 
 def people_prompts(
@@ -88,6 +103,62 @@ def people_prompts(
     for cat in chosen:
         for i, t in enumerate(PROMPTS_PEOPLE[cat][:per_category]):
             out.append(EvalPrompt(f"{cat}-{i:02d}", cat, t, t.replace("{subject}", subject)))
+    return out
+
+
+def _person_prompt(prompt_id: str, category: str, template: str, triggers: dict[str, str]) -> EvalPrompt:
+    """A prompt naming people by ``{<slug>}``, filled in (an unknown name or ``{subject}`` is refused, naming them)."""
+    text = fill_subjects(template, triggers)
+    named = tuple(s for s in triggers if s in placeholders(template))
+    if not named:
+        raise ValueError(f"prompt {template!r} names nobody; this run has several people: write "
+                         + ", ".join("{" + s + "}" for s in triggers))
+    return EvalPrompt(prompt_id, category, template, text, named)
+
+
+def subject_prompts(
+    triggers: dict[str, str],
+    *,
+    categories: Iterable[str] | None = None,
+    per_category: int | None = None,
+    templates: Sequence[str] | None = None,
+    pairs: Sequence[str] = PROMPTS_TWO_PEOPLE,
+) -> list[EvalPrompt]:
+    """Prompts for a multi-person run: the standard set once per person, and two-person prompts for
+    every pair of people.
+
+    Args:
+        triggers: slug -> trigger phrase (``{"ada": "TOK1 person", ...}``), in the run's order.
+        categories, per_category: as for :func:`people_prompts`.
+        templates: your own prompts instead: one with ``{subject}`` is made once per person, one with
+            ``{<slug>}`` placeholders once as written.
+        pairs: two-person templates with ``{a}`` and ``{b}`` (ignored with ``templates``; the first
+            ``per_category`` of them).
+
+    Returns:
+        :class:`EvalPrompt` s with ``subjects`` set and ids such as ``"ada-place-01"`` or
+        ``"ada+grace-together-00"``.
+
+    Raises:
+        ValueError: an unknown category, or a template naming nobody or someone the run does not know
+            (see :func:`lora_helpers.core.subjects.fill_subjects`).
+    """
+    out: list[EvalPrompt] = []
+    if templates is not None:
+        for i, t in enumerate(templates):
+            # {subject} becomes one prompt per person, as in the generate stage's grids
+            for one in expand_subject([t], list(triggers)):
+                p = _person_prompt("", "custom", one, triggers)
+                out.append(replace(p, prompt_id=f"{'+'.join(p.subjects)}-custom-{i:02d}", template=t))
+        return out
+    for slug, phrase in triggers.items():
+        out += [EvalPrompt(f"{slug}-{p.prompt_id}", p.category, p.template, p.text, (slug,))
+                for p in people_prompts(phrase, categories=categories, per_category=per_category)]
+    for a, b in itertools.combinations(triggers, 2):
+        for i, t in enumerate(pairs[:per_category]):
+            # {a} and {b} first become the two people's placeholders, in one pass (a slug may be "a" or "b")
+            named = re.sub(r"\{([ab])\}", lambda m: "{" + {"a": a, "b": b}[m.group(1)] + "}", t)
+            out.append(replace(_person_prompt(f"{a}+{b}-together-{i:02d}", "together", named, triggers), template=t))
     return out
 
 

@@ -21,20 +21,21 @@ from tqdm.auto import tqdm
 from lora_helpers.core.grids import save_png_with_metadata
 from lora_helpers.core.lora_files import weights_digest
 from lora_helpers.core.run_folder import (
-    CONFIG_FILE, DEFAULT_CLASS_NOUN, DEFAULT_TRIGGER, LORA_WEIGHT_NAME, find_checkpoints, read_run_config,
+    CONFIG_FILE, DEFAULT_CLASS_NOUN, DEFAULT_TRIGGER, LORA_WEIGHT_NAME, SUBJECTS_KEY, find_checkpoints, read_run_config,
 )
 from lora_helpers.core.runtime import free_memory
 from lora_helpers.evaluate.config import EvaluateConfig
 from lora_helpers.evaluate.identity import ReferenceSet, reference_embeddings, without_trained_photos
-from lora_helpers.evaluate.prompts import EvalPrompt, people_prompts
+from lora_helpers.evaluate.prompts import EvalPrompt, people_prompts, subject_prompts
 from lora_helpers.evaluate.report import EvaluationResult, write_evaluation
 from lora_helpers.evaluate.scoring import png_text, score_rows
+from lora_helpers.evaluate.subjects import SubjectReferences, subject_references
 from lora_helpers.generate import (
     GenerateConfig, choose_base_model, generate_images, load_lora, load_pipeline, lora_digest, resolve_size,
     resolve_steps,
 )
 
-__all__ = ["evaluate_run"]
+__all__ = ["evaluate_run", "references_for_run"]
 
 
 def _evenly(items: list, k: int) -> list:
@@ -76,12 +77,72 @@ def _run_checkpoints(run_dir: Path, which: str | Sequence[str | int], max_count:
     return chosen
 
 
+def _phrase(trigger, class_noun) -> str:
+    """The phrase that names a person: the trigger, with its class word when it is a bare token."""
+    subject = str(trigger or DEFAULT_TRIGGER).strip()
+    if len(subject.split()) == 1 and not subject.startswith("@"):
+        subject = f"{subject} {class_noun or DEFAULT_CLASS_NOUN}"  # a bare token needs its class word
+    return subject
+
+
 def _subject_from_config(cfg: dict) -> tuple[str, str]:
     """(identifier removed before CLIP-T, subject phrase for ``{subject}``) from run/config.json."""
-    subject = str(cfg.get("trigger") or DEFAULT_TRIGGER).strip()
-    if len(subject.split()) == 1 and not subject.startswith("@"):
-        subject = f"{subject} {cfg.get('class_noun') or DEFAULT_CLASS_NOUN}"  # a bare token needs its class word
+    subject = _phrase(cfg.get("trigger"), cfg.get("class_noun"))
     return subject.split()[0], subject
+
+
+def _people_from_config(cfg: dict) -> dict[str, str]:
+    """slug -> phrase of each person of a multi-person run ({} for a one-person run)."""
+    people = cfg.get(SUBJECTS_KEY)
+    if not isinstance(people, dict):
+        return {}
+    return {str(slug): _phrase(v.get("trigger") if isinstance(v, dict) else v,
+                               v.get("class_noun") if isinstance(v, dict) else None) for slug, v in people.items()}
+
+
+def _references(references, people: dict[str, str], trained: set[str], config: EvaluateConfig, run_dir: Path,
+                progress: bool) -> ReferenceSet | SubjectReferences:
+    """The run's references: one person's, or each person's (without the held-out photos it trained on)."""
+    settings = dict(backend=config.face_backend, threshold=config.threshold, copy_threshold=config.copy_threshold,
+                    progress=progress)
+    if not people:
+        if isinstance(references, SubjectReferences):
+            raise ValueError(f"{run_dir} is a one-person run but the references hold several people "
+                             f"({', '.join(references.slugs)}); pass that person's photos")
+        return without_trained_photos(reference_embeddings(references, **settings), trained)
+    if isinstance(references, ReferenceSet):
+        raise ValueError(f"{run_dir} was trained on several people ({', '.join(people)}): pass the multi-person "
+                         "dataset/ it was trained on (or each person's photos), not one person's")
+    refs = subject_references(references, triggers=people, **settings)
+    return SubjectReferences(subjects={s: without_trained_photos(r, trained) for s, r in refs.subjects.items()},
+                             triggers=refs.triggers, threshold=refs.threshold, backend=refs.backend)
+
+
+def references_for_run(
+    run_dir: str | Path,
+    references: ReferenceSet | SubjectReferences | str | Path | Sequence,
+    *,
+    config: EvaluateConfig | None = None,
+    progress: bool = True,
+) -> ReferenceSet | SubjectReferences:
+    """The reference photos a run is scored against: its person's, or each of its people's.
+
+    Args:
+        run_dir: a training run (its ``config.json`` says whether it learned one person or several).
+        references: what :func:`evaluate_run` takes.
+        config: face backend, threshold and copy threshold (None: the defaults).
+        progress: show progress bars.
+
+    Returns:
+        A :class:`ReferenceSet` (one person) or a :class:`SubjectReferences` (several), without
+        held-out photos the run trained on; pass it to :func:`evaluate_run`.
+
+    Raises:
+        ValueError: references that do not fit the run (one person's photos for several, ...), named.
+    """
+    cfg = read_run_config(run_dir)
+    return _references(references, _people_from_config(cfg), _trained_sha256(cfg), config or EvaluateConfig(),
+                       Path(run_dir), progress)
 
 
 def _trained_sha256(cfg: dict) -> set[str]:
@@ -114,7 +175,7 @@ def _same(stored: str | None, value) -> bool:
     return stored == str(value)
 
 
-def _generate_missing(run_dir: Path, subject: str, jobs: list[tuple[str, int | None, Path | None, float]],
+def _generate_missing(run_dir: Path, subject: str | None, jobs: list[tuple[str, int | None, Path | None, float]],
                       prompts: list[EvalPrompt], config: EvaluateConfig, image_dir: Path, progress: bool) -> None:
     """Generate every (checkpoint, scale, prompt, seed) image not yet on disk, with the generate stage."""
     defaults = GenerateConfig()
@@ -149,6 +210,8 @@ def _generate_missing(run_dir: Path, subject: str, jobs: list[tuple[str, int | N
                 for item in items:
                     meta = {**item.metadata(), "checkpoint": name, "step": step, "scale": scale,
                             "category": p.category, "prompt_id": p.prompt_id}
+                    if p.subjects:
+                        meta["subjects"] = "+".join(p.subjects)
                     save_png_with_metadata(folder / _image_name(p, item.seed), item.image, meta)
                     bar.update(1)
     finally:
@@ -160,7 +223,7 @@ def _generate_missing(run_dir: Path, subject: str, jobs: list[tuple[str, int | N
 def evaluate_run(
     run_dir: str | Path,
     *,
-    references: ReferenceSet | str | Path | Sequence,
+    references: ReferenceSet | SubjectReferences | str | Path | Sequence,
     scales: Sequence[float] | None = None,
     checkpoints: str | Sequence[str | int] | None = None,
     seeds: Sequence[int] | None = None,
@@ -180,17 +243,24 @@ def evaluate_run(
     Args:
         run_dir: a training run (``config.json``, LoRA weights, ``checkpoints/``).
         references: the person's photos: dataset/ (its photos held out of training are scored
-            against separately), a folder, or a ReferenceSet.
+            against separately), a folder, or a ReferenceSet. A run of several people (``subjects``
+            in its config.json) takes the multi-person dataset/, a folder with one subfolder per
+            person, or a :class:`SubjectReferences`: each image is scored against the person its
+            prompt names, and against the others (leakage).
         scales, checkpoints, seeds: override the config's.
-        prompts: your own templates (``{subject}`` is filled in); None: the standard set.
+        prompts: your own templates (``{subject}`` is filled in, once per person of a multi-person
+            run; ``{<slug>}`` names one of them); None: the standard set (per person, and prompts
+            naming two people).
         config: an :class:`EvaluateConfig`.
         out_dir: where to write (default ``run_dir/evaluation``).
-        identifier: word removed before CLIP-T (default: the first word of the run's trigger).
+        identifier: word removed before CLIP-T (default: the first word of the run's trigger, or of
+            each person's).
         progress: show progress bars.
 
     Returns:
         An :class:`EvaluationResult`; ``scores.csv``, ``summary.csv``,
-        ``identity_vs_prompt.png`` and ``evaluation.json`` are in ``out_dir``.
+        ``identity_vs_prompt.png`` and ``evaluation.json`` are in ``out_dir``; for several people
+        also ``subjects.csv`` and ``identity_vs_leakage.png``.
 
     Raises:
         FileNotFoundError: not a run folder, or no LoRA weights in it.
@@ -209,12 +279,18 @@ def evaluate_run(
                      scales=tuple(scales if scales is not None else config.scales))
     scales, seeds = config.scales, config.seeds
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "evaluation"
-    default_identifier, subject = _subject_from_config(run_cfg)
-    identifier = identifier or default_identifier
-    plist = people_prompts(subject, categories=config.categories, per_category=config.prompts_per_category, templates=prompts)
-    refs = reference_embeddings(references, backend=config.face_backend, threshold=config.threshold,
-                                copy_threshold=config.copy_threshold, progress=progress)
-    refs = without_trained_photos(refs, _trained_sha256(run_cfg))
+    people = _people_from_config(run_cfg)
+    if people:
+        subject = None
+        identifier = identifier or [p.split()[0] for p in people.values()]
+        plist = subject_prompts(people, categories=config.categories, per_category=config.prompts_per_category,
+                                templates=prompts)
+    else:
+        default_identifier, subject = _subject_from_config(run_cfg)
+        identifier = identifier or default_identifier
+        plist = people_prompts(subject, categories=config.categories, per_category=config.prompts_per_category,
+                               templates=prompts)
+    refs = _references(references, people, _trained_sha256(run_cfg), config, run_dir, progress)
 
     ckpts = _run_checkpoints(run_dir, checkpoints if checkpoints is not None else config.checkpoints, config.max_checkpoints)
     jobs: list[tuple[str, int | None, Path | None, float]] = []
@@ -228,7 +304,8 @@ def evaluate_run(
     for (name, step, _, scale), p, seed in itertools.product(jobs, plist, seeds):
         path = image_dir / name / f"scale-{scale:g}" / _image_name(p, seed)
         rows.append({"checkpoint": name, "step": step, "scale": scale, "category": p.category, "prompt_id": p.prompt_id,
-                     "prompt": p.text, "seed": seed, "image": str(path.relative_to(out_dir)), "_image": path})
+                     "prompt": p.text, "seed": seed, "image": str(path.relative_to(out_dir)), "_image": path,
+                     **({"_subjects": p.subjects} if people else {})})
     rows = score_rows(rows, refs, config, identifier, progress=progress)
-    return write_evaluation(rows, refs, config, out_dir, extra={"run_dir": str(run_dir), "subject": subject,
-                                                                "identifier": identifier})
+    extra = {"run_dir": str(run_dir), "subject": subject, "identifier": identifier}
+    return write_evaluation(rows, refs, config, out_dir, extra={**extra, SUBJECTS_KEY: people} if people else extra)

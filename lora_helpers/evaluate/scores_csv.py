@@ -11,10 +11,10 @@ from lora_helpers.core.fileio import write_text
 
 __all__ = ["write_scores_csv", "read_scores_csv"]
 
-_COLUMNS = ["checkpoint", "step", "scale", "category", "prompt_id", "prompt", "seed", "image", "face_found", "faces",
-            "identity", "identity_heldout", "identity_pass", "nearest_training_photo", "copy_similarity", "memorised",
+_COLUMNS = ["checkpoint", "step", "scale", "category", "prompt_id", "subject", "prompt", "seed", "image", "face_found",
+            "faces", "identity", "identity_heldout", "identity_pass", "leakage", "nearest_training_photo", "copy_similarity", "memorised",
             "clip_t", "clip_i", "diversity", "error"]
-_TEXT = ("prompt", "image", "checkpoint", "nearest_training_photo")  # kept as written, even when they look like numbers
+_TEXT = ("prompt", "image", "checkpoint", "nearest_training_photo", "subject")  # kept as written, even when they look like numbers
 
 
 def write_scores_csv(path: str | Path, rows: Sequence[dict]) -> Path:
@@ -59,7 +59,7 @@ def read_scores_csv(path: str | Path) -> list[dict]:
         path: a file written by :func:`write_scores_csv`.
 
     Returns:
-        One dict per row; empty cells are None; prompt, image, checkpoint and
+        One dict per row; empty cells are None; prompt, image, checkpoint, subject and
         nearest_training_photo stay text.
     """
     with open(path, newline="", encoding="utf-8") as f:

@@ -25,13 +25,15 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from PIL import Image
 
 from lora_helpers.core.images import list_images
 from lora_helpers.core.run_folder import DEFAULT_TOKEN
 from lora_helpers.evaluate.config import EvaluateConfig
-from lora_helpers.evaluate.identity import ReferenceSet, identity_scores, reference_embeddings
-from lora_helpers.evaluate.metrics import diversity, load_clip, remove_identifier
+from lora_helpers.evaluate.identity import ReferenceSet, dataset_subjects, identity_scores, reference_embeddings
+from lora_helpers.evaluate.metrics import as_image, diversity, load_clip, remove_identifier
+from lora_helpers.evaluate.subjects import SubjectReferences, subject_references, subject_scores
 
 __all__ = ["png_text", "score_rows", "evaluate_images"]
 
@@ -75,33 +77,15 @@ def _png_meta(path: Path) -> dict:
     return {k: v for k, v in meta.items() if v is not None}
 
 
-def score_rows(items: list[dict], references: ReferenceSet, config: EvaluateConfig, identifier: str | None,
-               clip=None, progress: bool = True) -> list[dict]:
-    """Fill identity and CLIP columns into rows that carry an ``"_image"`` (path or PIL).
+_UNREADABLE = dict(face_found=None, faces=None, identity=None, identity_heldout=None, identity_pass=None)
 
-    Args:
-        items: rows with ``"_image"``, and ``"prompt"`` where CLIP-T should be measured;
-            diversity is grouped by checkpoint, scale and prompt.
-        references: the person's reference set.
-        config: face backend, CLIP model and batch size.
-        identifier: word removed from prompts before CLIP-T.
-        clip: a loaded :class:`lora_helpers.evaluate.metrics.ClipScorer` to reuse.
-        progress: show progress bars.
 
-    Returns:
-        ``items``, updated in place, without ``"_image"``: ``identity`` against the training
-        photos, ``identity_heldout`` against the held-out ones (None when there are none),
-        ``nearest_training_photo``, ``copy_similarity`` and ``memorised`` (a near-copy of that
-        photo); an unreadable image keeps empty scores and its reason in ``"error"``.
-
-    Raises:
-        ValueError: when not one image can be read (nothing to score).
-    """
+def _identity_columns(items: list[dict], references: ReferenceSet, progress: bool) -> None:
+    """identity, identity_heldout, identity_pass and the memorisation columns of one person's rows."""
     ids = identity_scores([r["_image"] for r in items], references, progress=progress)
     for r, s in zip(items, ids):
         if s.error:  # unreadable: no scores at all, so no average can take it for "no face"
-            r.update(face_found=None, faces=None, identity=None, identity_heldout=None, identity_pass=None,
-                     error=s.error)
+            r.update(_UNREADABLE, error=s.error)
             continue
         # identity_heldout stays empty without held-out photos: the summary says why.
         r.update(face_found=s.face_found, faces=s.faces, identity=round(s.similarity, 5), identity_pass=s.passed,
@@ -109,39 +93,110 @@ def score_rows(items: list[dict], references: ReferenceSet, config: EvaluateConf
         if s.memorised is not None:
             r.update(nearest_training_photo=s.nearest_photo, copy_similarity=round(s.copy_similarity, 5),
                      memorised=s.memorised)
+
+
+def _subject_columns(items: list[dict], references: SubjectReferences, progress: bool) -> None:
+    """The same per person of a multi-person run, with ``subject``, ``leak_<slug>``, ``leakage``,
+    ``appeared_<slug>`` and, for images naming several people, ``face_<slug>``."""
+    for r in items:
+        r["_subjects"] = tuple(r.get("_subjects") or references.named(r.get("prompt")))
+        r["subject"] = "+".join(r["_subjects"]) or None
+    scores = subject_scores([r["_image"] for r in items], references, named=[r["_subjects"] for r in items],
+                            progress=progress)
+    copies = references.copies
+    for r, s in zip(items, scores):
+        if s.error:
+            r.update(_UNREADABLE, error=s.error)
+            continue
+        r.update(face_found=s.face_found, faces=s.faces, identity=round(s.identity, 5) if s.subjects else None,
+                 identity_pass=s.passed if s.subjects else None,
+                 identity_heldout=None if s.heldout_similarity is None else round(s.heldout_similarity, 5))
+        if s.leakage:
+            r.update({f"leak_{k}": round(v, 5) for k, v in s.leakage.items()}, leakage=round(max(s.leakage.values()), 5))
+        if len(s.subjects) > 1:
+            r.update({f"face_{k}": round(v, 5) for k, v in s.assigned.items()})
+        r.update({f"appeared_{k}": v for k, v in s.appeared.items()})
+        if copies is not None and copies.names:
+            match = copies.match(as_image(r["_image"]))
+            r.update(nearest_training_photo=match.photo, copy_similarity=round(match.similarity, 5),
+                     memorised=match.memorised)
+
+
+def _clip_columns(readable: list[dict], references: ReferenceSet | SubjectReferences, config: EvaluateConfig,
+                  identifier: str | Sequence[str] | None, clip) -> None:
+    """clip_t, clip_i (against the photos of the people an image names) and diversity."""
+    clip = load_clip(clip or config.clip_model, batch_size=config.batch_size)
+    emb = clip.image_embeddings([r["_image"] for r in readable])
+    if isinstance(references, SubjectReferences):
+        per_person = {slug: clip.image_embeddings(refs.images) for slug, refs in references.subjects.items()}
+        everyone = np.concatenate(list(per_person.values()))
+        refs_of = [np.concatenate([per_person[s] for s in r["_subjects"]]) if r.get("_subjects") else everyone
+                   for r in readable]
+    else:
+        ref = clip.image_embeddings(references.images)
+        refs_of = [ref] * len(readable)
+    with_prompt = [i for i, r in enumerate(readable) if r.get("prompt")]
+    txt = clip.text_embeddings([remove_identifier(readable[i]["prompt"], identifier) for i in with_prompt])
+    for j, i in enumerate(with_prompt):
+        readable[i]["clip_t"] = round(float(emb[i] @ txt[j]), 5)
+    for i, r in enumerate(readable):
+        r["clip_i"] = round(float((refs_of[i] @ emb[i]).mean()), 5)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(readable):
+        groups.setdefault((r.get("checkpoint"), r.get("scale"), r.get("prompt")), []).append(i)
+    for idx in groups.values():
+        d = diversity(emb[idx])
+        for i in idx:
+            readable[i]["diversity"] = None if math.isnan(d) else round(d, 5)
+
+
+def score_rows(items: list[dict], references: ReferenceSet | SubjectReferences, config: EvaluateConfig,
+               identifier: str | Sequence[str] | None, clip=None, progress: bool = True) -> list[dict]:
+    """Fill identity and CLIP columns into rows that carry an ``"_image"`` (path or PIL).
+
+    Args:
+        items: rows with ``"_image"``, and ``"prompt"`` where CLIP-T should be measured;
+            diversity is grouped by checkpoint, scale and prompt. With several people, ``"_subjects"``
+            (the slugs the prompt names) where known; else they are found in the prompt by their identifiers.
+        references: the person's reference set, or every person's (:class:`SubjectReferences`).
+        config: face backend, CLIP model and batch size.
+        identifier: word(s) removed from prompts before CLIP-T.
+        clip: a loaded :class:`lora_helpers.evaluate.metrics.ClipScorer` to reuse.
+        progress: show progress bars.
+
+    Returns:
+        ``items``, updated in place, without ``"_image"``: ``identity`` against the training
+        photos, ``identity_heldout`` against the held-out ones (None when there are none),
+        ``nearest_training_photo``, ``copy_similarity`` and ``memorised`` (a near-copy of that
+        photo); with several people also ``subject``, ``leak_<slug>``, ``leakage``, ``appeared_<slug>``
+        and ``face_<slug>`` (see :mod:`lora_helpers.evaluate.subjects`); an unreadable image keeps
+        empty scores and its reason in ``"error"``.
+
+    Raises:
+        ValueError: when not one image can be read (nothing to score).
+    """
+    if isinstance(references, SubjectReferences):
+        _subject_columns(items, references, progress)
+    else:
+        _identity_columns(items, references, progress)
     if items and all(r.get("error") for r in items):
         raise ValueError(f"none of the {len(items)} images could be read (e.g. {items[0]['error']}); "
                          "check the folder holds the generated images")
     if config.use_clip and items:
-        clip = load_clip(clip or config.clip_model, batch_size=config.batch_size)
-        readable = [r for r in items if not r.get("error")]
-        emb = clip.image_embeddings([r["_image"] for r in readable])
-        ref = clip.image_embeddings(references.images)
-        with_prompt = [i for i, r in enumerate(readable) if r.get("prompt")]
-        txt = clip.text_embeddings([remove_identifier(readable[i]["prompt"], identifier) for i in with_prompt])
-        for j, i in enumerate(with_prompt):
-            readable[i]["clip_t"] = round(float(emb[i] @ txt[j]), 5)
-        for i, r in enumerate(readable):
-            r["clip_i"] = round(float((ref @ emb[i]).mean()), 5)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(readable):
-            groups.setdefault((r.get("checkpoint"), r.get("scale"), r.get("prompt")), []).append(i)
-        for idx in groups.values():
-            d = diversity(emb[idx])
-            for i in idx:
-                readable[i]["diversity"] = None if math.isnan(d) else round(d, 5)
+        _clip_columns([r for r in items if not r.get("error")], references, config, identifier, clip)
     for r in items:
         r.pop("_image", None)
+        r.pop("_subjects", None)
     return items
 
 
 def evaluate_images(
     folder_or_images: str | Path | Sequence,
     *,
-    references: ReferenceSet | str | Path | Sequence,
+    references: ReferenceSet | SubjectReferences | str | Path | Sequence,
     prompts: Sequence[str | None] | None = None,
     config: EvaluateConfig | None = None,
-    identifier: str | None = DEFAULT_TOKEN,
+    identifier: str | Sequence[str] | None = DEFAULT_TOKEN,
     clip=None,
     progress: bool = True,
 ) -> list[dict]:
@@ -149,11 +204,14 @@ def evaluate_images(
 
     Args:
         folder_or_images: a folder of images, or a list of paths or PIL images.
-        references: a :class:`ReferenceSet` or what :func:`reference_embeddings` takes.
+        references: a :class:`ReferenceSet` or what :func:`reference_embeddings` takes; for several
+            people a :class:`SubjectReferences` or a prepared multi-person dataset (each image is then
+            scored against the people its prompt names, found by their identifiers).
         prompts: one prompt per image (None: read the ``prompt`` PNG text field, as our
             generate stage writes it; images without one get identity and CLIP-I only).
         config: an :class:`EvaluateConfig` (face backend, threshold, CLIP model).
-        identifier: word removed from prompts before CLIP-T.
+        identifier: word(s) removed from prompts before CLIP-T (with several people and the default,
+            every person's identifier).
         clip: a loaded :class:`lora_helpers.evaluate.metrics.ClipScorer` to reuse.
         progress: show progress bars.
 
@@ -161,11 +219,17 @@ def evaluate_images(
         One dict per image: image, prompt, seed, scale, checkpoint, face_found, faces,
         identity, identity_heldout, identity_pass, nearest_training_photo, copy_similarity,
         memorised, clip_t, clip_i, diversity (missing keys: not measured);
-        an unreadable file has ``error`` (naming it) and no scores.
+        an unreadable file has ``error`` (naming it) and no scores; with several people also the
+        columns of :func:`score_rows`.
     """
     config = config or EvaluateConfig()
-    refs = reference_embeddings(references, backend=config.face_backend, threshold=config.threshold,
-                                copy_threshold=config.copy_threshold, progress=progress)
+    settings = dict(backend=config.face_backend, threshold=config.threshold, copy_threshold=config.copy_threshold,
+                    progress=progress)
+    if isinstance(references, SubjectReferences) or dataset_subjects(references):
+        refs = subject_references(references, **settings)
+        identifier = refs.identifiers or identifier if identifier == DEFAULT_TOKEN else identifier
+    else:
+        refs = reference_embeddings(references, **settings)
     if isinstance(folder_or_images, (str, Path)):
         rows = [{"image": p.name, **_png_meta(p), "_image": p} for p in list_images(folder_or_images)]
         if not rows:
