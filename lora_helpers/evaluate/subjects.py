@@ -14,6 +14,7 @@ same-person threshold).
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from lora_helpers.core.images import ImageLoadError, list_images
@@ -201,8 +201,16 @@ def _assign(sims: np.ndarray) -> dict[int, int]:
     """person -> face, one to one, with the highest total similarity (faces x people matrix)."""
     if sims.size == 0:
         return {}
-    faces, people = linear_sum_assignment(sims, maximize=True)
-    return {int(p): int(f) for f, p in zip(faces, people)}
+    n_faces, n_people = sims.shape
+    k = min(n_faces, n_people)
+    # every one-to-one choice of k faces for k people: a handful of faces and people, so a few hundred at most
+    best, best_total = {}, -math.inf
+    for people in itertools.combinations(range(n_people), k):
+        for faces in itertools.permutations(range(n_faces), k):
+            total = float(sum(sims[f, p] for f, p in zip(faces, people)))
+            if total > best_total:
+                best, best_total = {p: f for f, p in zip(faces, people)}, total
+    return best
 
 
 def _score_one(vecs: list[np.ndarray], named: tuple[str, ...], refs: SubjectReferences) -> SubjectScore:
