@@ -156,3 +156,31 @@ def test_resume_of_a_two_person_run_repeats_an_uninterrupted_one(two_people, tin
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_prior_preservation_pairs_each_person_with_their_own_class(tiny_models, tmp_path, monkeypatch):
+    from lora_helpers.train import step as step_module
+
+    dataset = make_two_person_dataset(tmp_path / "ds", n_astronaut=3, n_grace=2)
+    config = json.loads((dataset / "caption_config.json").read_text())
+    config["subjects"]["astronaut"]["class_noun"] = "man"
+    config["subjects"]["grace"]["class_noun"] = "woman"
+    (dataset / "caption_config.json").write_text(json.dumps(config))
+    pairs = []
+    original = step_module.TrainStep._class_indices
+
+    def spy(self, micro, idx):
+        chosen = original(self, micro, idx)
+        pairs.extend((self.prior_prompts[i], self.cache.prompts[self.cache.class_prompt_ids[c]])
+                     for i, c in zip(idx, chosen))
+        return chosen
+
+    monkeypatch.setattr(step_module.TrainStep, "_class_indices", spy)
+    cfg = _config(tiny_models, max_train_steps=6, with_prior_preservation=True, num_class_images=2,
+                  class_inference_steps=2)
+    train(dataset, tmp_path / "run", config=cfg)
+    folders = sorted(p.name for p in (tmp_path / "run" / "class_images").iterdir())
+    assert folders == ["a_photo_of_a_man", "a_photo_of_a_woman"]
+    assert all(len(list((tmp_path / "run" / "class_images" / f).glob("*.png"))) == 2 for f in folders)
+    assert len(pairs) == 6 and {p for p, _ in pairs} == {"a photo of a man", "a photo of a woman"}
+    assert all(own == drawn for own, drawn in pairs), pairs  # each image with its own class's images

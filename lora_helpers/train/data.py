@@ -280,21 +280,13 @@ def read_subjects(dataset_dir: str | os.PathLike, images: Sequence[TrainImage], 
     return subjects
 
 
-def common_class_noun(subjects: dict[str, dict], *, need_one: bool = False) -> str | None:
-    """The class noun all the people share ("person"), or None when they differ.
+def common_class_noun(subjects: dict[str, dict]) -> str | None:
+    """The class noun all the people share ("person"), or None when they differ (each keeps its own prior).
 
     Args:
         subjects: from :func:`read_subjects`.
-        need_one: prior preservation without a class prompt of its own: differing nouns are refused.
-
-    Raises:
-        ValueError: ``need_one`` and the people have several class nouns (naming them).
     """
     nouns = list(dict.fromkeys(s.get("class_noun") or "person" for s in subjects.values()))
-    if need_one and len(nouns) > 1:
-        raise ValueError(f"prior preservation with people of several classes ({', '.join(nouns)}) needs one class "
-                         "prompt: set class_prompt (--class-prompt 'a photo of a person'), or give every person "
-                         "the same class noun when captioning")
     return nouns[0] if len(nouns) == 1 else None
 
 

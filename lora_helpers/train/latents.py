@@ -151,6 +151,7 @@ class TrainCache:
         time_ids: per instance image, [6] (original size, crop top-left, target size).
         prompt_ids: per instance image, index of its caption in ``prompts``.
         class_latents, class_time_ids: prior-preservation images (may be empty).
+        class_prompt_ids: per class image, index of its class prompt in ``prompts``.
         prompts: every encoded prompt (captions, class prompt, validation prompts).
         prompt_embeds, pooled_embeds: [P, 77, D] and [P, D2]; None when the text
             encoders are trained (their outputs change every step).
@@ -167,6 +168,7 @@ class TrainCache:
     pooled_embeds: torch.Tensor | None
     class_latents: list[torch.Tensor] = field(default_factory=list)
     class_time_ids: list[torch.Tensor] = field(default_factory=list)
+    class_prompt_ids: list[int] = field(default_factory=list)
     fingerprint: str = ""
 
     def prompt_index(self, prompt: str) -> int:
@@ -194,7 +196,8 @@ class TrainCache:
         with atomic_path(folder / _CACHE_FILE) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         write_json(folder / _MANIFEST, {**manifest, "fingerprint": self.fingerprint, "prompts": self.prompts,
-                                        "prompt_ids": self.prompt_ids, "sizes": self.sizes,
+                                        "prompt_ids": self.prompt_ids, "class_prompt_ids": self.class_prompt_ids,
+                                        "sizes": self.sizes,
                                         "n_images": len(self.latents), "n_class": len(self.class_latents)})
 
     @classmethod
@@ -214,7 +217,8 @@ class TrainCache:
             sizes=[tuple(s) for s in manifest["sizes"]], prompts=list(manifest["prompts"]),
             prompt_embeds=t.get("prompt_embeds"), pooled_embeds=t.get("pooled_embeds"),
             class_latents=[t[f"class_latent.{i}"] for i in range(nc)],
-            class_time_ids=[t[f"class_time_ids.{i}"] for i in range(nc)], fingerprint=fingerprint,
+            class_time_ids=[t[f"class_time_ids.{i}"] for i in range(nc)],
+            class_prompt_ids=list(manifest.get("class_prompt_ids") or []), fingerprint=fingerprint,
         )
 
 
@@ -229,7 +233,8 @@ def _time_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[in
 def build_cache(cache_dir: str | os.PathLike, *, model: str, images: Sequence[TrainImage], resolution: int,
                 device: torch.device | str, vae: str | None = None, vae_dtype: torch.dtype = torch.float32,
                 text_dtype: torch.dtype = torch.float32, extra_prompts: Sequence[str] = (),
-                class_images: Sequence[Path] = (), class_prompt: str | None = None, use_masks: bool = True,
+                class_images: Sequence[Path] = (), class_prompt: str | None = None,
+                class_prompts: Sequence[str] | None = None, use_masks: bool = True,
                 background_weight: float = 0.5, encode_text: bool = True, progress: bool = True) -> TrainCache:
     """Encode the training set once, or reuse the cache when nothing it depends on changed.
 
@@ -248,6 +253,7 @@ def build_cache(cache_dir: str | os.PathLike, *, model: str, images: Sequence[Tr
         extra_prompts: also encode these (validation and class prompts).
         class_images: prior-preservation images, trained square at ``resolution``.
         class_prompt: their prompt.
+        class_prompts: each class image's own prompt instead (people of several classes).
         use_masks: turn face masks into loss weights.
         background_weight: loss weight outside the face (1 = masks have no effect).
         encode_text: False when the text encoders are trained (then captions are encoded
@@ -262,7 +268,9 @@ def build_cache(cache_dir: str | os.PathLike, *, model: str, images: Sequence[Tr
     """
     cache_dir = Path(cache_dir)
     device = torch.device(device)
-    prompts = list(dict.fromkeys([im.caption for im in images] + ([class_prompt] if class_prompt else [])
+    class_prompts = list(class_prompts) if class_prompts else [class_prompt] * len(class_images)
+    prompts = list(dict.fromkeys([im.caption for im in images] + [p for p in class_prompts if p]
+                                 + ([class_prompt] if class_prompt else [])
                                  + [p for p in extra_prompts if p]))
     sizes = []
     for im in images:
@@ -276,9 +284,13 @@ def build_cache(cache_dir: str | os.PathLike, *, model: str, images: Sequence[Tr
                     im.caption, im.original_size, im.crop_top_left) for im in images],
         "class_images": [sha256_file(p) for p in class_images],
     }
+    if len(set(class_prompts)) > 1:  # (kept out otherwise: caches of one class keep their fingerprint)
+        parts["class_prompts"] = class_prompts
     fingerprint = _fingerprint(parts)
     cached = TrainCache.load(cache_dir, fingerprint)
     if cached is not None:
+        if len(cached.class_prompt_ids) != len(cached.class_latents):  # written before class prompts were recorded
+            cached.class_prompt_ids = [prompts.index(p) for p in class_prompts]
         return cached
 
     prompt_embeds = pooled = None
@@ -329,7 +341,8 @@ def build_cache(cache_dir: str | os.PathLike, *, model: str, images: Sequence[Tr
     cache = TrainCache(
         latents=latents, weights=weights, time_ids=time_ids, prompt_ids=[prompts.index(im.caption) for im in images],
         sizes=sizes, prompts=prompts, prompt_embeds=prompt_embeds, pooled_embeds=pooled,
-        class_latents=class_latents, class_time_ids=class_time_ids, fingerprint=fingerprint,
+        class_latents=class_latents, class_time_ids=class_time_ids,
+        class_prompt_ids=[prompts.index(p) for p in class_prompts], fingerprint=fingerprint,
     )
     cache.save(cache_dir, {"model": model, "vae": vae, "resolution": resolution})
     return cache

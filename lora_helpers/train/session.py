@@ -9,6 +9,7 @@ listeners' job (:mod:`lora_helpers.train.events`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -17,7 +18,6 @@ import torch
 
 from lora_helpers.core.embeddings import EmbeddingFileError, embedding_file_name, read_embeddings, save_embeddings
 from lora_helpers.core.fileio import write_jsonl
-from lora_helpers.core.images import list_images
 from lora_helpers.core.lora_convert import save_kohya
 from lora_helpers.core.lora_files import load_lora_into_models, save_lora
 from lora_helpers.core.run_folder import CONFIG_FILE, LOG_FILE, LORA_WEIGHT_NAME, kohya_file_name, read_log
@@ -32,6 +32,7 @@ from lora_helpers.train.events import TrainStart
 from lora_helpers.train.latents import TrainCache, build_cache
 from lora_helpers.train.memory import GB, MemoryPlan
 from lora_helpers.train.models import TrainingModels, build_models, encode_live, weight_dtype
+from lora_helpers.train.priors import class_image_sets, class_prompt_of, prior_prompts
 from lora_helpers.train.pivotal import encoders_off_gpu, live_prompt_kwargs, pivotal_captions
 from lora_helpers.train.resume import apply_learning_rates, check_resume, dataset_fingerprint
 from lora_helpers.train.step import TrainStep
@@ -110,7 +111,8 @@ class TrainingSession:
         self.models = build_models(cfg, self.accelerator, class_noun=self.class_noun or "person")
         weights = loss_weights(self.images, by_resize_quality=cfg.weight_by_resize_quality)
         self.stepper = TrainStep(cfg, self.accelerator, self.models, self.cache, sample_weights=weights,  # balanced:
-                                 subjects=[im.subject for im in self.images] if self.subjects else None)
+                                 subjects=[im.subject for im in self.images] if self.subjects else None,
+                                 prior_prompts=self.prior_prompts if cfg.with_prior_preservation else None)
         if start_from is not None:
             self.resume(start_from)
         self._log_ready = True
@@ -127,15 +129,15 @@ class TrainingSession:
                                       pivotal_tokens=cfg.pivotal_tokens)
         if self.subjects:  # config.json keeps a top-level trigger for one person only
             self.trigger = None
-            self.class_noun = common_class_noun(self.subjects, need_one=cfg.with_prior_preservation
-                                                and not cfg.class_prompt)
+            self.class_noun = common_class_noun(self.subjects)  # None: several classes, a prior each
         if cfg.pivotal_tokens:  # the identifier becomes the new tokens in every caption and the trigger
             self.images, self.trigger = pivotal_captions(self.images, self.trigger, cfg.pivotal_tokens)
         self.dataset = dataset_fingerprint(runs.dataset_hashes(self.images))
         steps = cfg.max_train_steps or auto_steps(len(self.images), cfg)
         warmup = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else round(0.05 * steps)
-        class_prompt = cfg.class_prompt or (f"a photo of a {self.class_noun or 'person'}"
-                                            if cfg.with_prior_preservation else None)
+        class_prompt = cfg.class_prompt or (class_prompt_of(self.class_noun) if cfg.with_prior_preservation
+                                            and (self.class_noun or not self.subjects) else None)
+        self.prior_prompts = prior_prompts(self.images, self.subjects, class_prompt)
         self.cfg = dataclasses.replace(cfg, max_train_steps=steps, lr_warmup_steps=warmup, class_prompt=class_prompt)
         self.validation_prompts = subject_prompts(self.cfg.validation_prompts, self.trigger, self.subjects)
 
@@ -147,30 +149,26 @@ class TrainingSession:
     def prepare_data(self) -> None:
         """Make the class images (prior preservation) and encode (or reuse) the cache."""
         cfg = self.cfg
-        class_images = self._class_images() if cfg.with_prior_preservation else []
+        class_images, class_prompts = self._class_images() if cfg.with_prior_preservation else ([], [])
         vae_dtype = self.dtype if (cfg.vae and self.dtype == torch.float16) else torch.float32
         with self.accelerator.main_process_first():  # one process encodes, the others reuse its cache
             self.cache: TrainCache = build_cache(
                 self.run_dir / "cache", model=cfg.model, images=self.images, resolution=cfg.resolution,
                 device=self.device, vae=cfg.vae, vae_dtype=vae_dtype, text_dtype=self.dtype,
                 extra_prompts=self.validation_prompts + [cfg.validation_negative_prompt or ""],
-                class_images=class_images, class_prompt=cfg.class_prompt, use_masks=cfg.use_masks,
+                class_images=class_images, class_prompt=cfg.class_prompt, class_prompts=class_prompts,
+                use_masks=cfg.use_masks,
                 background_weight=cfg.background_weight, encode_text=not (cfg.train_text_encoder or cfg.pivotal_tokens),
                 progress=cfg.progress and self.main)
 
-    def _class_images(self) -> list[Path]:
+    def _class_images(self) -> tuple[list[Path], list[str]]:
         cfg = self.cfg
+        generate = functools.partial(samples.generate_class_images, cfg.model, resolution=cfg.resolution,
+                                     steps=cfg.class_inference_steps, seed=cfg.seed, vae=cfg.vae, device=self.device,
+                                     dtype=self.dtype, progress=cfg.progress)
         folder = Path(cfg.class_data_dir) if cfg.class_data_dir else self.run_dir / "class_images"
-        have = list_images(folder) if folder.is_dir() else []
-        if len(have) < cfg.num_class_images:
-            with self.accelerator.main_process_first():
-                if self.main:
-                    samples.generate_class_images(cfg.model, folder, prompt=cfg.class_prompt, start=len(have),
-                                                  count=cfg.num_class_images - len(have), resolution=cfg.resolution,
-                                                  steps=cfg.class_inference_steps, seed=cfg.seed, vae=cfg.vae,
-                                                  device=self.device, dtype=self.dtype, progress=cfg.progress)
-            have = list_images(folder)
-        return have[: cfg.num_class_images]
+        return class_image_sets(folder, self.prior_prompts, count=cfg.num_class_images, generate=generate,
+                                accelerator=self.accelerator)
 
     def resume(self, folder: Path) -> None:
         """Load the LoRA, optimizer, scheduler, scaler, counters, RNG and log rows of a checkpoint."""

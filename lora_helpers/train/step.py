@@ -61,6 +61,7 @@ class TrainStep:
         cache: the encoded training set.
         sample_weights: a loss scale per cached image (its resize quality), or None for 1.
         subjects: the person of each cached image (several people: batches balanced across them), or None.
+        prior_prompts: the class prompt of each cached image (prior preservation), or None.
 
     Attributes:
         nonfinite_total, nonfinite_in_a_row: steps skipped for a NaN/inf loss.
@@ -69,9 +70,10 @@ class TrainStep:
     """
 
     def __init__(self, cfg: TrainConfig, accelerator, models: TrainingModels, cache: TrainCache,
-                 sample_weights: list[float] | None = None, subjects: list[str | None] | None = None):
+                 sample_weights: list[float] | None = None, subjects: list[str | None] | None = None,
+                 prior_prompts: list[str] | None = None):
         self.cfg, self.accelerator, self.models, self.cache = cfg, accelerator, models, cache
-        self.sample_weights, self.subjects = sample_weights, subjects
+        self.sample_weights, self.subjects, self.prior_prompts = sample_weights, subjects, prior_prompts
         self.device, self.dtype = accelerator.device, weight_dtype(cfg.mixed_precision)
         self.nonfinite_total = self.nonfinite_in_a_row = self.scaler_skips = 0
         self.epoch = 0
@@ -105,13 +107,21 @@ class TrainStep:
         self.epoch = epoch
         return self._epochs[epoch][pos]
 
-    def _class_indices(self, micro: int, n: int) -> list[int]:
-        total = len(self.cache.class_latents)
+    def _class_indices(self, micro: int, idx: list[int]) -> list[int]:
+        """A class image for each instance image: from its own class's images when people of several
+        classes train together, each class drawn in its own seeded order."""
+        n, ids = len(idx), self.cache.class_prompt_ids
+        pools: dict[int | None, list[int]] = {None: list(range(len(self.cache.class_latents)))}
+        if self.prior_prompts is not None and len(set(ids)) > 1:
+            pools = {c: [i for i, p in enumerate(ids) if p == c] for c in dict.fromkeys(ids)}
         out = []
-        for j in range(n):
+        for j, image in enumerate(idx):
+            key = None if None in pools else self.cache.prompt_index(self.prior_prompts[image])
+            pool = pools[key]
             k = (micro * self.accelerator.num_processes + self.accelerator.process_index) * n + j
-            cycle, pos = divmod(k, total)
-            out.append(int(np.random.default_rng([self.cfg.seed, 7, cycle]).permutation(total)[pos]))
+            cycle, pos = divmod(k, len(pool))
+            seed = [self.cfg.seed, 7, cycle] if key is None else [self.cfg.seed, 7, key, cycle]
+            out.append(pool[int(np.random.default_rng(seed).permutation(len(pool))[pos])])
         return out
 
     def _noise(self, shape: tuple, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,10 +220,10 @@ class TrainStep:
             latents, time_ids, prompt_ids, weights, keys, scales = self._instance_batch(micro)
             backwards = [("instance_loss", 1.0, lambda: self._loss(latents, time_ids, prompt_ids, weights, keys, scales))]
             if cfg.with_prior_preservation and self.cache.class_latents:
-                ci = self._class_indices(micro, len(prompt_ids))
+                ci = self._class_indices(micro, self._batch_indices(micro))
                 c_lat = torch.stack([self.cache.class_latents[i] for i in ci])
                 c_ids = torch.stack([self.cache.class_time_ids[i] for i in ci])
-                c_prompt = [self.cache.prompt_index(cfg.class_prompt)] * len(ci)
+                c_prompt = [self.cache.class_prompt_ids[i] for i in ci]
                 c_keys = [10**9 + key for key in keys]
                 # its own forward/backward: the activation peak stays that of one batch
                 backwards.append(("prior_loss", cfg.prior_loss_weight,
