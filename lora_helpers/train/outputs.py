@@ -244,7 +244,7 @@ def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, 
         accum=config.get("gradient_accumulation_steps"), lr=config.get("learning_rate"),
         scheduler=config.get("lr_scheduler"), rank=config.get("lora_rank"), alpha=config.get("lora_alpha"),
         targets=", ".join(config.get("target_modules") or []), te=te,
-        precision=config.get("mixed_precision"), gc="on" if config.get("gradient_checkpointing") else "off",
+        precision=config.get("mixed_precision"), gc=_checkpointing_words(config.get("gradient_checkpointing")),
         optimizer=config.get("optimizer"), snr=config.get("snr_gamma"),
         bg=config.get("background_weight") if config.get("use_masks") else "masks off",
         offset=config.get("noise_offset"),
@@ -255,6 +255,15 @@ def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, 
         resumed="".join(_resume_row(r) for r in resumes),
     )
     return write_text(run_dir / "README.md", text)
+
+
+def _checkpointing_words(setting) -> str:
+    """"on", "off" or "on N UNet blocks" for the card (True/False in configs of older runs)."""
+    if setting is True or setting == "all":
+        return "on"
+    if setting is False or setting is None or setting == "none" or setting == 0:
+        return "off"
+    return f"on {setting} UNet blocks"
 
 
 def _resume_row(resume: dict) -> str:
