@@ -12,6 +12,7 @@ from train_helpers import image_diff, make_dataset, max_diff
 from lora_helpers.train import TrainConfig, TrainingDivergedError, train
 from lora_helpers.train.block_memory import checkpointed_blocks, unet_blocks
 from lora_helpers.train.models import enable_block_checkpointing
+from lora_helpers.train.validation import render_validation
 
 
 def _config(tiny_models, **overrides) -> TrainConfig:
@@ -417,3 +418,22 @@ def test_full_partial_and_no_checkpointing_train_the_same_lora(dataset, tiny_mod
         assert [r["loss"] for r in _rows(results[setting].run_dir)] == pytest.approx(
             [r["loss"] for r in _rows(results["none"].run_dir)], rel=1e-5)
     assert "gradient checkpointing on 2 UNet blocks" in (results[2].run_dir / "README.md").read_text()
+
+
+def test_validation_images_made_together_on_a_cpu_equal_those_made_one_by_one(tiny_models):
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # seconds to import: only where needed
+
+    folder = tiny_models / "sdxl"
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    dim = unet.config.cross_attention_dim
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    torch.manual_seed(0)
+    jobs = [({"prompt_embeds": torch.randn(1, 77, dim), "pooled_prompt_embeds": torch.randn(1, pooled)}, seed)
+            for seed in (3, 4, 5)]
+    settings = dict(unet=unet, vae=vae, model=str(folder), device=torch.device("cpu"), steps=2, guidance=5.0,
+                    resolution=64)
+    together = render_validation(jobs, **settings)
+    alone = [render_validation([job], **settings)[0] for job in jobs]
+    assert len(together) == 3 and all(max_diff(a, b) <= 1 for a, b in zip(together, alone))
+    assert image_diff(alone[0], alone[1]) > 2  # the seeds (and prompts) give different pictures

@@ -127,8 +127,10 @@ def plot_training(rows: Sequence[dict], path: str | os.PathLike | None = None, *
     gsteps = [r["step"] for r in rows if _finite(r.get("grad_norm"))]
     gnorm = [r["grad_norm"] for r in rows if _finite(r.get("grad_norm"))]
     skipped = [r["step"] for r in rows if r.get("skipped")]
-    fig = Figure(figsize=(10, 3.5), layout="constrained")
+    fig = Figure(figsize=(10, 3.5))
     FigureCanvasAgg(fig)
+    # fixed margins: a constrained layout solves them again at every save, doubling the time at the end of a run
+    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.14, top=0.9, wspace=0.22)
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(steps, loss, lw=0.8, alpha=0.5, label="loss")
     if len(loss) >= window:
