@@ -252,6 +252,7 @@ def test_evaluation_outputs_are_written_all_or_nothing(tmp_path, refs, monkeypat
     (["--steps", "0"], 2, ["--steps", "at least 1", "30"]),
     (["--resolution", "100"], 2, ["--resolution", "multiple of 8", "1024"]),
     (["--scales", "0", "nan"], 2, ["--scales", "finite number", "'nan'"]),
+    (["--copy-threshold", "2"], 2, ["--copy-threshold", "from -1 to 1", "'2'"]),
     (["--prompts-file", "{tmp}/missing.txt"], 1, ["missing.txt", "not found"]),
     (["--prompts-file", "{tmp}/latin1.txt"], 1, ["latin1.txt", "line 2", "not UTF-8", "save the file as UTF-8"]),
     (["--prompts-file", "{tmp}/blank.txt"], 1, ["blank.txt", "no prompts"]),
@@ -281,7 +282,8 @@ def test_bad_evaluate_settings_are_refused_when_made():
     for kwargs, words in [({"seeds": (0, -1)}, "seed must be"), ({"scales": (0.0, float("nan"))}, "scales must be"),
                           ({"scales": (-1.0,)}, "scales must be"), ({"num_inference_steps": 0}, "num_inference_steps"),
                           ({"resolution": 60}, "resolution"), ({"identity_weight": 2.0}, "identity_weight"),
-                          ({"max_checkpoints": 0}, "max_checkpoints"), ({"guidance_scale": float("inf")}, "guidance")]:
+                          ({"max_checkpoints": 0}, "max_checkpoints"), ({"guidance_scale": float("inf")}, "guidance"),
+                          ({"copy_threshold": 1.5}, "copy_threshold")]:
         with pytest.raises(ValueError, match=words):
             ev.EvaluateConfig(**kwargs)
 

@@ -53,11 +53,17 @@ def test_bf16_asked_for_by_name_is_kept_on_cpu_and_fp16_is_not():
 
 
 def test_4bit_unet_is_planned_below_4_5_gb_at_1024_px():
-    plan = plan_memory(TrainConfig.from_preset("t4-8gb", model=SDXL, unet_4bit=True), device_type="cuda")
+    # on a 5 GB card; with 8 GB the memory it frees goes to fewer checkpointed blocks
+    plan = plan_memory(TrainConfig.from_preset("t4-8gb", model=SDXL, unet_4bit=True, memory_budget_gb=5.0),
+                       device_type="cuda")
     assert plan.peak_gb <= 4.5, str(plan)
-    full = plan_memory(TrainConfig.from_preset("t4-8gb", model=SDXL), device_type="cuda")
-    eight = plan_memory(TrainConfig.from_preset("t4-8gb", model=SDXL, unet_8bit=True), device_type="cuda")
-    assert plan.peak_gb < eight.peak_gb < full.peak_gb
+    every = dict(gradient_checkpointing="all", train_batch_size=1)
+    four = plan_memory(TrainConfig.from_preset("t4-8gb", model=SDXL, unet_4bit=True, **every), device_type="cuda")
+    full = plan_memory(TrainConfig.from_preset("t4-8gb", model=SDXL, **every), device_type="cuda")
+    eight = plan_memory(TrainConfig.from_preset("t4-8gb", model=SDXL, unet_8bit=True, **every), device_type="cuda")
+    assert four.peak_gb < eight.peak_gb < full.peak_gb
+    roomy = plan_memory(TrainConfig.from_preset("t4-8gb", model=SDXL, unet_4bit=True), device_type="cuda")
+    assert roomy.step_settings["gradient_checkpointing"] != "all"  # the room is used: fewer blocks recompute
     assert "4-bit NF4" in plan.target
     with pytest.raises(ValueError, match="unet_8bit and unet_4bit"):
         TrainConfig.from_preset("t4-8gb", model=SDXL, unet_4bit=True, unet_8bit=True)

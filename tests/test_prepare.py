@@ -170,6 +170,16 @@ def test_outputs_follow_the_folder_contract(mixed):
         assert sheet.width > 1000 and sheet.height > 500
 
 
+def test_twelve_usable_photos_hold_two_out(mixed):
+    result, _, _ = mixed
+    assert len(result.accepted) == 12
+    held = [r.file for r in result.held_out]
+    assert len(held) == 2 and all(result.record(f).faces == 1 for f in held)
+    rows = fileio.read_jsonl(result.out_dir / "metadata.jsonl")
+    assert sorted(r["source"] for r in rows if r.get("held_out")) == sorted(held)
+    assert "held out for the likeness score" in result.summary()
+
+
 # --------------------------------------------------------------------------- re-runs and overrides
 
 

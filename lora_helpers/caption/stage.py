@@ -39,6 +39,7 @@ from lora_helpers.caption.text import (
     CLIP_MAX_TOKENS, check_identifier, clip_token_count, count_identifier, identifier_of, load_clip_tokenizer,
     standardise_caption,
 )
+from lora_helpers.core.embeddings import pivotal_identifier, pivotal_tokens
 from lora_helpers.core.fileio import write_text
 from lora_helpers.core.images import ImageLoadError, load_image
 from lora_helpers.core.run_folder import DEFAULT_CLASS_NOUN, DEFAULT_TOKEN, write_caption_config
@@ -64,7 +65,10 @@ class CaptionConfig:
         token: the rare word that becomes the person ("TOK", "sks", "ohwx").
         class_noun: what the person is ("person", "man", "woman"); keeps the prior.
         name: optional name after the class noun ("TOK person Ada").
-        identifier_format: "tok" -> "TOK person [name]"; "at" -> "@name" (or "@tok").
+        identifier_format: "tok" -> "TOK person [name]"; "at" -> "@name" (or "@tok"); "pivotal" ->
+            "<s0><s1> person [name]": new tokens that training adds to both text encoders and learns
+            (pivotal tuning), instead of a word CLIP already has a meaning for.
+        pivotal_tokens: how many new tokens the "pivotal" format uses.
         template: how subject and BLIP's description combine; needs ``{subject}``.
         batch_size: images per BLIP forward pass.
         num_beams: beam search width (1 = greedy); never sampling, so runs repeat.
@@ -81,7 +85,8 @@ class CaptionConfig:
     token: str = DEFAULT_TOKEN
     class_noun: str = DEFAULT_CLASS_NOUN
     name: str | None = None
-    identifier_format: Literal["tok", "at"] = "tok"
+    identifier_format: Literal["tok", "at", "pivotal"] = "tok"
+    pivotal_tokens: int = 2
     template: str = "a photo of {subject}, {caption}"
     batch_size: int = 8
     num_beams: int = 3
@@ -93,8 +98,10 @@ class CaptionConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        if self.identifier_format not in ("tok", "at"):
-            raise ValueError(f"identifier_format must be 'tok' or 'at', not {self.identifier_format!r}")
+        if self.identifier_format not in ("tok", "at", "pivotal"):
+            raise ValueError(f"identifier_format must be 'tok', 'at' or 'pivotal', not {self.identifier_format!r}")
+        if self.identifier_format == "pivotal":
+            pivotal_tokens(self.pivotal_tokens)  # raises for a count below 1
         if not re.fullmatch(r"[A-Za-z0-9_]+", self.token or ""):
             raise ValueError(f"token {self.token!r}: use one word of letters/digits, e.g. 'TOK' or 'sks'")
         if "{subject}" not in self.template:
@@ -147,6 +154,9 @@ def subject_phrase(config: CaptionConfig) -> str:
     Returns:
         "TOK person", "TOK person Ada" (format "tok"), or "@ada" / "@tok" (format "at").
     """
+    if config.identifier_format == "pivotal":
+        return " ".join(p for p in (pivotal_identifier(config.pivotal_tokens), config.class_noun,
+                                    (config.name or "").strip()) if p)
     if config.identifier_format == "at":
         return "@" + (_slug(config.name) if config.name and _slug(config.name) else config.token.lower())
     return " ".join(p for p in (config.token, config.class_noun, (config.name or "").strip()) if p)
@@ -258,6 +268,7 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
     write_caption_config(dataset_dir, {
         "trigger": subject, "subject": subject, "identifier": identifier, "template": config.template,
         "identifier_format": config.identifier_format, "token": config.token, "class_noun": config.class_noun,
+        **({"pivotal_tokens": pivotal_tokens(config.pivotal_tokens)} if config.identifier_format == "pivotal" else {}),
         "name": config.name, "model": resolve_blip(config.model),
         "generation": {k: v for k, v in asdict(config).items()
                        if k in ("num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty", "prompt")},
@@ -276,8 +287,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=d.token, help="rare identifier word (default %(default)s)")
     parser.add_argument("--class-noun", default=d.class_noun, help="what the person is (default %(default)s)")
     parser.add_argument("--name", default=None, help="optional name after the class noun ('TOK person Ada')")
-    parser.add_argument("--format", dest="identifier_format", choices=("tok", "at"), default=d.identifier_format,
-                        help="'tok': 'TOK person [name]'; 'at': '@name'")
+    parser.add_argument("--format", dest="identifier_format", choices=("tok", "at", "pivotal"),
+                        default=d.identifier_format,
+                        help="'tok': 'TOK person [name]'; 'at': '@name'; 'pivotal': '<s0><s1> person [name]', new tokens "
+                             "learned in training (pivotal tuning)")
+    parser.add_argument("--pivotal-tokens", type=int, default=d.pivotal_tokens,
+                        help="how many new tokens --format pivotal uses (default %(default)s)")
     parser.add_argument("--template", default=d.template, help="caption template (default %(default)r)")
     parser.add_argument("--model", default=None,
                         help="BLIP hub id or folder, or 'base'/'large' (default: base; the tiny model in smoke mode)")
@@ -300,7 +315,8 @@ def run_cli(args: argparse.Namespace) -> int:
     """
     config = CaptionConfig(
         model=args.model, token=args.token, class_noun=args.class_noun, name=args.name,
-        identifier_format=args.identifier_format, template=args.template, batch_size=args.batch_size,
+        identifier_format=args.identifier_format, pivotal_tokens=args.pivotal_tokens, template=args.template,
+        batch_size=args.batch_size,
         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
         prompt=args.prompt, overwrite=args.overwrite,
     )

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from lora_helpers.core.config import resolve_models
+from lora_helpers.core.embeddings import pivotal_token_count
 
 __all__ = [
     "CLIP_MAX_TOKENS",
@@ -236,6 +237,8 @@ def check_identifier(subject: str, tokenizer=None) -> list[str]:
         Messages (empty when the identifier looks fine).
     """
     identifier = identifier_of(subject)
+    if pivotal_token_count(identifier):
+        return []  # new tokens: training adds them, CLIP has no meaning for them yet (the point)
     word = identifier.lstrip("@").lower()
     out = []
     if word in COMMON_WORDS or re.sub(r"s$", "", word) in COMMON_WORDS:

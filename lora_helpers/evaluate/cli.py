@@ -1,4 +1,4 @@
-"""``python -m lora_helpers evaluate``: score a training run or a folder of images."""
+"""``python -m lora_helpers evaluate``: score a training run or a folder of images, or compare runs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 from lora_helpers.core.run_folder import CONFIG_FILE, DEFAULT_TOKEN
+from lora_helpers.evaluate.compare import compare_runs, format_comparison
 from lora_helpers.evaluate.config import EvaluateConfig
-from lora_helpers.evaluate.metrics import reference_embeddings
+from lora_helpers.evaluate.identity import reference_embeddings
 from lora_helpers.evaluate.prompts import PROMPTS_PEOPLE, read_prompts_file
 from lora_helpers.evaluate.report import format_summary, write_evaluation
 from lora_helpers.evaluate.run import evaluate_run
@@ -44,8 +45,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     d = EvaluateConfig()
     parser.add_argument("target", type=Path, help="a training run folder (has config.json) or a folder of images")
     parser.add_argument("--references", type=Path, required=True,
-                        help="the person's photos: a prepared dataset/ folder or a plain folder of photos")
+                        help="the person's photos: a prepared dataset/ folder (its held-out photos give the held-out "
+                             "identity) or a plain folder of photos")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: TARGET/evaluation)")
+    parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="OTHER_RUN",
+                        help="also evaluate these runs with the same prompts, seeds and references, and write "
+                             "comparison.csv and comparison.png beside TARGET's scores (each run at its best checkpoint)")
     parser.add_argument("--checkpoints", default="all", help="'all', 'final', or comma-separated names or steps")
     # Numbers are checked while parsing: one line naming the flag, before references or models load.
     parser.add_argument("--max-checkpoints", type=cli_type(partial(_count, name="max-checkpoints", example="4", least=0)),
@@ -65,6 +70,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--face-backend", default=d.face_backend, choices=["dlib", "dlib5", "insightface"])
     parser.add_argument("--threshold", type=_number("threshold", "0.91", minimum=-1, maximum=1), default=None,
                         help="same-person cosine (default: the backend's)")
+    parser.add_argument("--copy-threshold", type=_number("copy-threshold", "0.9", minimum=-1, maximum=1),
+                        default=d.copy_threshold,
+                        help="fingerprint correlation from which an image is a near-copy of a training photo")
     parser.add_argument("--identity-weight", type=_number("identity-weight", "0.7", minimum=0, maximum=1),
                         default=d.identity_weight)
     parser.add_argument("--min-prompt-adherence", type=_number("min-prompt-adherence", "0.2", minimum=0), default=None,
@@ -90,6 +98,7 @@ def run_cli(args: argparse.Namespace) -> int:
     ckpts = args.checkpoints if args.checkpoints in ("all", "final") else [c.strip() for c in args.checkpoints.split(",") if c.strip()]
     config = EvaluateConfig(
         face_backend=args.face_backend, threshold=args.threshold, clip_model=args.clip_model, use_clip=not args.no_clip,
+        copy_threshold=args.copy_threshold,
         seeds=tuple(args.seeds), scales=tuple(args.scales), checkpoints=ckpts, max_checkpoints=args.max_checkpoints or None,
         categories=tuple(args.categories) if args.categories else None, prompts_per_category=args.prompts_per_category,
         identity_weight=args.identity_weight, min_prompt_adherence=args.min_prompt_adherence,
@@ -101,13 +110,27 @@ def run_cli(args: argparse.Namespace) -> int:
     if not target.is_dir():
         raise FileNotFoundError(f"{target} is not a folder; give a training run folder or a folder of images")
     out = args.out or target / "evaluation"
-    if (target / CONFIG_FILE).is_file():
-        result = evaluate_run(target, references=args.references, prompts=templates, config=config, out_dir=out,
+    is_run = (target / CONFIG_FILE).is_file()
+    for other in args.compare or []:  # checked before the first run is evaluated, not after an hour of it
+        if not is_run or not (other / CONFIG_FILE).is_file():
+            bad = target if not is_run else other
+            raise FileNotFoundError(f"--compare compares training runs: {bad / CONFIG_FILE} not found "
+                                    "(give run folders written by `python -m lora_helpers train`)")
+    # Embedded once: every compared run is scored against the same photos (each run then drops
+    # the held-out photos it trained on).
+    refs = reference_embeddings(args.references, backend=config.face_backend, threshold=config.threshold,
+                                copy_threshold=config.copy_threshold)
+    if is_run:
+        result = evaluate_run(target, references=refs, prompts=templates, config=config, out_dir=out,
                               identifier=args.identifier)
     else:
-        refs = reference_embeddings(args.references, backend=config.face_backend, threshold=config.threshold)
         rows = evaluate_images(target, references=refs, config=config, identifier=args.identifier or DEFAULT_TOKEN)
         result = write_evaluation(rows, refs, config, Path(out), extra={"images": str(target)})
     print(format_summary(result))
     print(f"scores: {result.files['scores']}")
+    if args.compare:
+        comparison = compare_runs([result, *args.compare], references=refs, config=config,
+                                  prompts=templates, out_dir=out)
+        print(format_comparison(comparison))
+        print(f"comparison: {comparison.files['table']}")
     return 0

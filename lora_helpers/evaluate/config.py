@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from lora_helpers.evaluate.memorisation import COPY_THRESHOLD
 from lora_helpers.generate import check_number, check_seeds, check_size, check_steps
 
 __all__ = ["EvaluateConfig"]
@@ -20,6 +21,9 @@ class EvaluateConfig:
         clip_model: CLIP hub id or folder; None takes ``resolve_models().clip``
             (ViT-L/14, or the tiny CLIP in smoke mode).
         use_clip: compute CLIP-T, CLIP-I and diversity (identity needs no CLIP).
+        copy_threshold: fingerprint correlation from which a generated image counts as a
+            near-copy of a training photo (``memorised``; see
+            :mod:`lora_helpers.evaluate.memorisation`).
         seeds: seeds per prompt; the same seeds for every checkpoint and scale.
         scales: LoRA scales; 0.0 is the base model (the lower bound), generated once.
         checkpoints: ``"all"`` (every ``checkpoint-<step>`` and the final weights),
@@ -43,6 +47,7 @@ class EvaluateConfig:
     threshold: float | None = None
     clip_model: str | None = None
     use_clip: bool = True
+    copy_threshold: float = COPY_THRESHOLD
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     scales: tuple[float, ...] = (0.0, 0.5, 0.8, 1.0)
     checkpoints: str | Sequence[str | int] = "all"
@@ -71,6 +76,7 @@ class EvaluateConfig:
             self.guidance_scale = check_number(self.guidance_scale, "guidance_scale", "5.0", minimum=0)
         if self.threshold is not None:
             self.threshold = check_number(self.threshold, "threshold", "0.91 (dlib) or 0.4 (ArcFace)", minimum=-1, maximum=1)
+        self.copy_threshold = check_number(self.copy_threshold, "copy_threshold", "0.9", minimum=-1, maximum=1)
         self.identity_weight = check_number(self.identity_weight, "identity_weight", "0.7", minimum=0, maximum=1)
         for name, example in (("min_prompt_adherence", "0.2"), ("min_adherence_vs_base", "0.9")):
             if getattr(self, name) is not None:

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from lora_helpers.core.fileio import write_json
-from lora_helpers.evaluate.metrics import ReferenceSet, identity_scores, identity_summary, reference_embeddings
+from lora_helpers.evaluate.identity import ReferenceSet, identity_scores, identity_summary, reference_embeddings
 
 __all__ = ["identity_validation_hook"]
 
@@ -35,7 +35,9 @@ def identity_validation_hook(
 
     Returns:
         ``hook(step, images, folder) -> {"identity_mean", "identity_pass_rate",
-        "faces_found", "unreadable", "identity_upper_bound"}`` with plain numbers, ready for log.jsonl.
+        "faces_found", "unreadable", "identity_upper_bound"}`` with plain numbers, ready for log.jsonl;
+        with a dataset that holds photos out of training also ``"identity_heldout_mean"``, and
+        ``"memorised"``: how many images are near-copies of a training photo.
     """
     state: dict[str, ReferenceSet] = {}
 
@@ -50,7 +52,9 @@ def identity_validation_hook(
             folder = Path(folder) / "samples" if (Path(folder) / "samples").is_dir() else Path(folder)
             write_json(folder / f"identity-{int(step):06d}.json",
                        {"step": int(step), **stats, "threshold": refs.threshold,
-                        "images": [{"identity": round(s.similarity, 5), "passed": s.passed, "face_found": s.face_found}
+                        "images": [{"identity": round(s.similarity, 5), "passed": s.passed, "face_found": s.face_found,
+                                    "identity_heldout": None if s.heldout_similarity is None
+                                    else round(s.heldout_similarity, 5), "memorised": s.memorised}
                                    for s in scores]})
         return {k: v if isinstance(v, int) else None if math.isnan(v) else round(float(v), 5) for k, v in stats.items()}
 

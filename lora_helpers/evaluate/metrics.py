@@ -1,10 +1,9 @@
-"""Likeness and prompt-adherence metrics: face identity against reference photos, and CLIP.
+"""Likeness and prompt-adherence metrics: face embeddings, and CLIP.
 
 Identity: the largest face of an image is embedded with a face-recognition model
-(dlib's ResNet offline; ArcFace through ``insightface`` where installed) and compared by
-cosine similarity with the mean embedding of the person's reference photos. An image
-without a face scores 0; an unreadable file is named and left out. Leave-one-out
-similarity among the references is the upper bound a perfect likeness reaches.
+(dlib's ResNet offline; ArcFace through ``insightface`` where installed);
+:mod:`lora_helpers.evaluate.identity` compares it by cosine similarity with the mean
+embedding of the person's reference photos (training and held-out).
 
 CLIP (as in the DreamBooth paper): CLIP-T is the cosine of image and prompt embeddings
 with the identifier removed from the prompt, CLIP-I the similarity to the reference
@@ -15,29 +14,25 @@ photos, and diversity the mean pairwise CLIP distance of images of one prompt.
 from __future__ import annotations
 
 import re
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from lora_helpers.core.config import resolve_models
-from lora_helpers.core.images import ImageLoadError, list_images, load_image
+from lora_helpers.core.images import load_image
 from lora_helpers.core.runtime import default_device, default_dtype
 from lora_helpers.prepare.faces import SAME_PERSON_COSINE, Face, detect_faces, get_backend
 
 __all__ = [
     "ARCFACE_SAME_PERSON_COSINE",
     "face_backend",
-    "ReferenceSet",
-    "reference_embeddings",
-    "IdentityScore",
-    "identity_scores",
-    "identity_summary",
+    "default_threshold",
+    "as_image",
+    "largest_face_embedding",
+    "unit",
     "ClipScorer",
     "load_clip",
     "remove_identifier",
@@ -105,18 +100,20 @@ def face_backend(name: str = "dlib"):
     return get_backend(name)
 
 
-def _default_threshold(backend_name: str) -> float:
+def default_threshold(backend_name: str) -> float:
+    """The same-person cosine of a face backend: ArcFace's or dlib's."""
     return ARCFACE_SAME_PERSON_COSINE if backend_name in ("insightface", "arcface") else SAME_PERSON_COSINE
 
 
-def _as_image(item) -> Image.Image:
+def as_image(item) -> Image.Image:
+    """An RGB PIL image from a PIL image or a path (ImageLoadError names an unreadable file)."""
     if isinstance(item, Image.Image):
         return item if item.mode == "RGB" else item.convert("RGB")
     return load_image(item)
 
 
-def _largest_face_embedding(image: Image.Image, backend) -> tuple[np.ndarray | None, int]:
-    """(embedding of the largest face or None, number of faces)."""
+def largest_face_embedding(image: Image.Image, backend) -> tuple[np.ndarray | None, int]:
+    """(embedding of the largest face or None, number of faces) of an RGB image."""
     import cv2  # as in prepare.faces: importing this module does not load OpenCV
 
     array = np.asarray(image)
@@ -131,160 +128,10 @@ def _largest_face_embedding(image: Image.Image, backend) -> tuple[np.ndarray | N
     return vec, len(faces)
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
+def unit(v: np.ndarray) -> np.ndarray:
+    """``v`` scaled to unit length (a zero vector stays zero)."""
     n = float(np.linalg.norm(v))
     return v / n if n > 0 else v
-
-
-@dataclass
-class ReferenceSet:
-    """Embeddings of the reference photos of the person.
-
-    Attributes:
-        names: reference images with a face, in order of ``embeddings``.
-        embeddings: ``N x D`` unit-length face embeddings.
-        mean: unit-length mean embedding: what generated faces are compared with.
-        leave_one_out: each reference's similarity to the mean of the others.
-        without_face: references where no face was found (not used).
-        threshold: same-person cosine for this backend.
-        backend: face backend name.
-        images: the reference images with a face (paths or images), for CLIP-I.
-    """
-
-    names: list[str]
-    embeddings: np.ndarray
-    mean: np.ndarray
-    leave_one_out: list[float]
-    without_face: list[str]
-    threshold: float
-    backend: str
-    images: list = field(default_factory=list, repr=False)
-
-    @property
-    def upper_bound(self) -> float:
-        """Mean leave-one-out similarity: what a perfect likeness would score (NaN for one photo)."""
-        return float(np.mean(self.leave_one_out)) if self.leave_one_out else float("nan")
-
-    def similarity(self, embedding: np.ndarray | None) -> float:
-        """Cosine similarity of an embedding to the mean reference (0.0 for None: no face)."""
-        if embedding is None:
-            return 0.0
-        return float(_unit(np.asarray(embedding, dtype=np.float64)) @ self.mean)
-
-
-def _reference_items(source) -> list[tuple[str, Any]]:
-    if isinstance(source, (str, Path)):
-        folder = Path(source)
-        if (folder / "images").is_dir():  # a prepared dataset/
-            folder = folder / "images"
-        return [(p.name, p) for p in list_images(folder)]
-    return [(getattr(x, "name", f"image-{i:03d}"), x) for i, x in enumerate(source)]
-
-
-def reference_embeddings(
-    source: str | Path | Sequence | ReferenceSet,
-    *,
-    backend: str = "dlib",
-    threshold: float | None = None,
-    progress: bool = True,
-) -> ReferenceSet:
-    """Embed the reference photos of the person and compute the leave-one-out upper bound.
-
-    Args:
-        source: a prepared ``dataset/`` folder (its ``images/`` are used), a plain folder
-            of photos, a list of paths or PIL images, or a ReferenceSet (returned as is).
-        backend: face backend name (see :func:`face_backend`).
-        threshold: same-person cosine; None takes the backend's own.
-        progress: show a progress bar.
-
-    Returns:
-        A :class:`ReferenceSet`.
-
-    Raises:
-        ValueError: when no reference image has a detectable face.
-    """
-    if isinstance(source, ReferenceSet):
-        return source
-    fb = face_backend(backend)
-    names, vecs, images, without = [], [], [], []
-    for name, item in tqdm(_reference_items(source), desc="reference faces", disable=not progress):
-        try:
-            vec, _ = _largest_face_embedding(_as_image(item), fb)
-        except ImageLoadError as exc:
-            warnings.warn(f"reference skipped: {exc}")
-            continue
-        if vec is None:
-            without.append(name)
-            continue
-        names.append(name)
-        vecs.append(_unit(vec))
-        images.append(item)
-    if not vecs:
-        raise ValueError(
-            f"no face found in any reference image of {source!r}; pass the folder of original photos "
-            "(faces at least ~80 px wide) with --references"
-        )
-    emb = np.stack(vecs)
-    loo = []
-    if len(emb) > 1:
-        total = emb.sum(axis=0)
-        loo = [float(_unit(total - e) @ e) for e in emb]
-    return ReferenceSet(names=names, embeddings=emb, mean=_unit(emb.mean(axis=0)), leave_one_out=loo,
-                        without_face=without, threshold=threshold if threshold is not None else _default_threshold(backend),
-                        backend=backend, images=images)
-
-
-@dataclass
-class IdentityScore:
-    """Identity of one image: ``similarity`` is 0.0 when no face was found, NaN when the file is
-    unreadable (``error`` says why): a broken file says nothing about the LoRA, so it is not a "no face".
-    """
-
-    similarity: float
-    passed: bool
-    face_found: bool
-    faces: int = 0
-    error: str | None = None
-
-
-def identity_scores(images: Sequence, references: ReferenceSet, *, progress: bool = True) -> list[IdentityScore]:
-    """Score the largest face of each image against the mean reference embedding.
-
-    Args:
-        images: PIL images or paths; an unreadable file gets NaN with ``error`` naming it.
-        references: from :func:`reference_embeddings`.
-        progress: show a progress bar.
-
-    Returns:
-        One :class:`IdentityScore` per image, in order.
-    """
-    fb = face_backend(references.backend)
-    out = []
-    for item in tqdm(images, desc="identity", disable=not progress):
-        try:
-            vec, n = _largest_face_embedding(_as_image(item), fb)
-        except ImageLoadError as exc:
-            out.append(IdentityScore(float("nan"), False, False, 0, str(exc)))
-            continue
-        sim = references.similarity(vec)
-        out.append(IdentityScore(sim, vec is not None and sim >= references.threshold, vec is not None, n))
-    return out
-
-
-def identity_summary(scores: Sequence[IdentityScore]) -> dict[str, float]:
-    """``identity_mean`` (no-face images count as 0), ``identity_pass_rate``, ``faces_found`` (share),
-    over the readable images; ``unreadable`` counts the others, which are left out of every average."""
-    readable = [s for s in scores if not s.error]
-    n = len(readable)
-    if n == 0:
-        return {"identity_mean": float("nan"), "identity_pass_rate": float("nan"), "faces_found": float("nan"),
-                "unreadable": len(scores)}
-    return {
-        "identity_mean": float(np.mean([s.similarity for s in readable])),
-        "identity_pass_rate": sum(s.passed for s in readable) / n,
-        "faces_found": sum(s.face_found for s in readable) / n,
-        "unreadable": len(scores) - n,
-    }
 
 
 # --- CLIP --------------------------------------------------------------------------
@@ -320,7 +167,7 @@ class ClipScorer:
     def image_embeddings(self, images: Sequence) -> np.ndarray:
         """``N x D`` unit embeddings of PIL images or paths."""
         def fn(batch):
-            pix = self.processor.image_processor([_as_image(x) for x in batch], return_tensors="pt")["pixel_values"]
+            pix = self.processor.image_processor([as_image(x) for x in batch], return_tensors="pt")["pixel_values"]
             out = self.model.vision_model(pixel_values=pix.to(self.device, self.dtype))
             return self.model.visual_projection(out.pooler_output)
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from lora_helpers.core.fileio import atomic_path, write_json
 from lora_helpers.evaluate.choice import Choice, best_checkpoint
 from lora_helpers.evaluate.config import EvaluateConfig
-from lora_helpers.evaluate.metrics import ReferenceSet
+from lora_helpers.evaluate.identity import ReferenceSet
 from lora_helpers.evaluate.plots import plot_identity_vs_prompt
 from lora_helpers.evaluate.scores_csv import write_scores_csv
-from lora_helpers.evaluate.summary import is_base, summarize, unreadable_rows
+from lora_helpers.evaluate.summary import is_base, memorised_rows, rounded, summarize, unreadable_rows
 
-__all__ = ["EvaluationResult", "write_evaluation", "format_summary"]
+__all__ = ["EvaluationResult", "write_evaluation", "format_summary", "held_out_line"]
 
 
 @dataclass
@@ -36,6 +36,7 @@ class EvaluationResult:
     references: ReferenceSet
     out_dir: Path
     files: dict[str, Path]
+    run_dir: Path | None = None
 
     @property
     def unreadable(self) -> list[dict]:
@@ -82,13 +83,18 @@ def write_evaluation(rows: list[dict], refs: ReferenceSet, config: EvaluateConfi
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "a folder stands where this output goes; move it away", str(path))
     base = [s for s in summary if is_base(s)]
+    copies = memorised_rows(rows)
     report = {
         **extra,
-        "upper_bound_leave_one_out": _round(refs.upper_bound),
-        "lower_bound_base_model": _round(base[0]["identity_mean"]) if base else None,
+        "upper_bound_leave_one_out": rounded(refs.upper_bound),
+        "lower_bound_base_model": rounded(base[0]["identity_mean"]) if base else None,
         "threshold": refs.threshold, "face_backend": refs.backend,
         "references": refs.names, "references_without_face": refs.without_face,
         "unreadable_images": unreadable_rows(rows),
+        "held_out": {"photos": refs.held_out.names if refs.held_out else [],
+                     "upper_bound": rounded(refs.held_out_upper_bound), "not_available": refs.held_out_note or None},
+        "memorised": {"threshold": refs.copies.threshold if refs.copies else None, "count": len(copies),
+                      "images": copies},
         "choice": asdict(choice) if choice else None, "summary": summary,
         "config": asdict(config),
     }
@@ -97,16 +103,27 @@ def write_evaluation(rows: list[dict], refs: ReferenceSet, config: EvaluateConfi
     with contextlib.ExitStack() as stack:
         tmp = {key: stack.enter_context(atomic_path(path)) for key, path in files.items()}
         write_scores_csv(tmp["scores"], rows)
-        write_scores_csv(tmp["summary"], [{k: _round(v) for k, v in s.items()} for s in summary])
+        write_scores_csv(tmp["summary"], [{k: rounded(v) for k, v in s.items()} for s in summary])
         if "plot" in tmp:
             plot_identity_vs_prompt(summary, tmp["plot"], upper_bound=refs.upper_bound, threshold=refs.threshold,
                                     choice=choice)
         write_json(tmp["report"], report)
-    return EvaluationResult(rows=rows, summary=summary, choice=choice, references=refs, out_dir=out_dir, files=files)
+    run_dir = extra.get("run_dir")
+    return EvaluationResult(rows=rows, summary=summary, choice=choice, references=refs, out_dir=out_dir, files=files,
+                            run_dir=Path(run_dir) if run_dir else None)
 
 
-def _round(v, nd: int = 5):
-    return round(v, nd) if isinstance(v, float) and not math.isnan(v) else (None if isinstance(v, float) else v)
+def held_out_line(refs: ReferenceSet) -> str:
+    """One line on the photos held out of training: which, and what real photos score against
+    them; or why there is no held-out score.
+
+    Args:
+        refs: from :func:`lora_helpers.evaluate.identity.reference_embeddings`.
+    """
+    if refs.held_out is not None:
+        return (f"held-out photos: {len(refs.held_out.names)} ({', '.join(refs.held_out.names)}); the training "
+                f"photos score {refs.held_out_upper_bound:.3f} against them (upper bound of held-out identity)")
+    return f"held-out identity not available: {refs.held_out_note or 'no photo was held out'}"
 
 
 def format_summary(result: EvaluationResult) -> str:
@@ -122,17 +139,27 @@ def format_summary(result: EvaluationResult) -> str:
     lines = [f"references: {len(refs.names)} with a face"
              + (f", leave-one-out similarity {refs.upper_bound:.3f} (upper bound)" if refs.leave_one_out else "")
              + f"; same-person threshold {refs.threshold:.2f}"]
-    lines.append(f"{'checkpoint':<18} {'scale':>5} {'images':>6} {'faces':>6} {'identity':>8} {'pass':>5} {'CLIP-T':>7} {'CLIP-I':>7} {'div':>6}")
+    lines.append(held_out_line(refs))
+    lines.append(f"{'checkpoint':<18} {'scale':>5} {'images':>6} {'faces':>6} {'identity':>8} {'held-out':>8} "
+                 f"{'pass':>5} {'copies':>6} {'CLIP-T':>7} {'CLIP-I':>7} {'div':>6}")
     for s in result.summary:
         f = lambda v, w=7: f"{v:>{w}.3f}" if isinstance(v, float) and not math.isnan(v) else f"{'-':>{w}}"
         scale = "-" if s["scale"] is None else f"{s['scale']:g}"
         lines.append(f"{str(s['checkpoint'] or '-'):<18} {scale:>5} {s['images']:>6} {s['faces_found']:>6.0%} "
-                     f"{f(s['identity_mean'], 8)} {s['identity_pass_rate']:>5.0%} {f(s['clip_t_mean'])} "
-                     f"{f(s['clip_i_mean'])} {f(s['diversity_mean'], 6)}")
+                     f"{f(s['identity_mean'], 8)} {f(s['identity_heldout_mean'], 8)} {s['identity_pass_rate']:>5.0%} "
+                     f"{s['memorised']:>6} {f(s['clip_t_mean'])} {f(s['clip_i_mean'])} {f(s['diversity_mean'], 6)}")
     bad = result.unreadable
     if bad:
         lines.append(f"{len(bad)} unreadable image(s) left out of every average: "
                      + "; ".join(str(b["error"]) for b in bad[:5]) + ("; ..." if len(bad) > 5 else ""))
+    copies = memorised_rows(result.rows)
+    if copies:
+        first = copies[0]
+        lines.append(f"{len(copies)} image(s) are near-copies of a training photo (fingerprint correlation >= "
+                     f"{refs.copies.threshold:.2f}), e.g. {first['image']} of {first['nearest_training_photo']} "
+                     f"({first['copy_similarity']:.3f}): memorised, look at them before trusting identity")
+    elif refs.copies is not None:
+        lines.append("no image is a near-copy of a training photo")
     if result.lower_bound is not None:
         lines.append(f"base model without the LoRA (lower bound): identity {result.lower_bound:.3f}")
     if result.choice:

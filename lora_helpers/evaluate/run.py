@@ -18,7 +18,6 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from lora_helpers.core.fileio import sha256_file
 from lora_helpers.core.grids import save_png_with_metadata
 from lora_helpers.core.lora_files import weights_digest
 from lora_helpers.core.run_folder import (
@@ -26,12 +25,13 @@ from lora_helpers.core.run_folder import (
 )
 from lora_helpers.core.runtime import free_memory
 from lora_helpers.evaluate.config import EvaluateConfig
-from lora_helpers.evaluate.metrics import ReferenceSet, reference_embeddings
+from lora_helpers.evaluate.identity import ReferenceSet, reference_embeddings, without_trained_photos
 from lora_helpers.evaluate.prompts import EvalPrompt, people_prompts
 from lora_helpers.evaluate.report import EvaluationResult, write_evaluation
 from lora_helpers.evaluate.scoring import png_text, score_rows
 from lora_helpers.generate import (
-    GenerateConfig, choose_base_model, generate_images, load_lora, load_pipeline, resolve_size, resolve_steps,
+    GenerateConfig, choose_base_model, generate_images, load_lora, load_pipeline, lora_digest, resolve_size,
+    resolve_steps,
 )
 
 __all__ = ["evaluate_run"]
@@ -84,6 +84,13 @@ def _subject_from_config(cfg: dict) -> tuple[str, str]:
     return subject.split()[0], subject
 
 
+def _trained_sha256(cfg: dict) -> set[str]:
+    """SHA-256 of the images the run trained on, as training records them in config.json (empty: not recorded)."""
+    dataset = cfg.get("dataset")
+    images = dataset.get("images") if isinstance(dataset, dict) else None
+    return {row["sha256"] for row in images or [] if isinstance(row, dict) and isinstance(row.get("sha256"), str)}
+
+
 def _image_name(p: EvalPrompt, seed: int) -> str:
     return f"{p.prompt_id}-seed{seed}.png"
 
@@ -117,7 +124,7 @@ def _generate_missing(run_dir: Path, subject: str, jobs: list[tuple[str, int | N
     todo = []
     for name, step, weights, scale in jobs:
         folder = image_dir / name / f"scale-{scale:g}"
-        want = {**settings, "lora_sha256": sha256_file(weights) if weights is not None else None}
+        want = {**settings, "lora_sha256": lora_digest(weights) if weights is not None else None}
         missing = [(p, s) for p in prompts for s in config.seeds
                    if not _is_current(folder / _image_name(p, s), {**want, "prompt": p.text})]
         if missing:
@@ -172,7 +179,8 @@ def evaluate_run(
 
     Args:
         run_dir: a training run (``config.json``, LoRA weights, ``checkpoints/``).
-        references: the person's photos: dataset/, a folder, or a ReferenceSet.
+        references: the person's photos: dataset/ (its photos held out of training are scored
+            against separately), a folder, or a ReferenceSet.
         scales, checkpoints, seeds: override the config's.
         prompts: your own templates (``{subject}`` is filled in); None: the standard set.
         config: an :class:`EvaluateConfig`.
@@ -204,7 +212,9 @@ def evaluate_run(
     default_identifier, subject = _subject_from_config(run_cfg)
     identifier = identifier or default_identifier
     plist = people_prompts(subject, categories=config.categories, per_category=config.prompts_per_category, templates=prompts)
-    refs = reference_embeddings(references, backend=config.face_backend, threshold=config.threshold, progress=progress)
+    refs = reference_embeddings(references, backend=config.face_backend, threshold=config.threshold,
+                                copy_threshold=config.copy_threshold, progress=progress)
+    refs = without_trained_photos(refs, _trained_sha256(run_cfg))
 
     ckpts = _run_checkpoints(run_dir, checkpoints if checkpoints is not None else config.checkpoints, config.max_checkpoints)
     jobs: list[tuple[str, int | None, Path | None, float]] = []

@@ -12,7 +12,9 @@ from lora_helpers.core.fileio import write_text
 __all__ = ["write_scores_csv", "read_scores_csv"]
 
 _COLUMNS = ["checkpoint", "step", "scale", "category", "prompt_id", "prompt", "seed", "image", "face_found", "faces",
-            "identity", "identity_pass", "clip_t", "clip_i", "diversity", "error"]
+            "identity", "identity_heldout", "identity_pass", "nearest_training_photo", "copy_similarity", "memorised",
+            "clip_t", "clip_i", "diversity", "error"]
+_TEXT = ("prompt", "image", "checkpoint", "nearest_training_photo")  # kept as written, even when they look like numbers
 
 
 def write_scores_csv(path: str | Path, rows: Sequence[dict]) -> Path:
@@ -57,7 +59,8 @@ def read_scores_csv(path: str | Path) -> list[dict]:
         path: a file written by :func:`write_scores_csv`.
 
     Returns:
-        One dict per row; empty cells are None; prompt, image and checkpoint stay text.
+        One dict per row; empty cells are None; prompt, image, checkpoint and
+        nearest_training_photo stay text.
     """
     with open(path, newline="", encoding="utf-8") as f:
-        return [{k: (v if k in ("prompt", "image", "checkpoint") else _parse(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: (v if k in _TEXT and v != "" else _parse(v)) for k, v in r.items()} for r in csv.DictReader(f)]

@@ -2,9 +2,12 @@
 
 Identity is measured with a face-recognition embedding (dlib's ResNet offline, ArcFace
 through ``insightface`` where installed): the cosine similarity of the largest face in
-each image to the mean embedding of the reference photos, and whether it passes the
-same-person threshold. An image without a face scores 0 and counts, so a LoRA that
-stops drawing faces cannot look good by being skipped. An unreadable file is the
+each image to the mean embedding of the training photos, and whether it passes the
+same-person threshold; beside it the same against photos held out of training, which
+the model cannot have copied. Each image is also matched with its nearest training photo
+and flagged when it is a near-copy of it (:mod:`lora_helpers.evaluate.memorisation`).
+An image without a face scores 0 and counts, so a LoRA that stops drawing faces cannot
+look good by being skipped. An unreadable file is the
 opposite case: it says nothing about the LoRA, so it is named (``error``), gets no
 scores, and is left out of every average.
 
@@ -27,9 +30,8 @@ from PIL import Image
 from lora_helpers.core.images import list_images
 from lora_helpers.core.run_folder import DEFAULT_TOKEN
 from lora_helpers.evaluate.config import EvaluateConfig
-from lora_helpers.evaluate.metrics import (
-    ReferenceSet, diversity, identity_scores, load_clip, reference_embeddings, remove_identifier,
-)
+from lora_helpers.evaluate.identity import ReferenceSet, identity_scores, reference_embeddings
+from lora_helpers.evaluate.metrics import diversity, load_clip, remove_identifier
 
 __all__ = ["png_text", "score_rows", "evaluate_images"]
 
@@ -87,8 +89,10 @@ def score_rows(items: list[dict], references: ReferenceSet, config: EvaluateConf
         progress: show progress bars.
 
     Returns:
-        ``items``, updated in place, without ``"_image"``; an unreadable image keeps empty
-        scores and its reason in ``"error"``.
+        ``items``, updated in place, without ``"_image"``: ``identity`` against the training
+        photos, ``identity_heldout`` against the held-out ones (None when there are none),
+        ``nearest_training_photo``, ``copy_similarity`` and ``memorised`` (a near-copy of that
+        photo); an unreadable image keeps empty scores and its reason in ``"error"``.
 
     Raises:
         ValueError: when not one image can be read (nothing to score).
@@ -96,9 +100,15 @@ def score_rows(items: list[dict], references: ReferenceSet, config: EvaluateConf
     ids = identity_scores([r["_image"] for r in items], references, progress=progress)
     for r, s in zip(items, ids):
         if s.error:  # unreadable: no scores at all, so no average can take it for "no face"
-            r.update(face_found=None, faces=None, identity=None, identity_pass=None, error=s.error)
-        else:
-            r.update(face_found=s.face_found, faces=s.faces, identity=round(s.similarity, 5), identity_pass=s.passed)
+            r.update(face_found=None, faces=None, identity=None, identity_heldout=None, identity_pass=None,
+                     error=s.error)
+            continue
+        # identity_heldout stays empty without held-out photos: the summary says why.
+        r.update(face_found=s.face_found, faces=s.faces, identity=round(s.similarity, 5), identity_pass=s.passed,
+                 identity_heldout=None if s.heldout_similarity is None else round(s.heldout_similarity, 5))
+        if s.memorised is not None:
+            r.update(nearest_training_photo=s.nearest_photo, copy_similarity=round(s.copy_similarity, 5),
+                     memorised=s.memorised)
     if items and all(r.get("error") for r in items):
         raise ValueError(f"none of the {len(items)} images could be read (e.g. {items[0]['error']}); "
                          "check the folder holds the generated images")
@@ -149,11 +159,13 @@ def evaluate_images(
 
     Returns:
         One dict per image: image, prompt, seed, scale, checkpoint, face_found, faces,
-        identity, identity_pass, clip_t, clip_i, diversity (missing keys: not measured);
+        identity, identity_heldout, identity_pass, nearest_training_photo, copy_similarity,
+        memorised, clip_t, clip_i, diversity (missing keys: not measured);
         an unreadable file has ``error`` (naming it) and no scores.
     """
     config = config or EvaluateConfig()
-    refs = reference_embeddings(references, backend=config.face_backend, threshold=config.threshold, progress=progress)
+    refs = reference_embeddings(references, backend=config.face_backend, threshold=config.threshold,
+                                copy_threshold=config.copy_threshold, progress=progress)
     if isinstance(folder_or_images, (str, Path)):
         rows = [{"image": p.name, **_png_meta(p), "_image": p} for p in list_images(folder_or_images)]
         if not rows:

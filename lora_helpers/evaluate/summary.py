@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["summarize", "unreadable_rows", "is_base", "is_finite_number"]
+__all__ = ["summarize", "unreadable_rows", "memorised_rows", "is_base", "is_finite_number", "rounded"]
 
 
 def _nanmean(values) -> float:
@@ -28,8 +28,10 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
 
     Returns:
         Rows with checkpoint, step, scale, images (scored), unreadable, faces_found (share),
-        identity_mean (no face counts 0), identity_pass_rate, clip_t_mean, clip_i_mean,
-        diversity_mean; ordered by step, then scale.
+        identity_mean (vs the training photos; no face counts 0), identity_heldout_mean (vs the
+        held-out photos; NaN without them), identity_pass_rate, memorised (images that are
+        near-copies of a training photo), clip_t_mean, clip_i_mean, diversity_mean; ordered by
+        step, then scale.
     """
     groups: dict[tuple, list[dict]] = {}
     unreadable: dict[tuple, int] = {}
@@ -46,7 +48,10 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
             "unreadable": unreadable.get((ckpt, scale), 0),
             "faces_found": sum(bool(r.get("face_found")) for r in rs) / len(rs),
             "identity_mean": _nanmean(r.get("identity") or 0.0 for r in rs),
+            # A no-face image holds 0 here too; NaN without held-out photos (every cell empty).
+            "identity_heldout_mean": _nanmean(r.get("identity_heldout") for r in rs),
             "identity_pass_rate": sum(bool(r.get("identity_pass")) for r in rs) / len(rs),
+            "memorised": sum(bool(r.get("memorised")) for r in rs),
             "clip_t_mean": _nanmean(r.get("clip_t") for r in rs),
             "clip_i_mean": _nanmean(r.get("clip_i") for r in rs),
             "diversity_mean": _nanmean(r.get("diversity") for r in rs),
@@ -65,6 +70,20 @@ def unreadable_rows(rows: Sequence[dict]) -> list[dict]:
     return [{"image": r.get("image"), "error": r["error"]} for r in rows if r.get("error")]
 
 
+def memorised_rows(rows: Sequence[dict]) -> list[dict]:
+    """The images flagged as near-copies of a training photo, most similar first.
+
+    Args:
+        rows: per-image rows, as in ``scores.csv``.
+
+    Returns:
+        ``{"image", "nearest_training_photo", "copy_similarity"}`` each.
+    """
+    found = [{"image": r.get("image"), "nearest_training_photo": r.get("nearest_training_photo"),
+              "copy_similarity": r.get("copy_similarity")} for r in rows if r.get("memorised")]
+    return sorted(found, key=lambda r: -(r["copy_similarity"] or 0.0))
+
+
 def is_finite_number(v) -> bool:
     """True for a real, finite number (not None, NaN, inf or a bool): a score that can be averaged or plotted."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
@@ -78,3 +97,15 @@ def is_base(s: dict) -> bool:
     """
     return s.get("scale") in (0, 0.0) or s.get("checkpoint") == "base"
 
+
+
+def rounded(v, digits: int = 5):
+    """A float rounded for a table or JSON (NaN becomes None: an empty cell, valid JSON); other values as they are.
+
+    Args:
+        v: a value of a summary row.
+        digits: decimals to keep.
+    """
+    if isinstance(v, float):
+        return None if math.isnan(v) else round(v, digits)
+    return v

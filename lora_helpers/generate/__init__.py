@@ -6,7 +6,7 @@ from lora_helpers.generate.grids import (
 )
 from lora_helpers.generate.images import GeneratedImage, fill_subject, generate_images, save_images
 from lora_helpers.generate.lora import (
-    LoraInfo, activate_lora, find_lora_file, fuse_lora, load_lora, unfuse_lora, unload_lora,
+    LoraInfo, activate_lora, find_lora_file, fuse_lora, load_lora, lora_digest, unfuse_lora, unload_lora,
 )
 from lora_helpers.generate.pipeline import MEMORY_SAVING_MODES, choose_base_model, describe_pipeline, load_pipeline
 from lora_helpers.generate.settings import (
@@ -21,5 +21,5 @@ __all__ = [
     "save_images", "scale_sweep",
     "MAX_SEED", "check_number", "check_prompts", "check_seed", "check_seeds", "check_size", "check_steps", "cli_type",
     "MEMORY_SAVING_MODES", "LoraInfo", "activate_lora", "choose_base_model", "describe_pipeline", "find_lora_file",
-    "fuse_lora", "load_lora", "load_pipeline", "unfuse_lora", "unload_lora",
+    "fuse_lora", "load_lora", "load_pipeline", "lora_digest", "unfuse_lora", "unload_lora",
 ]

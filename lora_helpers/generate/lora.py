@@ -14,12 +14,15 @@ never depends on which LoRA, scale or fuse state an earlier call left behind.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_helpers.core.embeddings import (PivotalEmbeddings, find_embedding_file, load_embeddings, read_embeddings,
+                                          unload_embeddings)
 from lora_helpers.core.fileio import sha256_file
 from lora_helpers.core.lora_check import check_lora_file
 from lora_helpers.core.lora_files import LoraFileError, LoraNotFoundError, quiet_diffusers
@@ -29,6 +32,7 @@ from lora_helpers.generate.settings import check_number
 __all__ = [
     "LoraInfo",
     "find_lora_file",
+    "lora_digest",
     "load_lora",
     "unload_lora",
     "fuse_lora",
@@ -109,6 +113,9 @@ class LoraInfo:
         rank: LoRA rank (largest, when layers differ).
         targets: component -> number of layers the LoRA changes.
         fused: True while the LoRA is fused into the weights (see :func:`fuse_lora`).
+        embeddings: the new tokens' embeddings saved beside the LoRA (pivotal tuning), or None;
+            they are put into the text encoders whenever this LoRA is active.
+        embedding_path: their file.
     """
 
     path: Path
@@ -122,6 +129,8 @@ class LoraInfo:
     rank: int | None = None
     targets: dict[str, int] = field(default_factory=dict)
     fused: bool = False
+    embeddings: PivotalEmbeddings | None = None
+    embedding_path: Path | None = None
 
     @property
     def name(self) -> str:
@@ -133,8 +142,20 @@ class LoraInfo:
 
     def __str__(self) -> str:
         where = f" from run {self.run_dir}" if self.run_dir else ""
+        tokens = f", new tokens {self.embedding_path.name}" if self.embedding_path else ""
         return (f"LoRA {self.path.name}{where}: {self.format} format, rank {self.rank}, layers {self.targets}, "
-                f"trigger {self.trigger!r}, scale {self.scale}{', fused' if self.fused else ''}")
+                f"trigger {self.trigger!r}, scale {self.scale}{tokens}{', fused' if self.fused else ''}")
+
+
+def lora_digest(path: str | os.PathLike) -> str:
+    """The key of a LoRA file in image caches: its SHA-256, combined with that of the new tokens'
+    embedding file beside it (pivotal tuning), since the images depend on both."""
+    path = Path(path)
+    digest = sha256_file(path)
+    embedding_path = find_embedding_file(path.parent)
+    if embedding_path is not None:
+        digest = hashlib.sha256(f"{digest}:{sha256_file(embedding_path)}".encode()).hexdigest()
+    return digest
 
 
 def _adapter_names(pipe) -> set[str]:
@@ -172,6 +193,9 @@ def load_lora(
     path, run_dir = find_lora_file(source)
     checked = check_lora_file(path, pipe)
     run_config = read_run_config(run_dir) if run_dir else {}
+    # pivotal tuning: the new tokens' embeddings sit beside the LoRA (run or checkpoint folder)
+    embedding_path = find_embedding_file(path.parent)
+    embeddings = read_embeddings(embedding_path) if embedding_path else None
     recorded_base = run_config.get("base_model")
     if recorded_base and str(recorded_base) != str(pipe.name_or_path):
         warnings.warn(f"{path.name} was trained on {recorded_base!r} but the pipeline is {pipe.name_or_path!r}; "
@@ -181,9 +205,10 @@ def load_lora(
     with quiet_diffusers():
         pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     info = LoraInfo(
-        path=path, sha256=sha256_file(path), adapter_name=adapter_name, scale=float(scale), format=checked["format"],
+        path=path, sha256=lora_digest(path), adapter_name=adapter_name, scale=float(scale), format=checked["format"],
         trigger=trigger or run_config.get("trigger") or checked["metadata"].get("trigger"), run_dir=run_dir,
-        run_config=run_config, rank=checked["rank"], targets=checked["targets"],
+        run_config=run_config, rank=checked["rank"], targets=checked["targets"], embeddings=embeddings,
+        embedding_path=embedding_path,
     )
     activate_lora(pipe, info, info.scale)
     return info
@@ -200,6 +225,7 @@ def unload_lora(pipe, lora: LoraInfo | str | None = None) -> None:
         pipe.unfuse_lora()
     pipe._lora_helpers_fused = None
     if lora is None:
+        _activate_embeddings(pipe, None)
         if _adapter_names(pipe):
             with quiet_diffusers():
                 pipe.unload_lora_weights()
@@ -234,6 +260,7 @@ def activate_lora(pipe, lora: LoraInfo | None, scale: float | None = None) -> No
         if lora.adapter_name not in _adapter_names(pipe):
             raise LoraFileError(lora.path, f"adapter {lora.adapter_name!r} is no longer loaded in this pipeline; "
                                            "call load_lora again")
+    _activate_embeddings(pipe, lora.embeddings if lora is not None else None)
     want = (lora.adapter_name, scale) if lora is not None and lora.fused else None
     have = getattr(pipe, "_lora_helpers_fused", None) if getattr(pipe, "fused_loras", None) else None
     if getattr(pipe, "fused_loras", None) and have != want:
@@ -252,6 +279,17 @@ def activate_lora(pipe, lora: LoraInfo | None, scale: float | None = None) -> No
             # set_adapters' weight is applied when fusing, so lora_scale stays 1.0
             pipe.fuse_lora(adapter_names=[lora.adapter_name], lora_scale=1.0)
         pipe._lora_helpers_fused = want
+
+
+def _activate_embeddings(pipe, embeddings: PivotalEmbeddings | None) -> None:
+    """Give the text encoders exactly these new tokens, or none (the base model, a LoRA without them)."""
+    loaded = getattr(pipe, "_lora_helpers_tokens", None)
+    if loaded and (embeddings is None or list(embeddings.tokens) != loaded):
+        unload_embeddings(pipe, loaded)
+        pipe._lora_helpers_tokens = None
+    if embeddings is not None:
+        load_embeddings(pipe, embeddings)  # rows overwritten in place when the tokens are there
+        pipe._lora_helpers_tokens = list(embeddings.tokens)
 
 
 def fuse_lora(pipe, lora: LoraInfo, scale: float | None = None) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "Alignment",
     "plan_alignment",
     "centre_alignment",
+    "resize_quality",
     "warp",
     "face_mask",
     "transform_points",
@@ -173,6 +174,27 @@ def centre_alignment(image_size: tuple[int, int], out_size: tuple[int, int]) -> 
     matrix = np.array([[scale, 0.0, (w - iw * scale) / 2.0 + 0.5 * scale - 0.5],
                        [0.0, scale, (h - ih * scale) / 2.0 + 0.5 * scale - 0.5]])
     return Alignment(matrix=matrix, out_size=out_size, scale=scale, angle=0.0)
+
+
+def resize_quality(alignment: Alignment) -> float:
+    """How much of a crop's detail is real, in [0, 1]: 1.0 for a crop cut from a large sharp photo.
+
+    ``resize_quality = (1 - padding) * min(1, 1 / scale)``: the share of output pixels that
+    come from the photo (not padding), times the photo pixels per output pixel (linear) in
+    the face region, capped at 1. With one similarity transform the density is the same
+    everywhere, so the face region's is ``1 / scale``; shrinking a photo (scale < 1) loses
+    nothing, enlarging it 1.25x leaves 0.8 of the detail real. Detail that a photo never
+    had (an upscaled or soft original) is not seen here: face clarity measures that.
+
+    Args:
+        alignment: from :func:`plan_alignment` or :func:`centre_alignment`.
+
+    Returns:
+        The score, rounded to 4 decimals.
+    """
+    real = 1.0 - float(np.clip(alignment.padding, 0.0, 1.0))
+    density = min(1.0, 1.0 / alignment.scale) if alignment.scale > 0 else 0.0
+    return round(real * density, 4)
 
 
 def warp(image, alignment: Alignment, *, resample: str = "lanczos", pad: str = "blur") -> np.ndarray:

@@ -49,6 +49,12 @@ class PrepareConfig:
         normalise: gentle gray-world white balance and CLAHE on lightness.
         backend: face backend name for :func:`lora_helpers.prepare.faces.get_backend`.
         detect_max_side: longest side for the first face-detection pass.
+        quality_threshold: resize quality (share of a crop's detail that is real, see
+            :func:`lora_helpers.prepare.align.resize_quality`) below which a crop gets a warning.
+        hold_out: photos kept out of training for the held-out likeness score: None (or
+            "auto") chooses (none below 8 usable photos, 1 from 8, 2 from 12; see
+            :mod:`lora_helpers.prepare.holdout`), 0 holds none out, a number holds that many.
+            Per-photo "hold_out" / "train" overrides win over the choice.
     """
 
     resolution: int = 1024
@@ -79,6 +85,8 @@ class PrepareConfig:
     normalise: bool = False
     backend: str = "dlib"
     detect_max_side: int = 1024
+    quality_threshold: float = 0.95
+    hold_out: int | None = None
 
     def __post_init__(self):
         if self.padding not in ("blur", "reflect"):
@@ -99,3 +107,12 @@ class PrepareConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.background_weight <= 1.0:
             raise ValueError(f"background_weight must be within 0..1, got {self.background_weight}")
+        if not 0.0 <= self.quality_threshold <= 1.0:
+            raise ValueError(f"quality_threshold must be within 0..1 (default 0.95), got {self.quality_threshold}")
+        if isinstance(self.hold_out, str):  # a form field or the command line: "auto", "0", "2"
+            text = self.hold_out.strip().lower()
+            self.hold_out = None if text in ("auto", "") else int(text) if text.isdigit() else self.hold_out
+        if self.hold_out is not None and (isinstance(self.hold_out, bool) or not isinstance(self.hold_out, int)
+                                          or self.hold_out < 0):
+            raise ValueError(f"hold_out must be 'auto' (None: choose from the number of photos), 0 (none) or a "
+                             f"number of photos, got {self.hold_out!r}")

@@ -191,17 +191,7 @@ def process_photo(path: Path, name: str, config: PrepareConfig, backend: FaceBac
     _describe_crop(rec, alignment, (width, height))
     eyes = align.transform_points(alignment.matrix, np.stack([face.left_eye, face.right_eye]))
     rec.crop.update(eye_x=float(eyes[:, 0].mean() + 0.5) / bucket[0], eye_y=float(eyes[:, 1].mean() + 0.5) / bucket[1])
-    if alignment.scale > 1.0 + 1e-3:
-        enlarged = f"enlarged {alignment.scale:.1f}x to fill {bucket[0]}x{bucket[1]} (limit {config.max_upscale:g}x)"
-        low_res = [i for i, (level, text) in enumerate(rec.issues) if text.startswith("low resolution")]
-        if low_res:  # one reason, not two, for the same lack of pixels
-            level, text = rec.issues[low_res[0]]
-            rec.issues[low_res[0]] = (level, f"{text}: {enlarged}")
-        else:
-            rec.add("warn", f"face {enlarged}; a closer or larger photo gives more detail")
-    if alignment.padding > 0.1:
-        fill = {"blur": "blurred", "reflect": "mirrored"}[config.padding]
-        rec.add("warn", f"the crop runs past the photo: {alignment.padding:.0%} of the image is {fill} padding ({', '.join(alignment.padding_sides)})")
+    _judge_resize(rec, alignment, config)
 
     # The costly part (identity embedding, Lanczos crop, PNG) only for photos still in the running.
     if any(level == "reject" for level, _ in rec.issues) and override != "accept":
@@ -215,6 +205,30 @@ def process_photo(path: Path, name: str, config: PrepareConfig, backend: FaceBac
     return rec
 
 
+def _judge_resize(rec: PhotoRecord, alignment: align.Alignment, config: PrepareConfig) -> None:
+    """Warn when less of the crop's detail is real than ``config.quality_threshold`` asks (enlarged or padded)."""
+    score = rec.resize_quality
+    if score is None or score >= config.quality_threshold:
+        return
+    w, h = alignment.out_size
+    parts = []
+    if alignment.scale > 1.0:
+        parts.append(f"the face is enlarged {alignment.scale:.2f}x to fill {w}x{h} (limit {config.max_upscale:g}x)")
+    if alignment.padding > 0:
+        fill = {"blur": "blurred", "reflect": "mirrored"}[config.padding]
+        parts.append(f"the crop runs past the photo, {alignment.padding:.0%} of it {fill} padding "
+                     f"({', '.join(alignment.padding_sides)})")
+    # three decimals: 0.946 must not read "0.95 is below 0.95"
+    text = (f"resize quality {score:.3f} is below {config.quality_threshold:g}: {' and '.join(parts)}; "
+            "a larger or closer photo gives more real detail")
+    low_res = [i for i, (level, t) in enumerate(rec.issues) if t.startswith("low resolution")]
+    if low_res:  # one reason, not two, for the same lack of pixels
+        level, t = rec.issues[low_res[0]]
+        rec.issues[low_res[0]] = (level, f"{t}: {text}")
+    else:
+        rec.add("warn", text)
+
+
 def _describe_crop(rec: PhotoRecord, alignment: align.Alignment, size: tuple[int, int]) -> None:
     rec.crop.update(
         bucket=f"{alignment.out_size[0]}x{alignment.out_size[1]}",
@@ -226,6 +240,7 @@ def _describe_crop(rec: PhotoRecord, alignment: align.Alignment, size: tuple[int
         padding_sides=",".join(alignment.padding_sides),
         quad=alignment.crop_quad().round(1).tolist(),
     )
+    rec.resize_quality = align.resize_quality(alignment)
     rec.metadata = _micro_conditioning(alignment, size)
 
 

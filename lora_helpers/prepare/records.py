@@ -41,6 +41,10 @@ class PhotoRecord:
     measures: dict = field(default_factory=dict)
     scores: dict = field(default_factory=dict)
     face_clarity_score: float | None = None
+    # Share of the crop's detail that is real (not padding, not enlarged): align.resize_quality.
+    resize_quality: float | None = None
+    # Kept out of training so evaluation can score likeness on a face the LoRA never saw.
+    held_out: bool = False
     crop: dict = field(default_factory=dict)
     duplicate_of: str | None = None
     image_file: str | None = None
@@ -78,6 +82,8 @@ class PrepareResult:
     reused: int = 0
     # What the person should know about the dataset folder (a crop renamed, a caption kept aside).
     messages: list[str] = field(default_factory=list)
+    # Which photos are held out of training, or why none is (lora_helpers.prepare.holdout).
+    held_out_message: str = ""
 
     @property
     def accepted(self) -> list[PhotoRecord]:
@@ -91,6 +97,11 @@ class PrepareResult:
     def skipped(self) -> list[PhotoRecord]:
         return [r for r in self.records if r.verdict == "skip"]
 
+    @property
+    def held_out(self) -> list[PhotoRecord]:
+        """Accepted photos kept out of training for the held-out likeness score."""
+        return [r for r in self.records if r.accepted and r.held_out]
+
     def record(self, file: str) -> PhotoRecord:
         """The record for an input file name."""
         for r in self.records:
@@ -99,12 +110,15 @@ class PrepareResult:
         raise KeyError(f"{file} is not among the prepared photos")
 
     def summary(self) -> str:
-        """One line per photo: verdict, file and reasons."""
+        """One line per photo (verdict, file, held out, reasons), then which photos are held out or why none is."""
         lines = [f"{len(self.accepted)} of {len(self.records)} files accepted -> {self.out_dir}"
                  + (f" ({len(self.records) - self.reused} photos redone, {self.reused} unchanged)" if self.reused else "")]
         for r in self.records:
             why = "; ".join(r.reasons)
-            lines.append(f"  {r.verdict:6s} {r.file}" + (f"  ({why})" if why else ""))
+            lines.append(f"  {r.verdict:6s} {r.file}" + (" [held out]" if r.accepted and r.held_out else "")
+                         + (f"  ({why})" if why else ""))
+        if self.held_out_message:
+            lines.append(self.held_out_message)
         lines += [f"note: {m}" for m in self.messages]
         return "\n".join(lines)
 

@@ -2,7 +2,8 @@
 
 The contact sheet puts every input file on one page with its verdict colour (green
 pass, orange warn, red reject, grey skip), the face box, the crop outline and the
-reasons, so a bad photo is spotted at a glance; report.csv has every number behind it.
+reasons, so a bad photo is spotted at a glance; a blue "HELD OUT" tag marks the photos
+kept out of training for the held-out likeness score. report.csv has every number behind it.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ __all__ = [
 ]
 
 VERDICT_COLOURS = {"pass": (46, 160, 67), "warn": (230, 145, 20), "reject": (210, 40, 40), "skip": (130, 130, 130)}
+HELD_OUT_COLOUR = (40, 90, 200)
+HELD_OUT_TAG = "HELD OUT"
 
 REPORT_COLUMNS = [
-    "file", "verdict", "reasons", "notes", "override", "mode", "original_width", "original_height", "faces",
-    "face_box", "detection_score", "face_clarity_score", "limited_by", "score_sharpness", "score_relative_sharpness",
+    "file", "verdict", "held_out", "reasons", "notes", "override", "mode", "original_width", "original_height", "faces",
+    "face_box", "detection_score", "face_clarity_score", "resize_quality", "limited_by", "score_sharpness", "score_relative_sharpness",
     "score_face_size", "score_exposure", "score_clipping", "sharpness", "sharpness_rel", "brightness",
     "clipped", "face_px", "face_share", "roll_degrees", "identity_similarity", "duplicate_of", "bucket", "crop_box",
     "rotation", "scale", "zoom", "padding", "padding_sides", "eye_x", "eye_y", "image", "mask",
@@ -56,10 +59,12 @@ def report_rows(result) -> list[dict[str, str]]:
         m, c = r.measures, r.crop
         w, h = r.original_size or (None, None)
         row = {
-            "file": r.file, "verdict": r.verdict, "reasons": "; ".join(r.reasons), "notes": "; ".join(r.notes),
+            "file": r.file, "verdict": r.verdict, "held_out": r.held_out if r.accepted else None,
+            "reasons": "; ".join(r.reasons), "notes": "; ".join(r.notes),
             "override": r.override, "mode": r.mode, "original_width": w, "original_height": h, "faces": r.faces,
             "face_box": r.face_box, "detection_score": m.get("detection_score"),
-            "face_clarity_score": r.face_clarity_score, "limited_by": m.get("limited_by"),
+            "face_clarity_score": r.face_clarity_score, "resize_quality": r.resize_quality,
+            "limited_by": m.get("limited_by"),
             **{f"score_{k}": r.scores.get(k) for k in ("sharpness", "relative_sharpness", "face_size", "exposure", "clipping")},
             "sharpness": m.get("sharpness"), "sharpness_rel": m.get("sharpness_rel"), "brightness": m.get("brightness"),
             "clipped": m.get("clipped"), "face_px": m.get("face_px"), "face_share": m.get("face_share"),
@@ -92,8 +97,9 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _tile(image, title: str, lines: list[str], colour, *, width: int = 240, image_height: int = 180, text_lines: int = 6):
-    """A framed picture with a title and wrapped text under it."""
+def _tile(image, title: str, lines: list[str], colour, *, width: int = 240, image_height: int = 180, text_lines: int = 6,
+          tag: str | None = None):
+    """A framed picture with a title and wrapped text under it, and ``tag`` on a blue label at its top left."""
     from PIL import Image, ImageDraw
 
     pad, line_h = 6, 14
@@ -113,7 +119,16 @@ def _tile(image, title: str, lines: list[str], colour, *, width: int = 240, imag
         wrapped = wrapped[: text_lines - 1] + ["..."]
     for i, text in enumerate(wrapped):
         draw.text((pad + 2, y + (i + 1) * line_h), text, fill=(60, 60, 60), font=_font(11))
+    if tag:
+        font = _font(12)
+        left, top, right, bottom = draw.textbbox((0, 0), tag, font=font)
+        draw.rectangle([4, 4, 4 + right - left + 10, 4 + bottom - top + 8], fill=HELD_OUT_COLOUR)
+        draw.text((9 - left, 8 - top), tag, fill=(255, 255, 255), font=font)
     return tile
+
+
+def _held_out(r) -> bool:
+    return r.accepted and r.held_out
 
 
 def _grid(tiles: list, columns: int, gap: int = 6):
@@ -150,7 +165,7 @@ def _annotated(r):
 
 
 def contact_sheet(result, *, columns: int = 5):
-    """Every input file with its verdict colour, face box, crop outline and reasons.
+    """Every input file with its verdict colour, face box, crop outline and reasons; held-out photos tagged.
 
     Returns:
         A PIL image.
@@ -158,13 +173,15 @@ def contact_sheet(result, *, columns: int = 5):
     tiles = []
     for r in result.records:
         score = f"  clarity {r.face_clarity_score:.2f}" if r.face_clarity_score is not None else ""
-        lines = [f"{r.verdict.upper()}{score}"] + r.reasons
-        tiles.append(_tile(_annotated(r), r.file, lines, VERDICT_COLOURS[r.verdict]))
+        held = ", held out of training" if _held_out(r) else ""
+        lines = [f"{r.verdict.upper()}{score}{held}"] + r.reasons
+        tiles.append(_tile(_annotated(r), r.file, lines, VERDICT_COLOURS[r.verdict],
+                           tag=HELD_OUT_TAG if _held_out(r) else None))
     return _grid(tiles, columns)
 
 
 def accepted_grid(result, *, columns: int = 4, masks: bool = False):
-    """The accepted training crops (as written to ``images/``) with their file names.
+    """The accepted crops (as written to ``images/``) with their file names; held-out ones tagged.
 
     Args:
         result: a :class:`lora_helpers.prepare.records.PrepareResult`.
@@ -185,7 +202,8 @@ def accepted_grid(result, *, columns: int = 4, masks: bool = False):
             im = Image.fromarray((np.asarray(im, dtype=np.float32) * (0.25 + 0.75 * weight[..., None])).astype(np.uint8))
         if im is not None and im.width > 512:
             im = im.reduce(max(1, im.width // 256))
-        tiles.append(_tile(im, r.file, [f"{r.verdict}  {r.crop.get('bucket', '')}"], VERDICT_COLOURS[r.verdict], text_lines=1))
+        tiles.append(_tile(im, r.file, [f"{r.verdict}  {r.crop.get('bucket', '')}"], VERDICT_COLOURS[r.verdict], text_lines=1,
+                           tag=HELD_OUT_TAG if _held_out(r) else None))
     return _grid(tiles, columns)
 
 

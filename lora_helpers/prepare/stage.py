@@ -18,6 +18,13 @@ has been measured: sharpness against the set's median, near-duplicates, and iden
 outliers (a friend's photo mixed in). A verdict can be overridden with ``overrides=``
 or an ``overrides.json`` in ``out_dir`` (``{"IMG_1.jpg": "accept" | "reject"}``).
 
+With 8 or more usable photos, 1 or 2 are held out: marked ``"held_out": true`` in
+``metadata.jsonl`` and left out of training, so evaluation can score likeness on faces the
+LoRA never saw (:mod:`~lora_helpers.prepare.holdout`; the overrides "hold_out" and "train"
+choose by hand). Every crop's ``resize_quality`` (how much of its detail is real, see
+:func:`~lora_helpers.prepare.align.resize_quality`) is recorded too, with a warning below
+``quality_threshold``.
+
 Background normalisation (replacing or evening out backgrounds) is deliberately left
 out: doing it well needs a segmentation model, and a poor cut-out teaches the LoRA
 halo artefacts. The face masks let the trainer down-weight the background instead.
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -49,6 +57,7 @@ from lora_helpers.core.run_folder import check_run_folder
 from lora_helpers.prepare import photo, report
 from lora_helpers.prepare.config import PrepareConfig
 from lora_helpers.prepare.faces import get_backend
+from lora_helpers.prepare.holdout import HOLD_OUT, TRAIN, choose_held_out
 from lora_helpers.prepare.judge import finalise, judge_set
 from lora_helpers.prepare.manifest import REPORT_FILES, Manifest
 from lora_helpers.prepare.outputs import name_outputs, record_reports, write_outputs
@@ -65,6 +74,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OVERRIDES_FILE = "overrides.json"
+VERDICT_OVERRIDES = ("accept", "reject")
+OVERRIDES = (*VERDICT_OVERRIDES, HOLD_OUT, TRAIN)
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,10 +89,10 @@ def read_overrides(out_dir: str | os.PathLike) -> dict[str, str]:
         out_dir: the dataset folder.
 
     Returns:
-        ``{"file name": "accept" | "reject"}``; empty when there is no file.
+        ``{"file name": "accept" | "reject" | "hold_out" | "train"}``; empty when there is no file.
 
     Raises:
-        ValueError: the file is not valid JSON or holds something other than accept/reject.
+        ValueError: the file is not valid JSON or holds another value.
     """
     path = Path(out_dir) / OVERRIDES_FILE
     if not path.exists():
@@ -98,7 +109,9 @@ def write_overrides(out_dir: str | os.PathLike, overrides: dict[str, str]) -> Pa
 
     Args:
         out_dir: the dataset folder.
-        overrides: ``{"file name": "accept" | "reject"}``; "auto", "" and "none" drop a file's override.
+        overrides: ``{"file name": "accept" | "reject" | "hold_out" | "train"}`` ("hold_out": keep the
+            photo out of training for the held-out score; "train": never hold it out); "auto", "" and
+            "none" drop a file's override.
 
     Returns:
         The path of ``overrides.json``.
@@ -109,14 +122,15 @@ def write_overrides(out_dir: str | os.PathLike, overrides: dict[str, str]) -> Pa
 
 def _check_overrides(data, where: str) -> dict[str, str]:
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping of file name to 'accept' or 'reject'")
+        raise ValueError(f"{where}: expected a mapping of file name to 'accept', 'reject', 'hold_out' or 'train'")
     out = {}
     for name, value in data.items():
-        value = str(value).strip().lower()
+        value = str(value).strip().lower().replace(" ", "_").replace("-", "_")
         if value in ("auto", "", "none"):
             continue
-        if value not in ("accept", "reject"):
-            raise ValueError(f"{where}: override for {name!r} must be 'accept' or 'reject', got {value!r}")
+        if value not in OVERRIDES:
+            raise ValueError(f"{where}: override for {name!r} must be 'accept' or 'reject' (the verdict), or "
+                             f"'hold_out' or 'train' (held out of training or not), got {value!r}")
         out[str(name)] = value
     return out
 
@@ -179,8 +193,8 @@ def prepare_photos(
             crops of photos no longer accepted are removed and their ``.txt`` captions
             moved to ``dropped/`` until the photo comes back.
         config: :class:`PrepareConfig`; default settings when None.
-        overrides: ``{"file name": "accept" | "reject"}``; merged over ``overrides.json``
-            in ``out_dir`` (what the notebook widgets save).
+        overrides: ``{"file name": "accept" | "reject" | "hold_out" | "train"}``; merged over
+            ``overrides.json`` in ``out_dir`` (what the notebook widgets save).
         progress: show a progress bar.
         backend: a face backend; default ``get_backend(config.backend)``.
         previous: the result of an earlier run on the same photos: photos whose file,
@@ -219,27 +233,32 @@ def prepare_photos(
     processed, reused = {}, 0
     for path, name in tqdm(list(zip(files, names)), desc="preparing photos", unit="photo", disable=not progress):
         override = merged.get(name) or merged.get(path.name)
-        key = _photo_key(path, config, override)
+        # Only a verdict override changes how a photo is processed; holding out is decided for the set.
+        verdict_override = override if override in VERDICT_OVERRIDES else None
+        key = _photo_key(path, config, verdict_override)
         earlier = previous.processed.get(name) if previous is not None else None
         if earlier is not None and earlier[0] == key:
             rec, reused = copy.deepcopy(earlier[1]), reused + 1
         else:
             try:
-                rec = photo.process_photo(path, name, config, backend, override)
+                rec = photo.process_photo(path, name, config, backend, verdict_override)
             except Exception as exc:  # one bad photo never stops the batch
                 log.exception("unexpected error while preparing %s", path)
-                rec = PhotoRecord(file=name, path=path, override=override)
+                rec = PhotoRecord(file=name, path=path, override=verdict_override)
                 rec.add("reject", f"unexpected error while processing ({type(exc).__name__}: {exc})")
             if _shown(path.name) != path.name:
                 rec.add("warn", f"file name {os.fsencode(path.name)!r} is not UTF-8 text; renaming the photo keeps "
                                 "names readable")
         processed[name] = (key, copy.deepcopy(rec))  # before judge_set adds set-level findings
+        rec.override = override
         records.append(rec)
 
     judge_set(records, config)
     for rec in records:
         finalise(rec)
-    result = PrepareResult(out_dir=out_dir, records=records, config=config, processed=processed, reused=reused)
+    held_out_message = choose_held_out(records, hold_out=config.hold_out)
+    result = PrepareResult(out_dir=out_dir, records=records, config=config, processed=processed, reused=reused,
+                           held_out_message=held_out_message)
     if not result.accepted:
         # An earlier dataset stays whole: an empty or mistaken photo folder must not wipe it.
         if manifest.has_dataset():
@@ -260,7 +279,8 @@ def _photo_key(path: Path, config: PrepareConfig, override: str | None) -> tuple
         stamp = (stat.st_size, stat.st_mtime_ns)
     except OSError:
         stamp = None
-    return (str(path.resolve()), stamp, repr(config), override)
+    # hold_out is a choice over the set: changing it must not redo every photo
+    return (str(path.resolve()), stamp, repr(dataclasses.replace(config, hold_out=None)), override)
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,6 +299,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--face-fraction", type=float, default=0.35, help="face size as a share of the short side (default 0.35)")
     parser.add_argument("--accept", action="append", default=[], metavar="FILE", help="accept this photo whatever the checks say (repeatable)")
     parser.add_argument("--reject", action="append", default=[], metavar="FILE", help="reject this photo (repeatable)")
+    parser.add_argument("--hold-out", default="auto", metavar="N",
+                        help="photos kept out of training for the held-out likeness score: 'auto' (none below 8 "
+                             "usable photos, 1 from 8, 2 from 12), 0 for none, or a number")
+    parser.add_argument("--hold-out-photo", action="append", default=[], metavar="FILE",
+                        help="hold this photo out of training (repeatable)")
+    parser.add_argument("--train-photo", action="append", default=[], metavar="FILE",
+                        help="never hold this photo out: always train on it (repeatable)")
+    parser.add_argument("--quality-threshold", type=float, default=0.95,
+                        help="warn about crops whose resize quality (share of real detail) is below this (default 0.95)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -289,17 +318,24 @@ def run_cli(args: argparse.Namespace) -> int:
         args: arguments parsed with the flags of :func:`add_cli_arguments`.
 
     Returns:
-        The exit code: 0 done, 1 no photo is usable, 2 a missing folder or a bad override.
+        The exit code: 0 done, 1 no photo is usable, 2 a missing folder, a bad override or setting.
     """
-    config = PrepareConfig(
-        resolution=args.resolution or default_resolution(),
-        square_only=args.square,
-        normalise=args.normalise,
-        background_weight=args.background_weight,
-        clarity_pass=args.clarity_pass,
-        face_fraction=args.face_fraction,
-    )
-    overrides = {**{f: "accept" for f in args.accept}, **{f: "reject" for f in args.reject}}
+    try:
+        config = PrepareConfig(
+            resolution=args.resolution or default_resolution(),
+            square_only=args.square,
+            normalise=args.normalise,
+            background_weight=args.background_weight,
+            clarity_pass=args.clarity_pass,
+            face_fraction=args.face_fraction,
+            quality_threshold=args.quality_threshold,
+            hold_out=args.hold_out,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    overrides = {**{f: "accept" for f in args.accept}, **{f: "reject" for f in args.reject},
+                 **{f: HOLD_OUT for f in args.hold_out_photo}, **{f: TRAIN for f in args.train_photo}}
     try:
         result = prepare_photos(args.photos_dir, args.out_dir, config=config, overrides=overrides, progress=not args.no_progress)
     except NoPhotosAcceptedError as exc:

@@ -10,10 +10,13 @@ most memory. This module says how much each block holds (relative figures from t
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 from lora_helpers.core.lora_files import UNET_TARGET_MODULES
 
 __all__ = ["RESNET_SAVED_ELEMENTS", "TRANSFORMER_SAVED_ELEMENTS", "unet_blocks", "block_units", "block_activation_weights",
-           "checkpointed_blocks", "unchecked_share", "checkpointing_label"]
+           "checkpointing_setting", "checkpointed_blocks", "unchecked_share", "checkpointing_label"]
 
 # What leaving one top-level UNet block un-checkpointed adds, per (level pixels x channels) element
 # of each unit in it where gradients flow, in elements of the activation dtype: a ResNet block and a
@@ -101,6 +104,23 @@ def block_activation_weights(unet_config: dict, target_modules: tuple[str, ...] 
             for block, (r, t) in block_units(unet_config, target_modules).items()}
 
 
+def checkpointing_setting(value: Any) -> str | int:
+    """A ``gradient_checkpointing`` value as "auto", "all", "none" or a block count (True/False from older configs).
+
+    Raises:
+        ValueError: naming the setting and the values it takes.
+    """
+    if isinstance(value, bool):
+        return "all" if value else "none"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, numbers.Integral) and value >= 0:
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in ("auto", "all", "none"):
+        return value.strip().lower()
+    raise ValueError(f"gradient_checkpointing must be auto, all, none or a number of UNet blocks (e.g. 4), not {value!r}")
+
+
 def checkpointed_blocks(unet_config: dict, setting: bool | str | int,
                         target_modules: tuple[str, ...] = UNET_TARGET_MODULES) -> list[str]:
     """The UNet blocks that a ``gradient_checkpointing`` setting checkpoints, the most memory-hungry first.
@@ -116,14 +136,10 @@ def checkpointed_blocks(unet_config: dict, setting: bool | str | int,
     """
     weights = block_activation_weights(unet_config, target_modules)
     order = sorted(weights, key=lambda block: -weights[block])  # stable: ties keep the forward order
-    if setting is True or setting == "all":
-        return order
-    if setting is False or setting == "none":
-        return []
-    if isinstance(setting, int):
-        return order[:max(setting, 0)]
-    raise ValueError(f"gradient_checkpointing must be 'all', 'none' or a number of blocks here, not {setting!r} "
-                     "('auto' is decided by the plan first)")
+    setting = checkpointing_setting(setting)
+    if setting == "auto":
+        raise ValueError("gradient_checkpointing='auto' is decided by the memory plan first (plan_memory)")
+    return order if setting == "all" else [] if setting == "none" else order[:setting]
 
 
 def unchecked_share(unet_config: dict, setting: bool | str | int,

@@ -20,6 +20,7 @@ import torch
 
 from lora_helpers.core.config import HUB_MODELS, resolve_models, smoke_mode
 from lora_helpers.core.lora_files import UNET_TARGET_MODULES
+from lora_helpers.train.block_memory import checkpointing_setting
 
 __all__ = [
     "PRESETS",
@@ -32,8 +33,7 @@ __all__ = [
 ]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Colab's free T4: fp16 only (no bf16), 8 GB of its 15 GB budgeted, 12.7 GB host RAM.
-    # Checkpointing only the UNet blocks the budget requires (most of them at 1024 px).
+    # Colab's free T4: fp16 only (no bf16), 8 GB of its 15 GB budgeted (checkpointing what it requires), 12.7 GB host RAM.
     "t4-8gb": dict(resolution=1024, train_batch_size="auto", lora_rank=16, learning_rate=1e-4, mixed_precision="fp16",
                    gradient_checkpointing="auto", optimizer="auto", memory_budget_gb=8.0, host_memory_budget_gb=12.7,
                    checkpointing_steps=200,
@@ -63,9 +63,8 @@ class TrainConfig:
         vae: VAE for encoding and validation images: "auto" (the fp16-fix VAE for fp16 on
             CUDA, the model's own VAE in fp32 otherwise), a hub id/folder, or None (model's, fp32).
         resolution: training side in px; images keep their aspect bucket of that area.
-        train_batch_size: images per micro-batch, or "auto": the memory plan takes a larger micro-batch
-            where the budget has room and nothing needs checkpointing (the same effective batch with
-            gradient accumulation, else 2), else 1. A number is kept as it is.
+        train_batch_size: images per micro-batch, or "auto": larger where the plan has room and nothing needs
+            checkpointing (the same effective batch with gradient accumulation, else 2), else 1.
         gradient_accumulation_steps: micro-batches per optimizer step.
         max_train_steps: optimizer steps; None: ``steps_per_image`` x images, clamped to
             [min_auto_steps, max_auto_steps].
@@ -74,13 +73,17 @@ class TrainConfig:
         lora_rank, lora_alpha, lora_dropout, target_modules: the UNet LoRA (alpha None = rank).
         train_text_encoder, text_encoder_lr: also train LoRAs on both text encoders (more memory;
             captions are then encoded every step).
+        pivotal_tokens, pivotal_lr, pivotal_freeze_fraction: pivotal tuning: this many new tokens
+            (``<s0><s1>``) replace the identifier in every caption and the trigger, and their
+            embeddings in both text encoders train (at ``pivotal_lr``) with the UNet LoRA for the
+            first ``pivotal_freeze_fraction`` of the steps, then freeze. 0: off. The text encoders
+            stay on the GPU (frozen) until then; the embeddings are saved beside the LoRA.
         mixed_precision: "fp16", "bf16", "no" or "auto" (bf16 where supported, else fp16); on CPU
             "no", except "bf16" asked for by name (fast on CPUs with AVX-512 BF16 or AMX). The frozen
             UNet takes this dtype; LoRA weights stay fp32.
-        gradient_checkpointing: recompute activations in the backward pass (less memory, slower steps):
-            "auto" (the fewest UNet blocks that fit the memory budget, the most memory-hungry first;
-            none without a budget), "all" (or True), "none" (or False), or a number of UNet blocks.
-            The plan (``plan_memory``) names the blocks.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, slower steps): "auto"
+            (the fewest UNet blocks that fit the budget, the most memory-hungry first, as the plan says; none
+            without a budget), "all" (or True), "none" (or False), or a number of UNet blocks.
         compile_unet: ``torch.compile`` the UNet (a one-time compile of a minute or more; see
             ``benchmarks/bench_step.py`` for whether it pays off on a machine).
         optimizer: "auto" (8-bit AdamW on CUDA, AdamW elsewhere), "adamw8bit", "adamw".
@@ -100,6 +103,9 @@ class TrainConfig:
             images are generated with the base model into ``class_data_dir`` (default run/class_images).
         use_masks, background_weight: weight the loss by the face masks; outside the face
             the weight is ``background_weight`` (1 = no effect).
+        min_resize_quality: skip crops whose ``resize_quality`` (share of real detail, recorded
+            by prepare; 1.0 when absent) is below this; 0 keeps all.
+        weight_by_resize_quality: scale each image's loss by its ``resize_quality``.
         snr_gamma: min-SNR-gamma loss weighting (None: off).
         noise_offset: offset noise strength (0: off).
         seed: seeds the LoRA init, data order, noise and timesteps.
@@ -137,6 +143,9 @@ class TrainConfig:
     target_modules: tuple[str, ...] = UNET_TARGET_MODULES
     train_text_encoder: bool = False
     text_encoder_lr: float = 5e-5
+    pivotal_tokens: int = 0
+    pivotal_lr: float = 3e-4
+    pivotal_freeze_fraction: float = 0.5
     mixed_precision: str = "fp16"
     gradient_checkpointing: str | int | bool = "auto"
     compile_unet: bool = False
@@ -160,6 +169,8 @@ class TrainConfig:
     class_inference_steps: int = 25
     use_masks: bool = True
     background_weight: float = 0.5
+    min_resize_quality: float = 0.0
+    weight_by_resize_quality: bool = False
     snr_gamma: float | None = 5.0
     noise_offset: float = 0.0
     seed: int = 0
@@ -220,12 +231,14 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be fp16, bf16, no or auto, not {self.mixed_precision!r}")
         if self.optimizer not in ("auto", "adamw8bit", "adamw"):
             raise ValueError(f"optimizer must be auto, adamw8bit or adamw, not {self.optimizer!r}")
-        self.gradient_checkpointing = _checkpointing_setting(self.gradient_checkpointing)
+        self.gradient_checkpointing = checkpointing_setting(self.gradient_checkpointing)
         if self.unet_8bit and self.unet_4bit:
             raise ValueError("unet_8bit and unet_4bit: choose one (unet_4bit needs less memory)")
         self._check_numbers()
         if not 0.0 <= self.background_weight <= 1.0:
             raise ValueError(f"background_weight must be in [0, 1], not {self.background_weight}")
+        if not 0.0 <= self.min_resize_quality <= 1.0:
+            raise ValueError(f"min_resize_quality must be in [0, 1] (0 keeps every crop), not {self.min_resize_quality}")
 
     def _check_numbers(self) -> None:
         """Refuse values that would train nothing, or fail only after the models are loaded.
@@ -247,7 +260,13 @@ class TrainConfig:
         if self.lora_alpha is not None and not positive(self.lora_alpha):
             raise ValueError(f"lora_alpha must be above 0 (or None for the rank, {self.lora_rank}), "
                              f"not {self.lora_alpha}")
-        for name, example in (("learning_rate", "1e-4"), ("text_encoder_lr", "5e-5")):
+        if isinstance(self.pivotal_tokens, bool) or not isinstance(self.pivotal_tokens, int) \
+                or not 0 <= self.pivotal_tokens <= 8:
+            raise ValueError(f"pivotal_tokens must be a whole number from 0 (off) to 8 (e.g. 2), not {self.pivotal_tokens!r}")
+        if not (isinstance(self.pivotal_freeze_fraction, (int, float)) and 0 < self.pivotal_freeze_fraction <= 1):
+            raise ValueError("pivotal_freeze_fraction must be above 0 and at most 1 (e.g. 0.5: the new tokens train "
+                             f"for the first half of the steps), not {self.pivotal_freeze_fraction!r}")
+        for name, example in (("learning_rate", "1e-4"), ("text_encoder_lr", "5e-5"), ("pivotal_lr", "3e-4")):
             if not positive(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number above 0 (e.g. {example}), not {getattr(self, name)}")
         if self.resolution <= 0 or self.resolution % 8:
@@ -296,6 +315,7 @@ class TrainResult:
         samples: validation grids, in step order.
         validation: one dict per validation (step, grid, hook values).
         hub_url: where the run was pushed, or None.
+        embedding_path: the new tokens' embeddings (pivotal tuning), or None.
     """
 
     run_dir: Path
@@ -312,6 +332,7 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)
     hub_url: str | None = None
+    embedding_path: Path | None = None
 
 
 class TrainingDivergedError(RuntimeError):
@@ -320,19 +341,6 @@ class TrainingDivergedError(RuntimeError):
 
 class TrainingOutOfMemoryError(RuntimeError):
     """The GPU (or host) ran out of memory; the message says what to change."""
-
-
-def _checkpointing_setting(value: Any) -> str | int:
-    """``gradient_checkpointing`` as "auto", "all", "none" or a block count (True/False from older configs)."""
-    if isinstance(value, bool):
-        return "all" if value else "none"
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, numbers.Integral) and value >= 0:
-        return int(value)
-    if isinstance(value, str) and value.strip().lower() in ("auto", "all", "none"):
-        return value.strip().lower()
-    raise ValueError(f"gradient_checkpointing must be auto, all, none or a number of UNet blocks (e.g. 4), not {value!r}")
 
 
 def auto_steps(n_images: int, config: TrainConfig) -> int:

@@ -31,8 +31,8 @@ from typing import Any
 
 from lora_helpers.core.lora_files import UNET_TARGET_MODULES
 from lora_helpers.core.runtime import available_host_memory_gb
-from lora_helpers.train.block_memory import checkpointing_label, unchecked_share
-from lora_helpers.train.model_size import count_unet_parameters, unet_config_for, vae_parameters
+from lora_helpers.train.block_memory import checkpointing_label, checkpointing_setting, unchecked_share
+from lora_helpers.train.model_size import count_unet_parameters, text_encoder_parameters, unet_config_for, vae_parameters
 
 __all__ = [
     "GB",
@@ -59,7 +59,7 @@ INFERENCE_FRACTION = 0.33
 CUDA_ACTIVATION_FACTOR = 1.5  # fp32 GroupNorm outputs under autocast, workspaces in backward
 CUDA_OVERHEAD_GB = 0.5  # cuBLAS/cuDNN workspaces, allocator rounding and fragmentation
 HOST_BASELINE_GB = 1.5  # Python, torch, CUDA runtime in host RAM
-_SDXL_TEXT_ENCODER_PARAMS = 123_060_480 + 694_659_840  # CLIP ViT-L text + OpenCLIP bigG text
+_PIVOTAL_TEXT_ACTIVATIONS_GB = (20_040_729 + 63_493_369) / 2**30  # per caption, bf16 (see estimate_peak_memory)
 
 
 class HostMemoryError(RuntimeError):
@@ -174,7 +174,8 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
                          weight_dtype: str = "fp16", unet_8bit: bool = False, unet_4bit: bool = False,
                          gradient_checkpointing: bool | str | int = True,
                          optimizer: str = "adamw8bit", train_text_encoder: bool = False,
-                         text_encoder_rank: int | None = None, prior_preservation: bool = False,
+                         text_encoder_rank: int | None = None, pivotal_tokens: int = 0,
+                         prior_preservation: bool = False,
                          device_type: str = "cuda", budget_gb: float | None = None) -> MemoryPlan:
     """Estimate the peak GPU memory of a LoRA training run without loading any weights.
 
@@ -195,6 +196,8 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
         optimizer: "adamw8bit" (2 bytes of state per LoRA parameter) or "adamw" (8 bytes).
         train_text_encoder: both text encoders stay on the GPU with their own LoRA.
         text_encoder_rank: their LoRA rank (default ``lora_rank``).
+        pivotal_tokens: new tokens trained in both (frozen) text encoders: the encoders stay on the
+            GPU, and their activations are kept for the backward pass, until the tokens freeze.
         prior_preservation: a class image per step (a second forward/backward, not a larger batch).
         device_type: "cuda" adds workspaces and allocator slack; "cpu" does not.
         budget_gb: recorded in the plan for :func:`check_budget`.
@@ -202,8 +205,7 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
     Returns:
         A :class:`MemoryPlan`.
     """
-    if isinstance(gradient_checkpointing, bool):
-        gradient_checkpointing = "all" if gradient_checkpointing else "none"
+    gradient_checkpointing = checkpointing_setting(gradient_checkpointing)  # True/False: "all"/"none"
     inputs = dict(locals())
     if unet_config is None:
         if model is None:
@@ -229,8 +231,16 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
         te_rank = text_encoder_rank or lora_rank
         # q, k, v, out projections of every layer: 4 * 2 * hidden * rank per layer (768 x 12 and 1280 x 32)
         n_te_lora = te_rank * 8 * (768 * 12 + 1280 * 32)
-        items[f"text encoders ({weight_dtype}, frozen)"] = _SDXL_TEXT_ENCODER_PARAMS * wbytes / GB
+        items[f"text encoders ({weight_dtype}, frozen)"] = text_encoder_parameters(model) * wbytes / GB
         n_lora += n_te_lora
+    elif pivotal_tokens:
+        # (not counted in the validation peak: the encoders leave the GPU while images are made)
+        items[f"new tokens: text encoders ({weight_dtype}, frozen, until the tokens freeze)"] = \
+            text_encoder_parameters(model) * wbytes / GB
+        # saved for the backward pass to the new rows: 20 MB (CLIP-L) + 63 MB (CLIP-G) per caption in
+        # 2-byte precision, measured with saved-tensor hooks on the full-size encoders
+        items["new tokens: text-encoder activations"] = _PIVOTAL_TEXT_ACTIVATIONS_GB * batch_size * (wbytes / 2)
+        n_lora += pivotal_tokens * (768 + 1280)
     items["LoRA weights + gradients (fp32)"] = n_lora * 8 / GB
     items[f"optimizer state ({optimizer})"] = n_lora * state_bytes / GB
     if wbytes == 2:
@@ -257,8 +267,8 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
     validation_peak = persistent + vae_weights + decode + inference + (CUDA_OVERHEAD_GB if device_type == "cuda" else 0)
 
     biggest = counts["total"] * wbytes / GB
-    if train_text_encoder:
-        biggest += _SDXL_TEXT_ENCODER_PARAMS * wbytes / GB
+    if train_text_encoder or pivotal_tokens:
+        biggest += text_encoder_parameters(model) * wbytes / GB
     host_peak = biggest + HOST_BASELINE_GB
     notes = ["activation figures are measured on CPU in bf16 (benchmarks/bench_activations.py); the CUDA factor and "
              "overhead are assumptions until measured on a GPU (benchmarks/gpu_check.py)"]
@@ -284,6 +294,7 @@ _ALTERNATIVES: list[tuple[str, dict, str]] = [
     ("optimizer", {"optimizer": "adamw8bit"}, "use 8-bit AdamW (optimizer='adamw8bit', needs CUDA + bitsandbytes)"),
     ("batch_size", {"batch_size": 1}, "batch 1 (keep the effective batch with gradient_accumulation_steps)"),
     ("train_text_encoder", {"train_text_encoder": False}, "train the UNet only (train_text_encoder=False)"),
+    ("pivotal_tokens", {"pivotal_tokens": 0}, "train without new tokens (pivotal_tokens=0)"),
     ("weight_dtype", {"weight_dtype": "fp16"}, "keep the frozen UNet in fp16 (mixed_precision='fp16')"),
     ("lora_rank", {"lora_rank": 8}, "a smaller LoRA (lora_rank=8)"),
     ("unet_8bit", {"unet_8bit": True}, "store the frozen UNet in 8 bits (unet_8bit=True)"),

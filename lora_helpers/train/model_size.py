@@ -16,9 +16,10 @@ from lora_helpers.core.config import HUB_MODELS
 from lora_helpers.core.lora_files import UNET_TARGET_MODULES
 from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
 
-__all__ = ["unet_config_for", "count_unet_parameters", "vae_parameters"]
+__all__ = ["unet_config_for", "count_unet_parameters", "vae_parameters", "text_encoder_parameters"]
 
 _SDXL_VAE_PARAMS = 83_653_863
+_SDXL_TEXT_ENCODER_PARAMS = 123_060_480 + 694_659_840  # CLIP ViT-L text + OpenCLIP bigG text
 
 
 def unet_config_for(model: str) -> dict:
@@ -61,6 +62,26 @@ def vae_parameters(model: str | None) -> int:
     with torch.device("meta"):
         vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     return sum(p.numel() for p in vae.parameters())
+
+
+@functools.lru_cache(maxsize=16)
+def text_encoder_parameters(model: str | None) -> int:
+    """Parameters of both text encoders, from their configs on the meta device (SDXL's when unknown)."""
+    if model is None or str(model) == HUB_MODELS.sdxl:
+        return _SDXL_TEXT_ENCODER_PARAMS
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    total = 0
+    for subfolder, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                config = CLIPTextConfig.from_pretrained(model, subfolder=subfolder)
+        except (OSError, ValueError, EnvironmentError):
+            return _SDXL_TEXT_ENCODER_PARAMS
+        with torch.device("meta"):
+            total += sum(p.numel() for p in cls(config).parameters())
+    return total
 
 
 @functools.lru_cache(maxsize=16)

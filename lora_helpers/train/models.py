@@ -18,6 +18,7 @@ from lora_helpers.core.lora_files import TEXT_ENCODER_TARGET_MODULES, add_text_e
 from lora_helpers.train.block_memory import checkpointed_blocks
 from lora_helpers.train.config import TrainConfig
 from lora_helpers.train.latents import load_component
+from lora_helpers.train.pivotal import PivotalState, add_pivotal_tokens
 
 __all__ = ["TrainingModels", "weight_dtype", "build_models", "enable_block_checkpointing", "encode_live"]
 
@@ -40,6 +41,7 @@ class TrainingModels:
         params: the trainable (LoRA) parameters, for gradient clipping.
         optimizer, lr_scheduler: AdamW (8-bit on CUDA) and its schedule.
         noise_scheduler: the model's DDPM scheduler (noise levels of the training).
+        pivotal: the new tokens and their trainable rows (pivotal tuning), or None.
     """
 
     unet: Any
@@ -49,14 +51,16 @@ class TrainingModels:
     optimizer: Any
     lr_scheduler: Any
     noise_scheduler: Any
+    pivotal: PivotalState | None = None
 
 
-def build_models(cfg: TrainConfig, accelerator) -> TrainingModels:
+def build_models(cfg: TrainConfig, accelerator, *, class_noun: str = "person") -> TrainingModels:
     """Load the frozen UNet, add the LoRA, and prepare models and optimizer with accelerate.
 
     Args:
         cfg: a resolved config (model, precision, optimizer, steps and warm-up filled in).
         accelerator: the run's ``accelerate.Accelerator``.
+        class_noun: the new tokens of pivotal tuning start from this word's embedding.
 
     Returns:
         A :class:`TrainingModels`, in training mode.
@@ -79,10 +83,14 @@ def build_models(cfg: TrainConfig, accelerator) -> TrainingModels:
     unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA: no attention matrix in memory
     unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                 init_lora_weights="gaussian", target_modules=list(cfg.target_modules)))
-    models, tokenizers = [unet], (None, None)
+    models, tokenizers, text_encoders = [unet], (None, None), None
     if cfg.train_text_encoder:
         text_encoders, tokenizers = _load_text_encoders(cfg, device, dtype)
         models += text_encoders
+    elif cfg.pivotal_tokens:
+        # frozen, not wrapped by accelerate: only the new rows train, and their gradients are
+        # averaged over processes by the step (DDP would wait for rows that stop training)
+        text_encoders, tokenizers = _load_text_encoders(cfg, device, dtype, lora=False)
     # LoRA weights in fp32 under an fp16 UNet: fp16 gradients cannot be unscaled by the GradScaler
     cast_training_params(models, dtype=torch.float32)
     if enable_block_checkpointing(unet, checkpointed_blocks(dict(unet.config), cfg.gradient_checkpointing,
@@ -93,6 +101,11 @@ def build_models(cfg: TrainConfig, accelerator) -> TrainingModels:
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
     for te in models[1:]:
         groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": cfg.text_encoder_lr})
+    pivotal = None
+    if cfg.pivotal_tokens:
+        pivotal = add_pivotal_tokens(text_encoders, tokenizers, n_tokens=cfg.pivotal_tokens, init_word=class_noun,
+                                     seed=cfg.seed, freeze_step=round(cfg.max_train_steps * cfg.pivotal_freeze_fraction))
+        groups.append({"params": pivotal.params, "lr": cfg.pivotal_lr, "name": "pivotal"})
     optimizer = _make_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps)
@@ -102,9 +115,10 @@ def build_models(cfg: TrainConfig, accelerator) -> TrainingModels:
         m.train()
     if cfg.compile_unet:  # the training step runs the compiled UNet; saving and validation unwrap it (accelerate)
         prepared = (torch.compile(prepared[0]), *prepared[1:])
-    return TrainingModels(unet=prepared[0], text_encoders=tuple(prepared[1:3]) if cfg.train_text_encoder else (None, None),
-                          tokenizers=tokenizers, params=[p for g in groups for p in g["params"]],
-                          optimizer=prepared[-1], lr_scheduler=lr_scheduler, noise_scheduler=noise_scheduler)
+    encoders = tuple(prepared[1:3]) if cfg.train_text_encoder else tuple(text_encoders or (None, None))
+    return TrainingModels(unet=prepared[0], text_encoders=encoders, tokenizers=tokenizers,
+                          params=[p for g in groups for p in g["params"]], optimizer=prepared[-1],
+                          lr_scheduler=lr_scheduler, noise_scheduler=noise_scheduler, pivotal=pivotal)
 
 
 def enable_block_checkpointing(unet, blocks: list[str]) -> bool:
@@ -131,7 +145,8 @@ def enable_block_checkpointing(unet, blocks: list[str]) -> bool:
     return True
 
 
-def _load_text_encoders(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[list, tuple]:
+def _load_text_encoders(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, *,
+                        lora: bool = True) -> tuple[list, tuple]:
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -139,6 +154,9 @@ def _load_text_encoders(cfg: TrainConfig, device: torch.device, dtype: torch.dty
     te2 = load_component(CLIPTextModelWithProjection, cfg.model, subfolder="text_encoder_2", dtype=dtype).to(device)
     for te in (te1, te2):
         te.requires_grad_(False)
+        if not lora:
+            te.eval()  # frozen: no dropout, whatever the model's config says
+            continue
         add_text_encoder_lora(te, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
                                              target_modules=_TEXT_ENCODER_TARGETS))
     tokenizers = (CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer"),

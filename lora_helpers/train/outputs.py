@@ -180,7 +180,7 @@ from diffusers import StableDiffusionXLPipeline
 
 pipe = StableDiffusionXLPipeline.from_pretrained("{base_model}", dtype=torch.float16).to("cuda")
 pipe.load_lora_weights("{run_name}")  # this folder, or the Hub repo it was pushed to
-image = pipe("a photo of {trigger} in a garden", num_inference_steps=30).images[0]
+{embeddings_code}image = pipe("a photo of {trigger} in a garden", num_inference_steps=30).images[0]
 ```
 
 ## Use with ComfyUI, AUTOMATIC1111 / Forge or kohya sd-scripts
@@ -189,13 +189,13 @@ image = pipe("a photo of {trigger} in a garden", num_inference_steps=30).images[
 
 - **ComfyUI**: put the file in `ComfyUI/models/loras/`, add a **Load LoRA** node between
   the checkpoint loader and the sampler, choose `{kohya_name}` in it, and write
-  `a photo of {trigger}` in the prompt.
+  `a photo of {comfy_trigger}` in the prompt.
 - **AUTOMATIC1111 / Forge**: put the file in `models/Lora/` and write
-  `<lora:{kohya_stem}:1> a photo of {trigger}` in the prompt.
+  `<lora:{kohya_stem}:1> a photo of {a1111_trigger}` in the prompt.
 - **kohya sd-scripts**: merge it into the base model with
   `python networks/sdxl_merge_lora.py --sd_model sd_xl_base_1.0.safetensors --models {kohya_name} --ratios 1 --save_to merged.safetensors`,
   or train on from it with `--network_weights {kohya_name}`.
-
+{embeddings_text}
 ## Training
 
 | setting | value |
@@ -205,6 +205,7 @@ image = pipe("a photo of {trigger} in a garden", num_inference_steps=30).images[
 | steps | {steps} (batch {batch} x {accum} accumulation) |
 | learning rate | {lr} ({scheduler}) |
 | LoRA | rank {rank}, alpha {alpha}, on {targets}{te} |
+| new tokens | {pivotal} |
 | precision | {precision}, gradient checkpointing {gc}, optimizer {optimizer} |
 | loss | min-SNR-gamma {snr}, face-mask background weight {bg}, noise offset {offset} |
 | prior preservation | {prior} |
@@ -219,7 +220,8 @@ Made with `lora_helpers` (`python -m lora_helpers train`).
 def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, n_images: int, steps: int,
                      kohya_path: Path, sample_grid: Path | None, estimated_gb: float,
                      measured_gb: float | None, seconds_per_step: float | None,
-                     resumes: Sequence[dict] = ()) -> Path:
+                     resumes: Sequence[dict] = (), embedding_path: Path | None = None,
+                     tokens: Sequence[str] = ()) -> Path:
     """Write the model card ``README.md`` (Hub front matter, trigger, usage, settings, samples).
 
     Args:
@@ -229,6 +231,7 @@ def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, 
         kohya_path, sample_grid: the kohya file and the last validation grid (or None).
         estimated_gb, measured_gb, seconds_per_step: memory and speed figures.
         resumes: ``{"from", "step", "changed"}`` of each resume, so settings changed part-way are stated.
+        embedding_path, tokens: the embedding file and token names of pivotal tuning (None: none).
 
     Returns:
         The path.
@@ -239,6 +242,9 @@ def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, 
         rel = sample_grid.relative_to(run_dir).as_posix()
         samples = f"![validation samples at the last step]({rel})"
     te = " and both text encoders" if config.get("train_text_encoder") else ""
+    pivotal = _pivotal_card(embedding_path, list(tokens), trigger, config) if embedding_path else {
+        "embeddings_code": "", "embeddings_text": "", "comfy_trigger": trigger, "a1111_trigger": trigger,
+        "pivotal": "none (the identifier is a rare word)"}
     text = _CARD.format(
         base_model=config.get("model"), trigger=trigger, title=f"LoRA: {trigger}", samples=samples,
         run_name=run_dir.name, kohya_name=kohya_path.name, kohya_stem=kohya_path.stem, n_images=n_images,
@@ -254,7 +260,7 @@ def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, 
                if config.get("with_prior_preservation") else "off"),
         estimate=f"{estimated_gb:.2f} GB", measured="not measured (CPU)" if measured_gb is None else f"{measured_gb:.2f} GB",
         seconds_per_step="?" if seconds_per_step is None else f"{seconds_per_step:.3f}",
-        resumed="".join(_resume_row(r) for r in resumes),
+        resumed="".join(_resume_row(r) for r in resumes), **pivotal,
     )
     return write_text(run_dir / "README.md", text)
 
@@ -266,6 +272,35 @@ def _checkpointing_words(setting) -> str:
     if setting is False or setting is None or setting == "none" or setting == 0:
         return "off"
     return f"on {setting} UNet blocks"
+
+
+def _pivotal_card(path: Path, tokens: list[str], trigger: str, config: dict) -> dict[str, str]:
+    """The model card's parts about the new tokens: loading them in diffusers, ComfyUI and A1111."""
+    identifier = "".join(tokens)
+    stem = path.stem
+    code = (f'from safetensors.torch import load_file\n\nemb = load_file("{path.parent.name}/{path.name}")  # beside the LoRA\n'
+            f'pipe.load_textual_inversion(emb["clip_l"], token={tokens!r}, text_encoder=pipe.text_encoder, '
+            f'tokenizer=pipe.tokenizer)\n'
+            f'pipe.load_textual_inversion(emb["clip_g"], token={tokens!r}, text_encoder=pipe.text_encoder_2, '
+            f'tokenizer=pipe.tokenizer_2)\n'
+            "# pool at the end-of-text token, as in training and in ComfyUI (SDXL's configs say otherwise)\n"
+            "for te, tok in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):\n"
+            "    for m in te.modules():\n"
+            "        if hasattr(m, 'eos_token_id'):\n"
+            "            m.eos_token_id = tok.eos_token_id\n")
+    text = (f"\n### The new tokens ({identifier})\n\nThis LoRA was trained with pivotal tuning: the person is called by "
+            f"new tokens `{identifier}` whose embeddings in both text encoders are in `{path.name}` (`clip_l` and "
+            f"`clip_g`, SDXL's embedding format). Load them together with the LoRA:\n\n"
+            f"- **diffusers**: as in the code above (`load_textual_inversion` once per text encoder).\n"
+            f"- **ComfyUI**: put `{path.name}` in `ComfyUI/models/embeddings/` and write `embedding:{stem}` where "
+            f"the prompt has `{identifier}`.\n"
+            f"- **AUTOMATIC1111 / Forge**: put `{path.name}` in `embeddings/` and write `{stem}` where the prompt "
+            f"has `{identifier}`.\n")
+    return {"embeddings_code": code, "embeddings_text": text,
+            "comfy_trigger": trigger.replace(identifier, f"embedding:{stem}"),
+            "a1111_trigger": trigger.replace(identifier, stem),
+            "pivotal": (f"{len(tokens)} ({identifier}), learning rate {config.get('pivotal_lr')}, trained for the "
+                        f"first {config.get('pivotal_freeze_fraction')} of the steps")}
 
 
 def _resume_row(resume: dict) -> str:

@@ -24,11 +24,12 @@ __all__ = ["ResumeSettingsError", "GUARDED", "FIXED", "dataset_fingerprint", "re
 GUARDED: dict[str, str | None] = {
     "model": "--model", "resolution": "--resolution", "learning_rate": "--lr", "text_encoder_lr": None,
     "train_batch_size": "--batch-size", "gradient_accumulation_steps": "--grad-accum", "lora_alpha": "--alpha",
-    "seed": "--seed",
+    "seed": "--seed", "pivotal_lr": "--pivotal-lr", "pivotal_freeze_fraction": "--pivotal-freeze",
+    "weight_by_resize_quality": "--weight-by-resize-quality",
 }
 # The shape of the LoRA: the checkpoint's tensors cannot take another one.
 FIXED: dict[str, str | None] = {"lora_rank": "--rank", "target_modules": "--target-modules",
-                                "train_text_encoder": "--train-text-encoder"}
+                                "train_text_encoder": "--train-text-encoder", "pivotal_tokens": "--pivotal"}
 ACCEPT_FLAG = "--accept-changes (train(..., accept_changes=True))"
 
 
@@ -77,12 +78,14 @@ def resume_changes(saved_config: dict, saved_dataset: Sequence[dict] | None, cfg
     """
     changes: dict[str, tuple[Any, Any]] = {}
     for key in (*FIXED, *GUARDED):
-        if key == "text_encoder_lr" and not cfg.train_text_encoder:
+        if (key == "text_encoder_lr" and not cfg.train_text_encoder) or (key.startswith("pivotal_")
+                                                                          and key != "pivotal_tokens"
+                                                                          and not cfg.pivotal_tokens):
             continue  # not used
-        old, new = saved_config.get(key), getattr(cfg, key)
+        old, new = saved_config.get(key, 0 if key == "pivotal_tokens" else None), getattr(cfg, key)
         if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
             old, new = tuple(old), tuple(new)
-        if key in saved_config and old != new:
+        if (key in saved_config or key == "pivotal_tokens") and old != new:
             changes[key] = (old, new)
     if saved_dataset is not None and (what := _dataset_change(saved_dataset, dataset)):
         changes["dataset"] = (None, what)
@@ -144,12 +147,14 @@ def apply_learning_rates(optimizer, lr_scheduler, cfg: TrainConfig) -> None:
     an accepted change of ``learning_rate`` must take effect, not only be written into config.json.
 
     Args:
-        optimizer: the run's optimizer (the UNet group first, then the text encoders').
+        optimizer: the run's optimizer (the UNet group first, then the text encoders', then the
+            pivotal tokens' group, named "pivotal").
         lr_scheduler: its ``LambdaLR`` schedule (diffusers' ``get_scheduler``).
         cfg: the config with the learning rates to use from now on.
     """
     groups = optimizer.param_groups
-    bases = [cfg.learning_rate] + [cfg.text_encoder_lr] * (len(groups) - 1)
+    bases = [cfg.learning_rate] + [cfg.pivotal_lr if g.get("name") == "pivotal" else cfg.text_encoder_lr
+                                   for g in groups[1:]]
     lr_scheduler.base_lrs = list(bases)
     lambdas = getattr(lr_scheduler, "lr_lambdas", None) or [lambda _: 1.0] * len(groups)
     for group, base, factor in zip(groups, bases, lambdas):

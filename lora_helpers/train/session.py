@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lora_helpers.core.embeddings import EmbeddingFileError, embedding_file_name, read_embeddings, save_embeddings
 from lora_helpers.core.fileio import write_jsonl
 from lora_helpers.core.images import list_images
 from lora_helpers.core.lora_convert import save_kohya
@@ -25,11 +26,12 @@ from lora_helpers.train import outputs as runs
 from lora_helpers.train import validation as samples
 from lora_helpers.train.config import (TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError, TrainResult,
                                        auto_steps)
-from lora_helpers.train.data import read_training_images
+from lora_helpers.train.data import loss_weights, read_training_images
 from lora_helpers.train.events import TrainStart
 from lora_helpers.train.latents import TrainCache, build_cache
 from lora_helpers.train.memory import GB, MemoryPlan
-from lora_helpers.train.models import TrainingModels, build_models, weight_dtype
+from lora_helpers.train.models import TrainingModels, build_models, encode_live, weight_dtype
+from lora_helpers.train.pivotal import encoders_off_gpu, live_prompt_kwargs, pivotal_captions
 from lora_helpers.train.resume import apply_learning_rates, check_resume, dataset_fingerprint
 from lora_helpers.train.step import TrainStep
 
@@ -103,8 +105,9 @@ class TrainingSession:
                                   status="training", extra={"memory": {"estimate_gb": round(self.plan.peak_gb, 3),
                                                                        "plan": self.plan.to_dict()},
                                                             **self._resume_facts()})
-        self.models = build_models(cfg, self.accelerator)
-        self.stepper = TrainStep(cfg, self.accelerator, self.models, self.cache)
+        self.models = build_models(cfg, self.accelerator, class_noun=self.class_noun or "person")
+        weights = loss_weights(self.images, by_resize_quality=cfg.weight_by_resize_quality)
+        self.stepper = TrainStep(cfg, self.accelerator, self.models, self.cache, sample_weights=weights)
         if start_from is not None:
             self.resume(start_from)
         self._log_ready = True
@@ -116,7 +119,9 @@ class TrainingSession:
         """Read the images and their fingerprint, and fill in the steps, warm-up and class prompt."""
         cfg = self.cfg
         self.images = read_training_images(self.dataset_dir, instance_prompt=cfg.instance_prompt,
-                                           use_captions=cfg.use_captions)
+                                           use_captions=cfg.use_captions, min_resize_quality=cfg.min_resize_quality)
+        if cfg.pivotal_tokens:  # the identifier becomes the new tokens in every caption and the trigger
+            self.images, self.trigger = pivotal_captions(self.images, self.trigger, cfg.pivotal_tokens)
         self.dataset = dataset_fingerprint(runs.dataset_hashes(self.images))
         steps = cfg.max_train_steps or auto_steps(len(self.images), cfg)
         warmup = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else round(0.05 * steps)
@@ -136,7 +141,7 @@ class TrainingSession:
                 device=self.device, vae=cfg.vae, vae_dtype=vae_dtype, text_dtype=self.dtype,
                 extra_prompts=self.validation_prompts + [cfg.validation_negative_prompt or ""],
                 class_images=class_images, class_prompt=cfg.class_prompt, use_masks=cfg.use_masks,
-                background_weight=cfg.background_weight, encode_text=not cfg.train_text_encoder,
+                background_weight=cfg.background_weight, encode_text=not (cfg.train_text_encoder or cfg.pivotal_tokens),
                 progress=cfg.progress and self.main)
 
     def _class_images(self) -> list[Path]:
@@ -156,8 +161,14 @@ class TrainingSession:
     def resume(self, folder: Path) -> None:
         """Load the LoRA, optimizer, scheduler, scaler, counters, RNG and log rows of a checkpoint."""
         models = self.models
-        unet, te1, te2 = self._unwrapped()
+        unet, te1, te2 = self._unwrapped(lora_only=True)
         load_lora_into_models(folder / LORA_WEIGHT_NAME, unet=unet, text_encoder=te1, text_encoder_2=te2)
+        if models.pivotal is not None:
+            path = folder / embedding_file_name(self.cfg.output_name)
+            if not path.is_file():
+                raise EmbeddingFileError(path, "missing: this checkpoint has no embeddings of the new tokens; "
+                                               "resume from another checkpoint or start again")
+            models.pivotal.load(read_embeddings(path))
         opt_state, state, rng = ckpt.load_training_state(folder, process_index=self.accelerator.process_index)
         models.optimizer.load_state_dict(opt_state)
         models.lr_scheduler.load_state_dict(state["scheduler"])
@@ -231,15 +242,22 @@ class TrainingSession:
 
     # ------------------------------------------------------------------ saving and validation
 
-    def _unwrapped(self):
+    def _unwrapped(self, *, lora_only: bool = False):
+        """The UNet and text encoders without accelerate's wrappers (``lora_only``: encoders only if they have a LoRA)."""
         unwrap = self.accelerator.unwrap_model
-        te1, te2 = (unwrap(t) if t is not None else None for t in self.models.text_encoders)
+        te1, te2 = (unwrap(t) if t is not None and (self.cfg.train_text_encoder or not lora_only) else None
+                    for t in self.models.text_encoders)
         return unwrap(self.models.unet), te1, te2
 
     def save_lora(self, folder: Path) -> Path:
-        """Write the LoRA (diffusers format) of the models as they are now into ``folder``."""
-        unet, te1, te2 = self._unwrapped()
-        return save_lora(folder, unet=unet, text_encoder=te1, text_encoder_2=te2)
+        """Write the LoRA (diffusers format) of the models as they are now into ``folder``, and the new
+        tokens' embeddings beside it (pivotal tuning)."""
+        unet, te1, te2 = self._unwrapped(lora_only=True)
+        path = save_lora(folder, unet=unet, text_encoder=te1, text_encoder_2=te2)
+        if self.models.pivotal is not None:
+            save_embeddings(Path(folder) / embedding_file_name(self.cfg.output_name), self.models.pivotal.export(),
+                            trigger=self.trigger)
+        return path
 
     def checkpoint(self, loss: float | None) -> Path:
         """Write ``checkpoints/checkpoint-<step>`` (every process), prune old ones, flush the log.
@@ -295,12 +313,13 @@ class TrainingSession:
         if self._vae is None:
             self._vae = samples.load_validation_vae(cfg.model, cfg.vae, dtype=self.dtype, device=self.device,
                                                     resolution=cfg.resolution)
-        unet, te1, te2 = self._unwrapped()
+        unet, te1, te2 = self._unwrapped(lora_only=True)
         jobs = [(self._prompt_kwargs(p), seed) for p in self.validation_prompts for seed in cfg.validation_seeds]
-        images = samples.render_validation(
-            jobs, unet=unet, vae=self._vae, model=cfg.model, device=self.device, text_encoders=(te1, te2),
-            tokenizers=self.models.tokenizers, steps=cfg.validation_inference_steps,
-            guidance=cfg.validation_guidance_scale, resolution=cfg.resolution)
+        with encoders_off_gpu([] if cfg.train_text_encoder else self.models.text_encoders, self.device):
+            images = samples.render_validation(
+                jobs, unet=unet, vae=self._vae, model=cfg.model, device=self.device, text_encoders=(te1, te2),
+                tokenizers=self.models.tokenizers, steps=cfg.validation_inference_steps,
+                guidance=cfg.validation_guidance_scale, resolution=cfg.resolution)
         params = {"step": self.step, "trigger": self.trigger, "steps": cfg.validation_inference_steps,
                   "guidance": cfg.validation_guidance_scale, "base_model": cfg.model}
         grid_path = samples.save_validation(self.run_dir, self.step, images, self.validation_prompts,
@@ -310,8 +329,12 @@ class TrainingSession:
 
     def _prompt_kwargs(self, prompt: str) -> dict:
         cfg = self.cfg
-        if cfg.train_text_encoder:
+        if cfg.train_text_encoder:  # the pipeline encodes with the encoders' LoRA
             return {"prompt": prompt, "negative_prompt": cfg.validation_negative_prompt}
+        if self.models.text_encoders[0] is not None:  # new tokens still training: encode with them now
+            return live_prompt_kwargs(self.models.text_encoders, self.models.tokenizers, prompt,
+                                      cfg.validation_negative_prompt, encode=encode_live, device=self.device,
+                                      dtype=self.dtype)
         pe, pooled = self.cache.embeds([self.cache.prompt_index(prompt)])
         kwargs = {"prompt_embeds": pe.to(self.device, self.dtype), "pooled_prompt_embeds": pooled.to(self.device, self.dtype)}
         if cfg.validation_negative_prompt:
@@ -319,6 +342,13 @@ class TrainingSession:
             kwargs.update(negative_prompt_embeds=ne.to(self.device, self.dtype),
                           negative_pooled_prompt_embeds=npooled.to(self.device, self.dtype))
         return kwargs
+
+    def _pivotal_files(self) -> dict:
+        """The model card's arguments about the new tokens ({} without pivotal tuning)."""
+        if self.models.pivotal is None:
+            return {}
+        return {"embedding_path": self.run_dir / embedding_file_name(self.cfg.output_name),
+                "tokens": self.models.pivotal.tokens}
 
     # ------------------------------------------------------------------ the finished run
 
@@ -354,12 +384,16 @@ class TrainingSession:
                                 "setup_peak_gb": None if setup_peak is None else round(setup_peak, 3),
                                 "plan": plan.to_dict()},
                      "samples": [p.relative_to(run_dir).as_posix() for p in self.samples], **self._resume_facts()}
+            if self.models.pivotal is not None:
+                extra["pivotal"] = {"tokens": self.models.pivotal.tokens, "freeze_step": self.models.pivotal.freeze_step,
+                                    "file": embedding_file_name(cfg.output_name)}
             runs.write_run_config(run_dir, config=dataclasses.asdict(cfg), trigger=trigger, class_noun=self.class_noun,
                                   images=self.images, dataset_dir=self.dataset_dir, status="finished", extra=extra)
             sample = self.samples[-1] if self.samples else None
             runs.write_model_card(run_dir, config=dataclasses.asdict(cfg), trigger=trigger, n_images=len(self.images),
                                   steps=self.step, kohya_path=kohya_path, sample_grid=sample, estimated_gb=plan.peak_gb,
-                                  measured_gb=measured, seconds_per_step=s_per_step, resumes=self.resumes)
+                                  measured_gb=measured, seconds_per_step=s_per_step, resumes=self.resumes,
+                                  **self._pivotal_files())
             if cfg.hub_repo_id:
                 hub_url = runs.push_to_hub(run_dir, cfg.hub_repo_id, private=cfg.hub_private)
         acc.wait_for_everyone()
@@ -367,4 +401,5 @@ class TrainingSession:
                            config_path=run_dir / CONFIG_FILE, log_path=run_dir / LOG_FILE, steps=self.step,
                            final_loss=final_loss, nonfinite_steps=nonfinite, seconds_per_step=s_per_step,
                            estimated_peak_gb=plan.peak_gb, measured_peak_gb=measured, samples=list(self.samples),
-                           validation=list(self.validation), hub_url=hub_url)
+                           validation=list(self.validation), hub_url=hub_url,
+                           embedding_path=self._pivotal_files().get("embedding_path"))

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from lora_helpers.core.config import smoke_mode
+from lora_helpers.core.embeddings import pivotal_token_count
 from lora_helpers.core.lora_files import text_encoder_lora_supported
 from lora_helpers.core.runtime import free_memory
 from lora_helpers.train import checkpoints as ckpt
@@ -121,6 +122,19 @@ def _trigger(config: TrainConfig, dataset_dir: Path) -> tuple[str, str | None]:
     return str(trigger), caption_cfg.get("class_noun")
 
 
+def _pivotal_from_captions(cfg: TrainConfig, dataset_dir: Path) -> TrainConfig:
+    """Captions written with new tokens (``caption --format pivotal``) train them, whatever the config says."""
+    identifier = _trigger(cfg, dataset_dir)[0].split()[0] if dataset_dir.is_dir() else ""
+    n = pivotal_token_count(identifier)
+    if n and cfg.pivotal_tokens != n:
+        if cfg.pivotal_tokens:
+            raise ValueError(f"the captions use {n} new tokens ({identifier}) but pivotal_tokens={cfg.pivotal_tokens}; "
+                             f"set pivotal_tokens={n} (--pivotal {n}) or caption again")
+        print(f"the captions use new tokens {identifier}: training them (pivotal_tokens={n})")
+        cfg = dataclasses.replace(cfg, pivotal_tokens=n)
+    return cfg
+
+
 @contextlib.contextmanager
 def _memory_budget(budget_gb: float | None, device: torch.device):
     """Cap this process's CUDA memory at the budget, so going over fails now, not at step 900."""
@@ -207,7 +221,7 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
     device_type = _device_type(config)
     if resume is not None:
         config = keep_resumed_batch(config, run_dir)
-    cfg = _resolve(config, device_type)
+    cfg = _pivotal_from_captions(_resolve(config, device_type), dataset_dir)
     plan = plan_memory(cfg, device_type=device_type)
     cfg = dataclasses.replace(cfg, **plan.step_settings)  # "auto" checkpointing and batch, as planned
     if cfg.memory_budget_gb:
@@ -277,6 +291,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", dest="lora_alpha", type=float, default=None)
     parser.add_argument("--target-modules", default=None, help="comma-separated UNet layer names")
     parser.add_argument("--train-text-encoder", action="store_true", default=None)
+    parser.add_argument("--pivotal", dest="pivotal_tokens", type=int, default=None, metavar="N",
+                        help="pivotal tuning: N new tokens (<s0><s1>...) replace the identifier and train in both text "
+                             "encoders (e.g. 2; 0: off)")
+    parser.add_argument("--pivotal-lr", dest="pivotal_lr", type=float, default=None,
+                        help="learning rate of the new tokens' embeddings (default 3e-4)")
+    parser.add_argument("--pivotal-freeze", dest="pivotal_freeze_fraction", type=float, default=None, metavar="FRACTION",
+                        help="share of the steps the new tokens train before they freeze (default 0.5)")
     parser.add_argument("--mixed-precision", choices=["fp16", "bf16", "no", "auto"], default=None)
     parser.add_argument("--optimizer", choices=["auto", "adamw8bit", "adamw"], default=None)
     parser.add_argument("--gradient-checkpointing", default=None, metavar="auto|all|none|N",
@@ -299,6 +320,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior-weight", dest="prior_loss_weight", type=float, default=None)
     parser.add_argument("--no-masks", dest="use_masks", action="store_false", default=None)
     parser.add_argument("--background-weight", type=float, default=None)
+    parser.add_argument("--min-resize-quality", type=float, default=None,
+                        help="skip crops whose resize quality (share of real detail, from prepare) is below this")
+    parser.add_argument("--weight-by-resize-quality", action="store_true", default=None,
+                        help="scale each image's loss by its resize quality")
     parser.add_argument("--snr-gamma", type=float, default=None, help="min-SNR gamma (0 turns it off)")
     parser.add_argument("--noise-offset", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
@@ -367,4 +392,6 @@ def run_cli(args: argparse.Namespace) -> int:
           f"{result.seconds_per_step or float('nan'):.3f} s/step, memory {measured} "
           f"(estimate {result.estimated_peak_gb:.2f} GB)")
     print(f"LoRA: {result.lora_path}\nkohya: {result.kohya_path}")
+    if result.embedding_path is not None:
+        print(f"new tokens' embeddings: {result.embedding_path} (load them with the LoRA; see the model card)")
     return 0

@@ -21,13 +21,14 @@ from lora_helpers.train.data import batch_plan
 from lora_helpers.train.latents import TrainCache
 from lora_helpers.train.memory import GB
 from lora_helpers.train.models import TrainingModels, encode_live, weight_dtype
+from lora_helpers.train.pivotal import freeze_and_cache
 
 __all__ = ["TrainStep"]
 
 
 def _diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
-                    snr_weights: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error per image, weighted by the face mask and min-SNR, averaged over the batch."""
+                    snr_weights: torch.Tensor | None, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per image, weighted by the face mask, min-SNR and a per-image scale, averaged."""
     err = (pred.float() - target.float()) ** 2
     if weights is not None:
         # a weighted mean per image keeps the loss scale independent of the face's size
@@ -36,6 +37,8 @@ def _diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Ten
         per_image = err.mean(dim=(1, 2, 3))
     if snr_weights is not None:
         per_image = per_image * snr_weights
+    if scales is not None:
+        per_image = per_image * scales
     return per_image.mean()
 
 
@@ -74,6 +77,7 @@ class TrainStep:
         accelerator: the run's ``accelerate.Accelerator``.
         models: from :func:`lora_helpers.train.models.build_models`.
         cache: the encoded training set.
+        sample_weights: a loss scale per cached image (its resize quality), or None for 1.
 
     Attributes:
         nonfinite_total, nonfinite_in_a_row: steps skipped for a NaN/inf loss.
@@ -81,8 +85,10 @@ class TrainStep:
         epoch: the epoch of the last batch drawn.
     """
 
-    def __init__(self, cfg: TrainConfig, accelerator, models: TrainingModels, cache: TrainCache):
+    def __init__(self, cfg: TrainConfig, accelerator, models: TrainingModels, cache: TrainCache,
+                 sample_weights: list[float] | None = None):
         self.cfg, self.accelerator, self.models, self.cache = cfg, accelerator, models, cache
+        self.sample_weights = sample_weights
         self.device, self.dtype = accelerator.device, weight_dtype(cfg.mixed_precision)
         self.nonfinite_total = self.nonfinite_in_a_row = self.scaler_skips = 0
         self.epoch = 0
@@ -151,19 +157,21 @@ class TrainStep:
         keys = list(idx) if self.cfg.fixed_noise else [(micro * self.accelerator.num_processes
                                                         + self.accelerator.process_index) * 1024 + j
                                                        for j in range(len(idx))]
-        return latents, time_ids, [c.prompt_ids[i] for i in idx], weights, keys
+        scales = (None if self.sample_weights is None
+                  else torch.tensor([self.sample_weights[i] for i in idx], device=self.device))
+        return latents, time_ids, [c.prompt_ids[i] for i in idx], weights, keys, scales
 
     # ------------------------------------------------------------------ the loss
 
     def _embeds(self, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.cfg.train_text_encoder:
+        if self.models.text_encoders[0] is None:
             ids = list(prompt_ids)
             return self._resident.prompt_embeds[ids], self._resident.pooled_embeds[ids]
         prompts = [self.cache.prompts[i] for i in prompt_ids]
         return encode_live(self.models.text_encoders, self.models.tokenizers, prompts, self.device)
 
     def _loss(self, latents: torch.Tensor, time_ids: torch.Tensor, prompt_ids: list[int],
-              weights: torch.Tensor | None, keys: list[int]) -> torch.Tensor:
+              weights: torch.Tensor | None, keys: list[int], scales: torch.Tensor | None = None) -> torch.Tensor:
         scheduler = self.models.noise_scheduler
         latents = latents.to(self.device)
         noise, timesteps = self._noise(tuple(latents.shape[1:]), keys)
@@ -179,7 +187,7 @@ class TrainStep:
         if self.cfg.snr_gamma:
             snr = self._snr_of(timesteps)
             snr_weights = torch.clamp(snr, max=self.cfg.snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
-        return _diffusion_loss(pred, target, weights, snr_weights)
+        return _diffusion_loss(pred, target, weights, snr_weights, scales)
 
     def _snr_of(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio of each timestep, looked up in a table made once (the same values as
@@ -198,6 +206,15 @@ class TrainStep:
             finite = self.accelerator.gather(finite).min().reshape(1)
         return bool(finite.item() > 0)
 
+    def freeze_pivotal(self) -> None:
+        """Stop training the new tokens; encode the captions once with them and free the text encoders."""
+        models = self.models
+        freeze_and_cache(models.pivotal, self.cache, models.text_encoders, models.tokenizers, encode=encode_live,
+                         device=self.device, keep_encoders=self.cfg.train_text_encoder)
+        if not self.cfg.train_text_encoder:
+            models.text_encoders = (None, None)
+        self._resident = _Resident(self.cache, self.device, self.dtype)  # the captions' new embeddings
+
     # ------------------------------------------------------------------ one step
 
     def __call__(self, step: int) -> dict:
@@ -209,13 +226,16 @@ class TrainStep:
         """
         cfg, acc, models = self.cfg, self.accelerator, self.models
         accum = cfg.gradient_accumulation_steps
+        pivotal = models.pivotal
+        if pivotal is not None and not pivotal.frozen and step >= pivotal.freeze_step:
+            self.freeze_pivotal()
         start = time.perf_counter()
         parts: dict[str, float] = {"instance_loss": 0.0}
         finite = True
         for k in range(accum):
             micro = step * accum + k
-            latents, time_ids, prompt_ids, weights, keys = self._instance_batch(micro)
-            backwards = [("instance_loss", 1.0, lambda: self._loss(latents, time_ids, prompt_ids, weights, keys))]
+            latents, time_ids, prompt_ids, weights, keys, scales = self._instance_batch(micro)
+            backwards = [("instance_loss", 1.0, lambda: self._loss(latents, time_ids, prompt_ids, weights, keys, scales))]
             if cfg.with_prior_preservation and self.cache.class_latents:
                 ci = self._class_indices(micro, len(prompt_ids))
                 c_lat = torch.stack([self._resident.class_latents[i] for i in ci])
@@ -239,6 +259,9 @@ class TrainStep:
                 break
         row: dict[str, Any] = {"step": step + 1, "epoch": self.epoch, "lr": models.lr_scheduler.get_last_lr()[0]}
         if finite:
+            if pivotal is not None and not pivotal.frozen and acc.num_processes > 1:
+                for p in pivotal.params:  # not under DDP (see build_models): average by hand
+                    p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
             grad_norm = float(acc.clip_grad_norm_(models.params, cfg.max_grad_norm))
             models.optimizer.step()
             if acc.optimizer_step_was_skipped:  # fp16 overflow in the gradients: the scaler lowers its scale

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lora_helpers.core.run_folder import read_run_config
-from lora_helpers.train.block_memory import checkpointed_blocks, checkpointing_label, unet_blocks
+from lora_helpers.train.block_memory import checkpointed_blocks, checkpointing_label, checkpointing_setting, unet_blocks
 from lora_helpers.train.config import TrainConfig
 from lora_helpers.train.memory import GB, estimate_peak_memory
 from lora_helpers.train.model_size import unet_config_for
@@ -87,8 +87,7 @@ def choose_step(plan_inputs: dict, *, budget_gb: float | None, gradient_checkpoi
         plan = estimate_peak_memory(**{**plan_inputs, "gradient_checkpointing": setting, "batch_size": micro})
         return plan.peak_gb <= AUTO_FILL * budget_gb
 
-    if isinstance(gradient_checkpointing, bool):
-        gradient_checkpointing = "all" if gradient_checkpointing else "none"
+    gradient_checkpointing = checkpointing_setting(gradient_checkpointing)
     why = ""
     if gradient_checkpointing != "auto":
         setting = gradient_checkpointing
@@ -128,7 +127,8 @@ def plan_inputs(cfg: TrainConfig, device_type: str) -> dict:
                 batch_size=1 if cfg.train_batch_size == "auto" else cfg.train_batch_size, lora_rank=cfg.lora_rank,
                 target_modules=tuple(cfg.target_modules), weight_dtype=weight_dtype, unet_8bit=cfg.unet_8bit,
                 unet_4bit=cfg.unet_4bit, gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
-                train_text_encoder=cfg.train_text_encoder, prior_preservation=cfg.with_prior_preservation,
+                train_text_encoder=cfg.train_text_encoder, pivotal_tokens=cfg.pivotal_tokens,
+                prior_preservation=cfg.with_prior_preservation,
                 device_type=device_type, budget_gb=cfg.memory_budget_gb)
 
 

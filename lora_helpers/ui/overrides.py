@@ -1,20 +1,29 @@
-"""Accept or reject any photo by hand; the choice is saved for the next preparation run."""
+"""Accept or reject any photo by hand, or choose which are held out of training; saved for the next run."""
 
 from __future__ import annotations
 
 import ipywidgets as widgets
 
-from lora_helpers.prepare.report import VERDICT_COLOURS
+from lora_helpers.prepare.report import HELD_OUT_COLOUR, VERDICT_COLOURS
 from lora_helpers.prepare.stage import read_overrides, write_overrides
 
 __all__ = ["override_widgets"]
 
+# (label, overrides.json value)
+_CHOICES = [("auto", "auto"), ("accept", "accept"), ("reject", "reject"), ("hold out", "hold_out"),
+            ("train on it", "train")]
+
 
 def override_widgets(result):
-    """Dropdowns to accept or reject any photo; choices are saved to ``overrides.json``.
+    """Dropdowns to accept, reject, hold out or train on any photo; choices are saved to ``overrides.json``.
 
-    Re-run :func:`lora_helpers.prepare.stage.prepare_photos` on the same folders afterwards:
-    it reads the saved overrides.
+    "hold out" keeps a usable photo out of training for the held-out likeness score; "train on
+    it" keeps it in training whatever the automatic choice (``PrepareConfig.hold_out=0`` holds
+    none out). Re-run :func:`lora_helpers.prepare.stage.prepare_photos` on the same folders
+    afterwards: it reads the saved overrides.
+
+    Args:
+        result: the :class:`lora_helpers.prepare.records.PrepareResult` to show.
 
     Returns:
         An ``ipywidgets.VBox``.
@@ -34,14 +43,16 @@ def override_widgets(result):
         return handler
 
     for r in result.records:
-        dropdown = widgets.Dropdown(options=["auto", "accept", "reject"], value=current.get(r.file, "auto"),
-                                    layout=widgets.Layout(width="110px"))
+        dropdown = widgets.Dropdown(options=_CHOICES, value=current.get(r.file, "auto"),
+                                    layout=widgets.Layout(width="120px"))
         dropdown.observe(on_change(r.file), names="value")
-        label = widgets.HTML(f"<b style='color:rgb{VERDICT_COLOURS[r.verdict]}'>{r.verdict}</b> {r.file}"
+        held = (f" <b style='color:rgb{HELD_OUT_COLOUR}'>held out</b>" if r.accepted and r.held_out else "")
+        label = widgets.HTML(f"<b style='color:rgb{VERDICT_COLOURS[r.verdict]}'>{r.verdict}</b>{held} {r.file}"
                              f"<br><small>{'; '.join(r.reasons)}</small>", layout=widgets.Layout(width="620px"))
         rows.append(widgets.HBox([dropdown, label]))
     # Under "Run all" the next cell runs before anyone can choose: say so, it is not a bug.
-    header = widgets.HTML("<b>Choose accept or reject for any photo, then run the next cell.</b> "
-                          "Choices are saved at once; under <i>Run all</i> the next cell has already used "
-                          "the earlier ones, so run it again after choosing.")
+    header = widgets.HTML("<b>Choose accept or reject for any photo, or hold out / train on it, then run the next "
+                          "cell.</b> Held-out photos are kept out of training so the likeness score sees a face the "
+                          "LoRA never saw. Choices are saved at once; under <i>Run all</i> the next cell has already "
+                          "used the earlier ones, so run it again after choosing.")
     return widgets.VBox([header] + rows + [status])
