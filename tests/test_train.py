@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 from train_helpers import image_diff, make_dataset, max_diff
 
 from lora_helpers.train import TrainConfig, TrainingDivergedError, train
+from lora_helpers.train import session as session_module
 from lora_helpers.train.block_memory import checkpointed_blocks, unet_blocks
 from lora_helpers.train.models import enable_block_checkpointing
 from lora_helpers.train.validation import render_validation
@@ -437,3 +439,17 @@ def test_validation_images_made_together_on_a_cpu_equal_those_made_one_by_one(ti
     alone = [render_validation([job], **settings)[0] for job in jobs]
     assert len(together) == 3 and all(max_diff(a, b) <= 1 for a, b in zip(together, alone))
     assert image_diff(alone[0], alone[1]) > 2  # the seeds (and prompts) give different pictures
+
+
+def test_nothing_of_the_trained_models_stays_in_memory_after_training(dataset, tiny_models, tmp_path, monkeypatch):
+    built = []
+
+    def build(*args, **kwargs):
+        models = original(*args, **kwargs)
+        built.extend(weakref.ref(m) for m in (models.unet, models.optimizer))
+        return models
+
+    original = session_module.build_models
+    monkeypatch.setattr(session_module, "build_models", build)
+    train(dataset, tmp_path / "run", config=_config(tiny_models, max_train_steps=1))
+    assert len(built) == 2 and all(ref() is None for ref in built)  # a notebook can go on to generate
