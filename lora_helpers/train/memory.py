@@ -3,7 +3,8 @@
 The 8 GB recipe only works when every part of the budget is known: the frozen UNet in
 fp16 (~4.8 GiB for SDXL), the LoRA weights, gradients and optimizer state (small, fp32),
 and the activations kept for the backward pass (set by resolution, batch and gradient
-checkpointing). :func:`estimate_peak_memory` adds these up from the model's *config*
+checkpointing, decided per UNet block: :mod:`lora_helpers.train.block_memory`).
+:func:`estimate_peak_memory` adds these up from the model's *config*
 (the UNet is built on the ``meta`` device: no weights, no memory) and
 :func:`check_budget` refuses a plan over budget, naming the settings that would fit.
 

@@ -8,8 +8,8 @@
 2. encode the images (VAE) and captions (both text encoders) once into ``run/cache``
    and free those models from GPU and host memory (:mod:`lora_helpers.train.latents`);
 3. load the UNet frozen in fp16 (or 8 bits), add a peft LoRA kept in fp32, and train
-   with accelerate (one GPU, CPU, or ``accelerate launch`` on several GPUs), a
-   GradScaler, gradient checkpointing, SDPA attention and 8-bit AdamW on CUDA;
+   with accelerate (one GPU, CPU, or ``accelerate launch`` on several GPUs), a GradScaler,
+   gradient checkpointing of the UNet blocks the plan chose, SDPA attention and 8-bit AdamW on CUDA;
 4. skip non-finite steps (and stop with advice when they repeat), checkpoint every N
    steps atomically (:mod:`lora_helpers.train.checkpoints`), render validation images, log
    every step to ``log.jsonl``, and turn out-of-memory into advice;
