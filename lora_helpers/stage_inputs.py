@@ -9,6 +9,7 @@ such stand-ins are made, so user-facing cells hold none of it.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -59,6 +60,20 @@ def _smoke_photos() -> Path:
     return photos
 
 
+def _two_people(folder: Path, subjects: str) -> Path:
+    """The sample astronaut and Grace Hopper copied beside ``folder``: a subfolder each ("folders") or mixed ("group")."""
+    target = folder.parent / f"sample_two_people_{subjects}"
+    for person, source in (("astronaut", _smoke_photos()), ("grace_hopper", sample_photos_dir("other_person"))):
+        if source is None:
+            raise FileNotFoundError(f"two people in smoke mode need sample_data/other_person/; set {SAMPLE_DATA_ENV}")
+        into = target / person if subjects == "folders" else target
+        into.mkdir(parents=True, exist_ok=True)
+        for photo in list_images(source):
+            if not (into / photo.name).is_file():
+                shutil.copyfile(photo, into / photo.name)  # copies: the sample photos stay as they are
+    return target
+
+
 def _captions_problem(dataset_dir: Path) -> str | None:
     if not (dataset_dir / METADATA_FILE).is_file():
         return f"{dataset_dir} has no {METADATA_FILE}"
@@ -75,7 +90,7 @@ def _has_run(run_dir: Path) -> bool:
 
 
 def stage_input(kind: Kind, folder: str | os.PathLike, *, dataset_dir: str | os.PathLike | None = None,
-                validation_hook: Callable | Sequence[Callable] | None = None) -> Path:
+                validation_hook: Callable | Sequence[Callable] | None = None, subjects: str = "auto") -> Path:
     """Check that a notebook's input is there; in smoke mode make it when it is not.
 
     Args:
@@ -84,6 +99,9 @@ def stage_input(kind: Kind, folder: str | os.PathLike, *, dataset_dir: str | os.
         folder: where the notebook expects it.
         dataset_dir: for "run": the dataset a stand-in run is trained on.
         validation_hook: for "run": passed to the stand-in run's ``train``.
+        subjects: for "photos" in smoke mode: "folders" or "group" stand in two people (the sample
+            astronaut and Grace Hopper, copied into a subfolder each, or into one mixed folder, beside
+            ``folder``); anything else the one sample person.
 
     Returns:
         The folder to use: ``folder``, or for "photos" in smoke mode with none there, the
@@ -97,6 +115,10 @@ def stage_input(kind: Kind, folder: str | os.PathLike, *, dataset_dir: str | os.
     if kind == "photos":
         if folder.is_dir() and list_images(folder):
             return folder
+        if smoke and subjects in ("folders", "group"):
+            photos = _two_people(folder, subjects)
+            print(f"smoke mode: no photos in {folder}; using two sample people in {photos}")
+            return photos
         if smoke:
             photos = _smoke_photos()
             print(f"smoke mode: no photos in {folder}; using the sample photos in {photos}")

@@ -50,6 +50,48 @@ def make_dataset(folder: Path, *, n: int = 6, with_captions: bool = True) -> Pat
     return folder
 
 
+TWO_PEOPLE = {"astronaut": {"trigger": "TOK1 person", "token": "TOK1", "class_noun": "person"},
+              "grace": {"trigger": "TOK2 person", "token": "TOK2", "class_noun": "person"}}
+
+
+def grace_hopper() -> Image.Image:
+    """Matplotlib's public-domain photo of Grace Hopper: a second person beside the astronaut."""
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        return Image.open(f).convert("RGB")
+
+
+def make_two_person_dataset(folder: Path, *, n_astronaut: int = 6, n_grace: int = 2) -> Path:
+    """The astronaut dataset of :func:`make_dataset` plus crops of Grace Hopper, each row naming its person,
+    and caption_config.json's "subjects" (TOK1 person, TOK2 person), as prepare and caption write them."""
+    make_dataset(folder, n=n_astronaut)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["subject"] = "astronaut"
+        row["text"] = row["text"].replace("TOK person", "TOK1 person")
+        (folder / row["file_name"]).with_suffix(".txt").write_text(row["text"] + "\n", encoding="utf-8")
+    grace = grace_hopper()  # 512 x 600, face around (200, 150)-(330, 330)
+    boxes = [(150, 80, 390, 320), (170, 110, 350, 290), (130, 60, 410, 340), (180, 100, 340, 260)]
+    for i in range(n_grace):
+        stem, box = f"grace_{i:02d}", boxes[i % len(boxes)]
+        image = grace.crop(box).resize((64, 64), Image.Resampling.LANCZOS)
+        if i % 2:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image.save(folder / "images" / f"{stem}.png")
+        mask = Image.new("L", (64, 64), 0)
+        ImageDraw.Draw(mask).ellipse((16, 10, 48, 48), fill=255)
+        mask.save(folder / "masks" / f"{stem}.png")
+        text = ["a photo of TOK2 person in uniform", "a portrait of TOK2 person"][i % 2]
+        (folder / "images" / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
+        rows.append({"file_name": f"images/{stem}.png", "mask_file": f"masks/{stem}.png", "subject": "grace",
+                     "original_size": [box[3] - box[1], box[2] - box[0]], "crop_top_left": [box[1], box[0]],
+                     "source": "grace_hopper.jpg", "text": text})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (folder / "caption_config.json").write_text(json.dumps({"subjects": TWO_PEOPLE, "class_noun": "person"}))
+    return folder
+
+
 def image_diff(a: Image.Image, b: Image.Image) -> float:
     """Mean absolute pixel difference (0-255)."""
     return float(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean())

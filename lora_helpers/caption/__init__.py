@@ -3,8 +3,13 @@
 from lora_helpers.caption.blip import BLIP_MODELS, generate_captions, load_blip
 from lora_helpers.caption.files import (
     CaptionError, CaptionRow, CaptionWarning, caption_table, load_captions, read_metadata, save_caption,
+    subject_triggers,
 )
-from lora_helpers.caption.stage import CaptionConfig, CaptionResult, caption_dataset, subject_phrase
+from lora_helpers.caption.config import parse_subject_settings
+from lora_helpers.caption.subjects import shared_token_warnings
+from lora_helpers.caption.stage import (
+    CaptionConfig, CaptionResult, caption_dataset, dataset_identifiers, identifier_warnings, subject_phrase,
+)
 from lora_helpers.caption.text import (
     CLIP_MAX_TOKENS, COMMON_WORDS, check_identifier, clip_token_count, count_identifier, identifier_of,
     load_clip_tokenizer, standardise_caption,
@@ -15,4 +20,5 @@ __all__ = [
     "caption_table", "generate_captions", "load_blip", "load_captions", "read_metadata", "save_caption", "subject_phrase",
     "CLIP_MAX_TOKENS", "COMMON_WORDS", "check_identifier", "clip_token_count", "count_identifier", "identifier_of",
     "load_clip_tokenizer", "standardise_caption",
+    "dataset_identifiers", "identifier_warnings", "parse_subject_settings", "shared_token_warnings", "subject_triggers",
 ]

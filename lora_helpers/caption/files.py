@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from lora_helpers.caption.edits import CurrentCaption, current_caption, written_captions
-from lora_helpers.caption.text import clip_token_count, identifier_pattern
+from lora_helpers.caption.text import clip_token_count, count_identifier, identifier_of, identifier_pattern
 from lora_helpers.core.fileio import write_text
 from lora_helpers.core.images import list_images
 from lora_helpers.core import run_folder
 from lora_helpers.core.run_folder import METADATA_FILE as METADATA
-from lora_helpers.core.run_folder import RunFolderError, read_caption_config
+from lora_helpers.core.run_folder import SUBJECT_FIELD, SUBJECTS_KEY, RunFolderError, read_caption_config
 
 __all__ = [
     "METADATA",
@@ -41,6 +41,7 @@ __all__ = [
     "load_captions",
     "caption_table",
     "save_caption",
+    "subject_triggers",
 ]
 
 
@@ -73,6 +74,7 @@ class CaptionRow:
     tokens: int | None
     has_identifier: bool
     problem: str | None
+    subject: str | None = None  # the person, in a dataset of several
 
 
 @dataclass
@@ -196,7 +198,33 @@ def write_metadata(dataset_dir: Path, entries: list[DatasetEntry], captions: dic
     return run_folder.write_metadata(dataset_dir, rows)
 
 
-def _problem(e: DatasetEntry, current: CurrentCaption, identifier: str | None) -> str | None:
+def subject_triggers(dataset_dir: str | Path) -> dict[str, str]:
+    """Each person's trigger in a dataset of several people (``{"ada": "TOK1 person"}``), from
+    ``caption_config.json``; {} for a one-person dataset or one not captioned yet."""
+    subjects = read_caption_config(dataset_dir).get(SUBJECTS_KEY)
+    if not isinstance(subjects, dict):
+        return {}
+    return {str(who): s["trigger"] for who, s in subjects.items() if isinstance(s, dict) and s.get("trigger")}
+
+
+def _subject_problem(e: DatasetEntry, text: str | None, triggers: dict[str, str]) -> str | None:
+    """In a dataset of several people: the caption must name its own person once and nobody else."""
+    who = (e.row or {}).get(SUBJECT_FIELD)
+    if not triggers or not who or not text:
+        return None
+    if who not in triggers:
+        return f"its person {who!r} has no identifier in caption_config.json; run the caption stage"
+    own = identifier_of(triggers[who])
+    others = [identifier_of(t) for w, t in triggers.items() if w != who and count_identifier(text, identifier_of(t))]
+    if count_identifier(text, own) != 1:
+        return f"caption of {who} must have {own!r} exactly once, has it {count_identifier(text, own)} times: {text!r}"
+    if others:
+        return f"caption of {who} names another person ({', '.join(others)}): {text!r}; keep only {own!r}"
+    return None
+
+
+def _problem(e: DatasetEntry, current: CurrentCaption, identifier: str | None,
+             triggers: dict[str, str] | None = None) -> str | None:
     text = current.text
     if not e.path.is_file():
         return "image file missing"
@@ -208,11 +236,14 @@ def _problem(e: DatasetEntry, current: CurrentCaption, identifier: str | None) -
         return f"empty caption in {e.sidecar_path.name if e.sidecar is not None else METADATA}; write one"
     if identifier and not identifier_pattern(identifier).search(text):
         return f"caption lacks the identifier {identifier!r}: {text!r}; add it (e.g. '{identifier} person')"
-    return None
+    return _subject_problem(e, text, triggers or {})
 
 
 def load_captions(dataset_dir: str | Path, *, require_identifier: str | None = None) -> dict[str, str]:
     """Read the training captions: the one reader every stage uses.
+
+    In a dataset of several people (``caption_config.json`` maps each to a trigger) every
+    caption must name its own person's identifier exactly once and no other person's.
 
     A caption edited by hand wins, whether the edit was made in the ``.txt`` sidecar or
     in ``metadata.jsonl`` (the file that still holds what the caption stage wrote is the
@@ -236,6 +267,7 @@ def load_captions(dataset_dir: str | Path, *, require_identifier: str | None = N
     dataset_dir = Path(dataset_dir)
     entries, notes = dataset_entries(dataset_dir)
     written = written_captions(dataset_dir)
+    triggers = subject_triggers(dataset_dir)
     for message in notes:
         warnings.warn(message, CaptionWarning, stacklevel=2)
     captions, problems, edited, undecided = {}, {}, [], []
@@ -247,7 +279,7 @@ def load_captions(dataset_dir: str | Path, *, require_identifier: str | None = N
             undecided.append(e.file_name)
         if current.edited:
             edited.append(f"{e.file_name} (edited in {e.sidecar_name if current.edited == 'sidecar' else METADATA})")
-        problem = _problem(e, current, require_identifier)
+        problem = _problem(e, current, require_identifier, triggers)
         if problem:
             problems[e.file_name] = problem
         else:
@@ -278,16 +310,20 @@ def caption_table(dataset_dir: str | Path, *, identifier: str | None = None, tok
     dataset_dir = Path(dataset_dir)
     if identifier is None:
         identifier = read_caption_config(dataset_dir).get("identifier")
+    triggers = subject_triggers(dataset_dir)
     rows = []
     written = written_captions(dataset_dir)
     for e in dataset_entries(dataset_dir)[0]:
         current = e.current(written)
         text = current.text
+        # Several people: each row needs its own person's identifier.
+        own = identifier_of(triggers[who]) if (who := (e.row or {}).get(SUBJECT_FIELD)) in triggers else identifier
         rows.append(CaptionRow(
             file_name=e.file_name, path=e.path, text=text,
             tokens=clip_token_count(text, tokenizer) if text else None,
-            has_identifier=bool(text and identifier and identifier_pattern(identifier).search(text)),
-            problem=_problem(e, current, identifier),
+            has_identifier=bool(text and own and identifier_pattern(own).search(text)),
+            problem=_problem(e, current, own, triggers),
+            subject=who if triggers else None,
         ))
     return rows
 

@@ -15,6 +15,11 @@ it wrote, a re-run keeps a hand edit from whichever file holds it (and copies it
 other), and leaves both files alone, naming the image, when both were edited differently.
 ``overwrite`` re-captions everything.
 
+Several people (rows of ``metadata.jsonl`` naming their ``"subject"``): each person gets an
+identifier of their own ("TOK1 person", "TOK2 person"), every caption carries its own person's
+exactly once and no other's, and ``caption_config.json`` maps each person to theirs under
+``"subjects"`` instead of one "trigger" (:mod:`~lora_helpers.caption.subjects`).
+
 The pieces live beside this module: :mod:`~lora_helpers.caption.blip` (the model),
 :mod:`~lora_helpers.caption.files` (reading and writing both caption formats,
 :func:`~lora_helpers.caption.files.load_captions`) and :mod:`~lora_helpers.caption.text`
@@ -24,90 +29,38 @@ The pieces live beside this module: :mod:`~lora_helpers.caption.blip` (the model
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from lora_helpers.caption.blip import generate_captions, load_blip, resolve_blip
+from lora_helpers.caption.config import CaptionConfig, subject_phrase
 from lora_helpers.caption.edits import WRITTEN_KEY, written_captions
-from lora_helpers.caption.files import METADATA, CaptionError, CaptionWarning, DatasetEntry, dataset_entries, write_metadata
-from lora_helpers.caption.text import (
-    CLIP_MAX_TOKENS, check_identifier, clip_token_count, count_identifier, identifier_of, load_clip_tokenizer,
-    standardise_caption,
+from lora_helpers.caption.files import METADATA, CaptionWarning, DatasetEntry, dataset_entries, write_metadata
+from lora_helpers.caption.subjects import (
+    dataset_identifiers, dataset_subjects, identifier_warnings, identifiers_of, subject_identifiers,
 )
-from lora_helpers.core.embeddings import pivotal_identifier, pivotal_tokens
+from lora_helpers.caption.text import (
+    CLIP_MAX_TOKENS, clip_token_count, count_identifier, identifier_of, load_clip_tokenizer, standardise_caption,
+)
+from lora_helpers.core.embeddings import pivotal_tokens
 from lora_helpers.core.fileio import write_text
 from lora_helpers.core.images import ImageLoadError, load_image
-from lora_helpers.core.run_folder import DEFAULT_CLASS_NOUN, DEFAULT_TOKEN, write_caption_config
+from lora_helpers.core.run_folder import SUBJECT_FIELD, SUBJECTS_KEY, write_caption_config
 from lora_helpers.core.runtime import free_memory
 
 __all__ = [
     "CaptionConfig",
     "CaptionResult",
     "subject_phrase",
+    "dataset_identifiers",
+    "identifier_warnings",
     "caption_dataset",
     "add_cli_arguments",
     "run_cli",
 ]
-
-
-@dataclass
-class CaptionConfig:
-    """Settings of the caption stage.
-
-    Attributes:
-        model: BLIP hub id or local folder; "base" / "large" pick Salesforce's models;
-            None takes :func:`lora_helpers.core.config.resolve_models` (tiny model in smoke mode).
-        token: the rare word that becomes the person ("TOK", "sks", "ohwx").
-        class_noun: what the person is ("person", "man", "woman"); keeps the prior.
-        name: optional name after the class noun ("TOK person Ada").
-        identifier_format: "tok" -> "TOK person [name]"; "at" -> "@name" (or "@tok"); "pivotal" ->
-            "<s0><s1> person [name]": new tokens that training adds to both text encoders and learns
-            (pivotal tuning), instead of a word CLIP already has a meaning for.
-        pivotal_tokens: how many new tokens the "pivotal" format uses.
-        template: how subject and BLIP's description combine; needs ``{subject}``.
-        batch_size: images per BLIP forward pass.
-        num_beams: beam search width (1 = greedy); never sampling, so runs repeat.
-        max_new_tokens: caption length bound.
-        min_new_tokens: at least this many words-pieces, so captions describe something.
-        repetition_penalty: >1 keeps BLIP from looping ("a man man man").
-        prompt: optional text BLIP continues (conditional captioning, e.g. "a picture of").
-        overwrite: re-caption images that already have a caption (hand edits are lost, and
-            so are unreadable or conflicting captions).
-        device: None picks CUDA when present, else CPU.
-    """
-
-    model: str | None = None
-    token: str = DEFAULT_TOKEN
-    class_noun: str = DEFAULT_CLASS_NOUN
-    name: str | None = None
-    identifier_format: Literal["tok", "at", "pivotal"] = "tok"
-    pivotal_tokens: int = 2
-    template: str = "a photo of {subject}, {caption}"
-    batch_size: int = 8
-    num_beams: int = 3
-    max_new_tokens: int = 40
-    min_new_tokens: int = 5
-    repetition_penalty: float = 1.3
-    prompt: str | None = None
-    overwrite: bool = False
-    device: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.identifier_format not in ("tok", "at", "pivotal"):
-            raise ValueError(f"identifier_format must be 'tok', 'at' or 'pivotal', not {self.identifier_format!r}")
-        if self.identifier_format == "pivotal":
-            pivotal_tokens(self.pivotal_tokens)  # raises for a count below 1
-        if not re.fullmatch(r"[A-Za-z0-9_]+", self.token or ""):
-            raise ValueError(f"token {self.token!r}: use one word of letters/digits, e.g. 'TOK' or 'sks'")
-        if "{subject}" not in self.template:
-            raise ValueError(f"template {self.template!r} needs '{{subject}}', where the identifier goes")
-        if self.batch_size < 1 or self.num_beams < 1 or self.max_new_tokens < 1:
-            raise ValueError("batch_size, num_beams and max_new_tokens must be at least 1")
 
 
 @dataclass
@@ -116,7 +69,7 @@ class CaptionResult:
 
     Attributes:
         dataset_dir: the dataset folder.
-        subject: the subject phrase in every caption (the trigger).
+        subject: the subject phrase in every caption (the trigger); "" with several people.
         captions: file name (relative to ``dataset_dir``) -> caption, for every captioned image.
         generated: file names captioned by BLIP in this run.
         kept: file names whose existing caption was kept.
@@ -125,6 +78,7 @@ class CaptionResult:
             the files of such an image are left as they were).
         warnings: messages also issued as :class:`CaptionWarning`.
         seconds: time spent in BLIP (loading excluded).
+        subjects: with several people, each person's phrase (``{"ada": "TOK1 person"}``); else {}.
     """
 
     dataset_dir: Path
@@ -135,31 +89,11 @@ class CaptionResult:
     failed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    subjects: dict[str, str] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
         return len(self.generated) / self.seconds if self.seconds > 0 else 0.0
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.strip().lower()).strip("_")
-
-
-def subject_phrase(config: CaptionConfig) -> str:
-    """The phrase that stands for the person in every caption.
-
-    Args:
-        config: the caption settings (token, class noun, name, identifier format).
-
-    Returns:
-        "TOK person", "TOK person Ada" (format "tok"), or "@ada" / "@tok" (format "at").
-    """
-    if config.identifier_format == "pivotal":
-        return " ".join(p for p in (pivotal_identifier(config.pivotal_tokens), config.class_noun,
-                                    (config.name or "").strip()) if p)
-    if config.identifier_format == "at":
-        return "@" + (_slug(config.name) if config.name and _slug(config.name) else config.token.lower())
-    return " ".join(p for p in (config.token, config.class_noun, (config.name or "").strip()) if p)
 
 
 def _warn(messages: list[str], message: str) -> None:
@@ -193,30 +127,43 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
     """
     config = config or CaptionConfig()
     dataset_dir = Path(dataset_dir)
-    subject = subject_phrase(config)
-    identifier = identifier_of(subject)
     tokenizer = tokenizer if tokenizer is not None else load_clip_tokenizer()
-    result = CaptionResult(dataset_dir=dataset_dir, subject=subject)
     entries, notes = dataset_entries(dataset_dir)
+    people = dataset_subjects([e.row for e in entries])
+    settings, phrases = subject_identifiers(config, dataset_dir, people)
+    subject = "" if people else phrases[None]
+    result = CaptionResult(dataset_dir=dataset_dir, subject=subject, subjects=dict(phrases) if people else {})
     written = written_captions(dataset_dir)
-    for message in notes + check_identifier(subject, tokenizer):
+    checks = identifier_warnings(phrases, tokenizer)
+    if config.subjects and not people:
+        checks.append("subjects names people, but no row of metadata.jsonl names its person (a one-person dataset), "
+                      "so one identifier is used; prepare with subjects='folders' or 'group' for several people")
+    for message in notes + checks:
         _warn(result.warnings, message)
 
     todo: list[DatasetEntry] = []
     for e in entries:
         current = e.current(written)
         existing = current.text
-        if current.problem and not config.overwrite:
+        who = (e.row or {}).get(SUBJECT_FIELD) if people else None
+        if who not in phrases:
+            result.failed[e.file_name] = (f"its row in {METADATA} names no person of the dataset ({who!r}) while "
+                                          f"others do; set its 'subject' to one of {', '.join(people)}, or prepare again")
+            _warn(result.warnings, f"{e.file_name}: {result.failed[e.file_name]}")
+        elif current.problem and not config.overwrite:
             # Both files stay as they are: which caption is meant is the person's call.
             result.failed[e.file_name] = current.problem
             _warn(result.warnings, f"{e.file_name}: {current.problem}")
         elif existing and not config.overwrite:
             result.captions[e.file_name] = existing
             result.kept.append(e.file_name)
-            if count_identifier(existing, identifier) != 1:
+            identifier, others = identifiers_of(phrases, who)
+            stray = [o for o in others if count_identifier(existing, o)]
+            if count_identifier(existing, identifier) != 1 or stray:
+                also = f" and another person's {', '.join(map(repr, stray))}" if stray else ""
                 _warn(result.warnings, f"{e.file_name}: kept caption has {identifier!r} "
-                                       f"{count_identifier(existing, identifier)} times (want once): {existing!r}; edit it, "
-                                       "or re-caption with overwrite")
+                                       f"{count_identifier(existing, identifier)} times (want once){also}: {existing!r}; "
+                                       "edit it, or re-caption with overwrite")
         elif e.path.is_file():
             todo.append(e)
         else:
@@ -247,7 +194,9 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
             images.clear()
             free_memory()
         for e, text in zip(ready, raw):
-            result.captions[e.file_name] = standardise_caption(text, subject=subject, template=config.template)
+            who = (e.row or {}).get(SUBJECT_FIELD) if people else None
+            result.captions[e.file_name] = standardise_caption(text, subject=phrases[who], template=config.template,
+                                                               forbidden=identifiers_of(phrases, who)[1])
             result.generated.append(e.file_name)
 
     for e in entries:
@@ -265,8 +214,11 @@ def caption_dataset(dataset_dir: str | Path, *, config: CaptionConfig | None = N
     write_metadata(dataset_dir, entries, result.captions)
     # Both files now hold these captions; a later difference from them is a hand edit.
     written.update(result.captions)
+    # One person: one trigger; several: only the per-person map, so nobody takes one trigger for all.
+    who = {SUBJECTS_KEY: settings} if people else {"trigger": subject, "subject": subject,
+                                                    "identifier": identifier_of(subject)}
     write_caption_config(dataset_dir, {
-        "trigger": subject, "subject": subject, "identifier": identifier, "template": config.template,
+        **who, "template": config.template,
         "identifier_format": config.identifier_format, "token": config.token, "class_noun": config.class_noun,
         **({"pivotal_tokens": pivotal_tokens(config.pivotal_tokens)} if config.identifier_format == "pivotal" else {}),
         "name": config.name, "model": resolve_blip(config.model),
@@ -302,6 +254,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
     parser.add_argument("--prompt", default=None, help="text for BLIP to continue, e.g. 'a picture of'")
     parser.add_argument("--overwrite", action="store_true", help="re-caption images that have captions (loses hand edits)")
+    parser.add_argument("--subjects", default=None,
+                        help="several people: each one's token [class noun [name]], e.g. 'ada: ADA woman; grace: GRACE' "
+                             "(default TOK1 person, TOK2 person, ...)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -311,21 +266,21 @@ def run_cli(args: argparse.Namespace) -> int:
         args: arguments parsed with the flags of :func:`add_cli_arguments`.
 
     Returns:
-        The exit code: 0 done, 1 an image got no caption or the folder has none.
+        The exit code: 0 done, 1 an image got no caption or the folder has none, or a setting is wrong.
     """
-    config = CaptionConfig(
-        model=args.model, token=args.token, class_noun=args.class_noun, name=args.name,
-        identifier_format=args.identifier_format, pivotal_tokens=args.pivotal_tokens, template=args.template,
-        batch_size=args.batch_size,
-        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
-        prompt=args.prompt, overwrite=args.overwrite,
-    )
     try:
+        config = CaptionConfig(
+            model=args.model, token=args.token, class_noun=args.class_noun, name=args.name,
+            identifier_format=args.identifier_format, pivotal_tokens=args.pivotal_tokens, template=args.template,
+            batch_size=args.batch_size,
+            num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+            prompt=args.prompt, overwrite=args.overwrite, subjects=getattr(args, "subjects", None),
+        )
         with warnings.catch_warnings():
             # Printed below as "warning:" lines, once each.
             warnings.simplefilter("ignore", CaptionWarning)
             result = caption_dataset(args.dataset_dir, config=config)
-    except (CaptionError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # CaptionError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for name, text in result.captions.items():
@@ -334,7 +289,8 @@ def run_cli(args: argparse.Namespace) -> int:
     for name, why in result.failed.items():
         print(f"[failed] {name}: {why}")
     rate = f", {result.images_per_second:.2f} images/s" if result.generated else ""
-    print(f"subject {result.subject!r}: {len(result.generated)} captioned, {len(result.kept)} kept, "
+    who = ", ".join(f"{k}: {v!r}" for k, v in result.subjects.items()) or f"subject {result.subject!r}"
+    print(f"{who}: {len(result.generated)} captioned, {len(result.kept)} kept, "
           f"{len(result.failed)} failed{rate}; wrote {args.dataset_dir / METADATA} and .txt sidecars")
     for message in result.warnings:
         print(f"warning: {message}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Sequence
 
 from lora_helpers.core.config import resolve_models
 from lora_helpers.core.embeddings import pivotal_token_count
@@ -125,6 +126,7 @@ def standardise_caption(
     subject: str,
     template: str = "a photo of {subject}, {caption}",
     identifier: str | None = None,
+    forbidden: Sequence[str] = (),
 ) -> str:
     """Turn a raw BLIP caption into a training caption with the subject exactly once.
 
@@ -140,6 +142,8 @@ def standardise_caption(
         subject: the subject phrase, e.g. "TOK person" or "@ada".
         template: contains ``{subject}`` and usually ``{caption}``.
         identifier: the word that must occur once (default: first word of ``subject``).
+        forbidden: identifiers of the dataset's other people: removed from BLIP's text, and
+            refused in the template, so a caption never names someone else.
 
     Returns:
         The caption.
@@ -151,21 +155,26 @@ def standardise_caption(
     if "{subject}" not in template:
         raise ValueError(f"template {template!r} needs '{{subject}}'")
     identifier = identifier or identifier_of(subject)
-    if count_identifier(template.replace("{subject}", " ").replace("{caption}", " "), identifier):
-        raise ValueError(f"template {template!r} already contains the identifier {identifier!r}; remove it")
+    for word in (identifier, *forbidden):
+        if count_identifier(template.replace("{subject}", " ").replace("{caption}", " "), word):
+            raise ValueError(f"template {template!r} already contains the identifier {word!r}; remove it")
     text = _clean_blip(raw)
     # Mark the subject before removing stray identifiers, so a word-like identifier
     # ("man") cannot eat the very phrase it replaces.
     text, found = _SUBJECT_RE.subn(lambda m: _PLACEHOLDER + (m.group("poss") or ""), text, count=1)
     # BLIP's "there is a man that is standing" -> "TOK person standing".
     text = re.sub(rf"{_PLACEHOLDER}\s+(?:that|who)\s+(?:is|are)\b", _PLACEHOLDER, text)
-    text = _clean_blip(identifier_pattern(identifier).sub(" ", text))
+    for word in (identifier, *forbidden):
+        text = identifier_pattern(word).sub(" ", text)
+    text = _clean_blip(text)
     if found:
         out = _render(template, text.replace(_PLACEHOLDER, subject), "")
     else:
         out = _render(template, subject, text)
     if count_identifier(out, identifier) != 1:  # only a subject that repeats its identifier gets here
         raise ValueError(f"subject {subject!r} gives {count_identifier(out, identifier)} copies of {identifier!r}")
+    if any(count_identifier(out, word) for word in forbidden):  # a subject phrase naming another person
+        raise ValueError(f"subject {subject!r} contains another person's identifier ({', '.join(forbidden)})")
     return out
 
 

@@ -32,6 +32,8 @@ __all__ = [
     "METADATA_FILE",
     "HELD_OUT_FIELD",
     "RESIZE_QUALITY_FIELD",
+    "SUBJECT_FIELD",
+    "SUBJECTS_KEY",
     "CHECKPOINTS_DIR",
     "LOCK_FILE",
     "RunFolderError",
@@ -66,6 +68,11 @@ METADATA_FILE = "metadata.jsonl"  # the dataset's rows: file_name, mask_file, mi
 # face the model never saw, and how much of a crop's 1024 px detail is real (0..1).
 HELD_OUT_FIELD = "held_out"
 RESIZE_QUALITY_FIELD = "resize_quality"
+# Several people in one dataset: each metadata.jsonl row names its person (a slug such as "ada"; absent:
+# the dataset's one person), and caption_config.json / a run's config.json map each slug to its trigger
+# under "subjects" ({"ada": {"trigger": "TOK1 person", "class_noun": "person", ...}}).
+SUBJECT_FIELD = "subject"
+SUBJECTS_KEY = "subjects"
 CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".lock"  # a dot file: the Hub upload of a run leaves it out
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

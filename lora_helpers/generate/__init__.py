@@ -1,6 +1,7 @@
 """Stage 4: SDXL with a LoRA: generation, labelled grids, the image cache (notebook 04)."""
 
 from lora_helpers.generate.cache import ImageCache
+from lora_helpers.generate.combine import LoraSet, load_loras, run_slug
 from lora_helpers.generate.grids import (
     DEFAULT_SCALES, GRID_KINDS, GridResult, base_vs_lora, checkpoint_progress, prompt_seed_grid, scale_sweep,
 )
@@ -15,7 +16,7 @@ from lora_helpers.generate.settings import (
 )
 
 __all__ = [
-    "ImageCache",
+    "ImageCache", "LoraSet", "load_loras", "run_slug",
     "DEFAULT_SCALES", "GRID_KINDS", "SCHEDULERS", "GenerateConfig", "GeneratedImage", "GridResult", "base_vs_lora",
     "checkpoint_progress", "fill_subject", "generate_images", "prompt_seed_grid", "resolve_size", "resolve_steps",
     "save_images", "scale_sweep",

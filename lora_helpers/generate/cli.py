@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lora_helpers.core.lora_files import LoraFileError, read_safetensors, refuse_nonfinite
 from lora_helpers.generate.cache import ImageCache
+from lora_helpers.generate.combine import load_loras
 from lora_helpers.generate.grids import (
     DEFAULT_SCALES, GRID_KINDS, base_vs_lora, checkpoint_progress, prompt_seed_grid, scale_sweep,
 )
@@ -28,7 +29,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("source", help="run folder, or a LoRA .safetensors file (diffusers or kohya/A1111 layout)")
     parser.add_argument("--prompt", "-p", dest="prompts", action="append", required=True,
-                        help="prompt; repeat for several. {subject} becomes the run's trigger phrase")
+                        help="prompt; repeat for several. {subject} becomes the run's trigger phrase; with several "
+                             "people {NAME} calls one (a run folder's name, or a person of a run of several)")
     parser.add_argument("--negative-prompt", default="", help="what to avoid (default: none)")
     # Checked while parsing, so a bad number is one line naming the flag before any model loads.
     parser.add_argument("--seeds", type=cli_type(check_seed), nargs="+", default=[0],
@@ -40,6 +42,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         default=GenerateConfig.guidance, help="guidance scale (default %(default)s)")
     scale = cli_type(partial(check_number, name="scale", example="1.0"))
     parser.add_argument("--scale", type=scale, default=1.0, help="LoRA strength (default 1.0)")
+    parser.add_argument("--also", nargs="+", default=[], metavar="RUN",
+                        help="more run folders or LoRA files to combine with SOURCE (two people in one picture)")
+    parser.add_argument("--weights", type=scale, nargs="+", default=None,
+                        help="one strength per LoRA with --also, SOURCE first (default 1.0 each; try 0.8 0.8)")
     parser.add_argument("--scales", type=scale, nargs="+", default=list(DEFAULT_SCALES), help="strengths for --grid scale")
     parser.add_argument("--grid", choices=GRID_KINDS, default=None, help="also write a grid of this kind")
     parser.add_argument("--out", type=Path, default=Path("outputs/generate"), help="output folder (default %(default)s)")
@@ -71,12 +77,22 @@ def run_cli(args: argparse.Namespace) -> int:
         base = choose_base_model(args.source, args.base_model)
         if args.grid == "checkpoints" and not Path(args.source).is_dir():
             raise ValueError("--grid checkpoints needs a run folder as SOURCE")
+        sources = [args.source, *args.also]
+        if args.also and (args.fuse or args.grid == "checkpoints"):
+            raise ValueError("--also combines LoRAs unfused and without --grid checkpoints; drop --fuse / --grid checkpoints")
+        if args.weights is not None and len(args.weights) != len(sources):
+            raise ValueError(f"--weights: {len(args.weights)} given for {len(sources)} LoRAs (SOURCE and --also); "
+                             "give one each, e.g. --weights 0.8 0.8")
         # A bad path, a damaged file or NaN weights fail here, before the slow model load.
-        lora_file, _ = find_lora_file(args.source)
-        refuse_nonfinite(lora_file, read_safetensors(lora_file)[0])
+        for source in sources:
+            lora_file, _ = find_lora_file(source)
+            refuse_nonfinite(lora_file, read_safetensors(lora_file)[0])
         pipe = load_pipeline(base, vae=None if str(args.vae).lower() == "none" else args.vae, device=args.device,
                              memory_saving=args.memory_saving)
-        info = load_lora(pipe, args.source, scale=args.scale, trigger=args.trigger)
+        if args.also:
+            info = load_loras(pipe, sources, weights=args.weights, scale=args.scale)
+        else:
+            info = load_lora(pipe, args.source, scale=args.scale, trigger=args.trigger)
         if args.fuse:
             fuse_lora(pipe, info)
         cache = None if args.no_cache else ImageCache(args.cache_dir or args.out / "cache")

@@ -21,9 +21,11 @@ from lora_helpers import __version__
 from lora_helpers.core.grids import GridLayout, grid_layout, make_grid
 from lora_helpers.core.lora_files import LoraFileError, LoraNotFoundError, weights_digest
 from lora_helpers.core.run_folder import LORA_WEIGHT_NAME, find_checkpoints, read_run_config
+from lora_helpers.core.subjects import expand_subject
 from lora_helpers.generate.cache import ImageCache
+from lora_helpers.generate.combine import LoraSet
 from lora_helpers.generate.images import GenerateConfig, GeneratedImage, PngResult, fill_subject, generate_images
-from lora_helpers.generate.lora import LoraInfo, load_lora, unload_lora
+from lora_helpers.generate.lora import LoraInfo, load_lora, run_subjects, unload_lora
 
 __all__ = [
     "DEFAULT_SCALES", "GRID_KINDS", "GridResult",
@@ -104,17 +106,31 @@ def _row_labels(texts: Sequence[str], seeds: Sequence[int]) -> tuple[list[str], 
     return [f"{t}\nseed {s}" for t in texts for s in seeds], ""
 
 
+def _per_person(prompts: str | Sequence[str], trigger: str | None, subjects: dict[str, str] | None) -> list[str]:
+    """Prompts with ``{subject}`` once per person when several people and no one phrase are known (grids per person)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return prompts if trigger or not subjects else expand_subject(prompts, list(subjects))
+
+
+def _people_of(lora_info: LoraInfo | LoraSet | None, config: GenerateConfig) -> tuple[str | None, dict[str, str]]:
+    """(phrase for {subject}, name -> trigger of each person) for a grid's prompts."""
+    if lora_info is None:
+        return config.subject, {}
+    return config.subject or lora_info.trigger, dict(lora_info.subjects)
+
+
 def prompt_seed_grid(pipe, prompts: str | Sequence[str], seeds: int | Sequence[int], *,
-                     config: GenerateConfig | None = None, lora_info: LoraInfo | None = None,
+                     config: GenerateConfig | None = None, lora_info: LoraInfo | LoraSet | None = None,
                      cache: ImageCache | None = None) -> GridResult:
     """Grid with one row per prompt and one column per seed: does the person survive every prompt?
 
     Args:
         pipe: from :func:`lora_helpers.generate.pipeline.load_pipeline`.
-        prompts: one prompt or several; ``{subject}`` becomes the trigger phrase.
+        prompts: one prompt or several; ``{subject}`` becomes the trigger phrase (several people: one
+            row per person), ``{<name>}`` that person's.
         seeds: one seed or several.
         config: generation settings (None: defaults).
-        lora_info: the LoRA to apply; None: the base model.
+        lora_info: the LoRA (or :class:`LoraSet`) to apply; None: the base model.
         cache: an :class:`ImageCache` to reuse images from.
 
     Returns:
@@ -122,13 +138,14 @@ def prompt_seed_grid(pipe, prompts: str | Sequence[str], seeds: int | Sequence[i
     """
     config = config or GenerateConfig()
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    prompts = _per_person(prompts, *_people_of(lora_info, config))
     items = generate_images(pipe, prompts, seeds, config=config, lora_info=lora_info, cache=cache)
     texts = list(dict.fromkeys(it.prompt for it in items))
     who = f"{lora_info.name} at scale {items[0].params['lora_scale']:g}" if lora_info else "base model"
     return _grid("prompt-seed", items, texts, [f"seed {s}" for s in seeds], f"{who} · {_settings(items)}")
 
 
-def scale_sweep(pipe, lora_info: LoraInfo, prompts: str | Sequence[str], seeds: int | Sequence[int], *,
+def scale_sweep(pipe, lora_info: LoraInfo | LoraSet, prompts: str | Sequence[str], seeds: int | Sequence[int], *,
                 scales: Sequence[float] = DEFAULT_SCALES, config: GenerateConfig | None = None,
                 cache: ImageCache | None = None) -> GridResult:
     """Grid of LoRA strengths (columns) for each prompt × seed (rows): 0 is the base model.
@@ -154,7 +171,7 @@ def scale_sweep(pipe, lora_info: LoraInfo, prompts: str | Sequence[str], seeds: 
     if lora_info is None:
         raise ValueError("scale_sweep needs a LoRA (lora_info from load_lora)")
     config = config or GenerateConfig()
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = _per_person(prompts, *_people_of(lora_info, config))
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     if not scales:
         raise ValueError("no scales given, e.g. scales=(0, 0.5, 1.0)")
@@ -223,7 +240,10 @@ def checkpoint_progress(pipe, run_dir: str | Path, prompts: str | Sequence[str],
     if not columns:
         raise LoraNotFoundError(run_dir, "no checkpoints/checkpoint-<step>/ folders with LoRA weights and no final LoRA; "
                                          "train with checkpointing on, or pass the run folder")
-    trigger = config.subject or read_run_config(run_dir).get("trigger")
+    run_config = read_run_config(run_dir)
+    subjects = run_subjects(run_config)  # a run of several people: {subject} rows once per person
+    trigger = config.subject or (None if subjects else run_config.get("trigger"))
+    prompts = _per_person(prompts, trigger, subjects)
     n = len(prompts) * len(seeds)
     per_column: list[list[GeneratedImage | None]] = []
     notes: list[str] = []
@@ -245,13 +265,13 @@ def checkpoint_progress(pipe, run_dir: str | Path, prompts: str | Sequence[str],
     if all(it is None for col in per_column for it in col):
         raise LoraFileError(run_dir, "no checkpoint of this run could be loaded: " + "; ".join(notes))
     items = [per_column[c][r] for r in range(n) for c in range(len(columns))]
-    texts = [fill_subject(p, trigger) for p in prompts]
+    texts = [fill_subject(p, trigger, subjects) for p in prompts]
     rows, prompt_title = _row_labels(texts, seeds)
     title = f"training progress · {run_dir.name} · {prompt_title} · scale {scale:g} · {_settings(items)}".replace(" ·  · ", " · ")
     return _grid("checkpoints", items, rows, labels, title, notes)
 
 
-def base_vs_lora(pipe, lora_info: LoraInfo, prompts: str | Sequence[str], seeds: int | Sequence[int], *,
+def base_vs_lora(pipe, lora_info: LoraInfo | LoraSet, prompts: str | Sequence[str], seeds: int | Sequence[int], *,
                  config: GenerateConfig | None = None, cache: ImageCache | None = None) -> GridResult:
     """Two columns, base model and base + LoRA, for each prompt × seed (same seed, same noise).
 
@@ -273,8 +293,11 @@ def base_vs_lora(pipe, lora_info: LoraInfo, prompts: str | Sequence[str], seeds:
         raise ValueError("base_vs_lora needs a LoRA (lora_info from load_lora)")
     config = config or GenerateConfig()
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-    base_cfg = replace(config, subject=config.subject or lora_info.trigger)
-    base = generate_images(pipe, prompts, seeds, config=base_cfg, cache=cache)
+    trigger, subjects = _people_of(lora_info, config)
+    prompts = _per_person(prompts, trigger, subjects)
+    # the base model gets the very words the LoRA gets, the people's phrases filled in
+    base = generate_images(pipe, [fill_subject(p, trigger, subjects) for p in prompts], seeds,
+                           config=replace(config, subject=None), cache=cache)
     with_lora = generate_images(pipe, prompts, seeds, config=config, lora_info=lora_info, cache=cache)
     items = [it for pair in zip(base, with_lora) for it in pair]
     rows, prompt_title = _row_labels([it.prompt for it in base[:: len(seeds)]], seeds)

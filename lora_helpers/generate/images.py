@@ -3,7 +3,9 @@
 Reproducibility: each image has its own ``torch.Generator`` on the CPU seeded with its
 seed, so an image depends on its seed alone — not on its position in a batch, on the
 other seeds asked for, or on the GPU model (CPU noise is the same everywhere).
-``{subject}`` in a prompt becomes the run's trigger phrase ("TOK person").
+``{subject}`` in a prompt becomes the run's trigger phrase ("TOK person"); with several people
+(a run of several, or a :class:`lora_helpers.generate.combine.LoraSet`) ``{<name>}`` calls each
+("{ada} and {grace} at a cafe") and ``{subject}`` is refused, naming them.
 
 The pipeline comes from :mod:`lora_helpers.generate.pipeline`, the LoRA from
 :mod:`lora_helpers.generate.lora`, the settings and their checks from
@@ -28,7 +30,9 @@ from tqdm.auto import tqdm
 
 from lora_helpers import __version__
 from lora_helpers.core.grids import save_png_with_metadata
+from lora_helpers.core.subjects import fill_subjects
 from lora_helpers.generate.cache import ImageCache, cache_key
+from lora_helpers.generate.combine import LoraSet
 from lora_helpers.generate.lora import LoraInfo, activate_lora
 from lora_helpers.generate.settings import (
     SCHEDULERS, GenerateConfig, check_number, check_prompts, check_seeds, resolve_size, resolve_steps,
@@ -40,25 +44,22 @@ __all__ = [
 ]
 
 
-def fill_subject(prompt: str, subject: str | None) -> str:
-    """Replace ``{subject}`` with the trigger phrase.
+def fill_subject(prompt: str, subject: str | None, subjects: dict[str, str] | None = None) -> str:
+    """Replace ``{subject}`` with the trigger phrase, and ``{<name>}`` with that person's.
 
     Args:
-        prompt: a prompt, with or without ``{subject}``.
-        subject: the trigger phrase, e.g. "TOK person" (None: unknown).
+        prompt: a prompt, with or without placeholders.
+        subject: the trigger phrase, e.g. "TOK person" (None: unknown, or several people).
+        subjects: name -> trigger of each person the LoRA(s) know ({} or None: one person).
 
     Returns:
         The prompt the model sees.
 
     Raises:
-        ValueError: when the prompt uses ``{subject}`` and no phrase is known.
+        ValueError: when the prompt uses ``{subject}`` and no phrase is known (with several people:
+            naming the placeholders to use), or names a person the LoRA(s) do not know.
     """
-    if "{subject}" not in prompt:
-        return prompt
-    if not subject:
-        raise ValueError(f"prompt {prompt!r} uses {{subject}} but no trigger phrase is known: load the LoRA from its "
-                         "run folder (config.json has 'trigger'), pass trigger= to load_lora, or set GenerateConfig.subject")
-    return prompt.replace("{subject}", subject)
+    return fill_subjects(prompt, subjects, subject=subject)
 
 
 class PngResult:
@@ -111,7 +112,8 @@ class GeneratedImage(PngResult):
     def metadata(self) -> dict[str, Any]:
         """PNG text: every parameter plus an A1111-style ``parameters`` line that other tools read."""
         p = self.params
-        lora = f", Lora: {Path(p['lora']).name} x{p['lora_scale']:g} ({p['lora_sha256'][:12]})" if p.get("lora") else ""
+        names = " + ".join(Path(f).name for f in str(p.get("lora") or "").split(" + "))  # a set: "a + b"
+        lora = f", Lora: {names} x{p['lora_scale']:g} ({p['lora_sha256'][:12]})" if p.get("lora") else ""
         a1111 = (f"{p['prompt']}\nNegative prompt: {p['negative_prompt']}\nSteps: {p['steps']}, "
                  f"Sampler: {p['scheduler']}, CFG scale: {p['guidance']:g}, Seed: {p['seed']}, "
                  f"Size: {p['width']}x{p['height']}, Model: {p['base_model']}{lora}")
@@ -176,7 +178,7 @@ def generate_images(
     seeds: int | Sequence[int],
     *,
     config: GenerateConfig | None = None,
-    lora_info: LoraInfo | None = None,
+    lora_info: LoraInfo | LoraSet | None = None,
     cache: ImageCache | None = None,
     progress: bool = True,
 ) -> list[GeneratedImage]:
@@ -187,7 +189,8 @@ def generate_images(
         prompts: one prompt or several; ``{subject}`` is replaced by the trigger phrase.
         seeds: one seed or several; each image gets its own generator seeded with its seed.
         config: a :class:`GenerateConfig` (None: defaults).
-        lora_info: the LoRA to apply (from :func:`lora_helpers.generate.lora.load_lora`); None: the base model alone.
+        lora_info: the LoRA to apply (from :func:`lora_helpers.generate.lora.load_lora`), or several at their
+            weights (:func:`lora_helpers.generate.combine.load_loras`); None: the base model alone.
         cache: an :class:`ImageCache`; a hit returns the stored image without running the model.
         progress: show a progress bar when more than one image is generated.
 
@@ -208,7 +211,7 @@ def generate_images(
     scale = None
     if lora_info is not None:
         scale = check_number(lora_info.scale if config.lora_scale is None else config.lora_scale, "LoRA scale", "1.0")
-    texts = [fill_subject(p, subject) for p in prompts]
+    texts = [fill_subject(p, subject, getattr(lora_info, "subjects", None)) for p in prompts]
     if lora_info is not None and lora_info.trigger:
         for text in dict.fromkeys(texts):
             if lora_info.trigger.lower() not in text.lower():

@@ -9,7 +9,8 @@ check every LoRA tensor against the modules of *this* pipeline first and say whi
 file is wrong and what to do.
 
 Generation calls :func:`activate_lora` before every batch, so what a pipeline computes
-never depends on which LoRA, scale or fuse state an earlier call left behind.
+never depends on which LoRA, scale or fuse state an earlier call left behind. It takes one
+:class:`LoraInfo` or a set of several with their weights (:mod:`lora_helpers.generate.combine`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from lora_helpers.core.embeddings import (PivotalEmbeddings, find_embedding_file
 from lora_helpers.core.fileio import sha256_file
 from lora_helpers.core.lora_check import check_lora_file
 from lora_helpers.core.lora_files import LoraFileError, LoraNotFoundError, quiet_diffusers
-from lora_helpers.core.run_folder import CONFIG_FILE, LORA_WEIGHT_NAME, find_checkpoints, read_run_config
+from lora_helpers.core.run_folder import (CONFIG_FILE, LORA_WEIGHT_NAME, SUBJECTS_KEY, find_checkpoints,
+                                          read_run_config)
 from lora_helpers.generate.settings import check_number
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "fuse_lora",
     "unfuse_lora",
     "activate_lora",
+    "run_subjects",
 ]
 
 
@@ -108,6 +111,7 @@ class LoraInfo:
         scale: the strength used when a generation request does not give one.
         format: "diffusers", "kohya" or "other" (the file's layout).
         trigger: the phrase that stands for the person (``{subject}`` in prompts), from the run's config.
+        subjects: slug -> trigger of each person of a run of several (``{ada}`` in prompts); {} for one.
         run_dir: the run folder, when the file came from one.
         run_config: the run's ``config.json`` ({} without one).
         rank: LoRA rank (largest, when layers differ).
@@ -131,6 +135,11 @@ class LoraInfo:
     fused: bool = False
     embeddings: PivotalEmbeddings | None = None
     embedding_path: Path | None = None
+    subjects: dict[str, str] = field(default_factory=dict)
+
+    def adapters(self, scale: float) -> tuple[list[str], list[float]]:
+        """The adapter names and weights that make the pipeline compute with this LoRA at ``scale``."""
+        return [self.adapter_name], [scale]
 
     @property
     def name(self) -> str:
@@ -143,8 +152,10 @@ class LoraInfo:
     def __str__(self) -> str:
         where = f" from run {self.run_dir}" if self.run_dir else ""
         tokens = f", new tokens {self.embedding_path.name}" if self.embedding_path else ""
+        who = (f"people {', '.join(f'{{{k}}}: {v!r}' for k, v in self.subjects.items())}" if self.subjects
+               else f"trigger {self.trigger!r}")
         return (f"LoRA {self.path.name}{where}: {self.format} format, rank {self.rank}, layers {self.targets}, "
-                f"trigger {self.trigger!r}, scale {self.scale}{tokens}{', fused' if self.fused else ''}")
+                f"{who}, scale {self.scale}{tokens}{', fused' if self.fused else ''}")
 
 
 def lora_digest(path: str | os.PathLike) -> str:
@@ -179,7 +190,8 @@ def load_lora(
         adapter_name: name in the pipeline; loading again under the same name replaces it
             (re-running a notebook cell is safe).
         scale: LoRA strength (0 = base model, 1 = as trained).
-        trigger: phrase for ``{subject}``; default: the run config's ``trigger``.
+        trigger: phrase for ``{subject}``; default: the run config's ``trigger`` (a run of several people
+            has none: its ``subjects`` fill ``{<slug>}``).
 
     Returns:
         A :class:`LoraInfo`.
@@ -204,14 +216,23 @@ def load_lora(
         unload_lora(pipe, adapter_name)
     with quiet_diffusers():
         pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    subjects = run_subjects(run_config)
+    if not trigger and not subjects:
+        trigger = run_config.get("trigger") or checked["metadata"].get("trigger")
     info = LoraInfo(
         path=path, sha256=lora_digest(path), adapter_name=adapter_name, scale=float(scale), format=checked["format"],
-        trigger=trigger or run_config.get("trigger") or checked["metadata"].get("trigger"), run_dir=run_dir,
+        trigger=trigger, run_dir=run_dir,
         run_config=run_config, rank=checked["rank"], targets=checked["targets"], embeddings=embeddings,
-        embedding_path=embedding_path,
+        embedding_path=embedding_path, subjects=subjects,
     )
     activate_lora(pipe, info, info.scale)
     return info
+
+
+def run_subjects(run_config: dict) -> dict[str, str]:
+    """slug -> trigger of a run of several people (config.json "subjects"), {} for one person."""
+    subjects = run_config.get(SUBJECTS_KEY) or {}
+    return {str(slug): str(s["trigger"]) for slug, s in subjects.items() if isinstance(s, dict) and s.get("trigger")}
 
 
 def unload_lora(pipe, lora: LoraInfo | str | None = None) -> None:
@@ -219,7 +240,8 @@ def unload_lora(pipe, lora: LoraInfo | str | None = None) -> None:
 
     Args:
         pipe: the pipeline.
-        lora: a :class:`LoraInfo` or an adapter name; None removes every LoRA.
+        lora: a :class:`LoraInfo`, a set of them (:class:`lora_helpers.generate.combine.LoraSet`: each is
+            removed) or an adapter name; None removes every LoRA.
     """
     if getattr(pipe, "fused_loras", None):
         pipe.unfuse_lora()
@@ -230,6 +252,10 @@ def unload_lora(pipe, lora: LoraInfo | str | None = None) -> None:
             with quiet_diffusers():
                 pipe.unload_lora_weights()
         return
+    for member in getattr(lora, "loras", ()):
+        unload_lora(pipe, member)
+    if hasattr(lora, "loras"):
+        return
     name = lora.adapter_name if isinstance(lora, LoraInfo) else lora
     if name in _adapter_names(pipe):
         with quiet_diffusers():
@@ -238,8 +264,8 @@ def unload_lora(pipe, lora: LoraInfo | str | None = None) -> None:
         lora.fused = False
 
 
-def activate_lora(pipe, lora: LoraInfo | None, scale: float | None = None) -> None:
-    """Make ``pipe`` compute with exactly this LoRA at this scale (or with no LoRA).
+def activate_lora(pipe, lora: LoraInfo | Any | None, scale: float | None = None) -> None:
+    """Make ``pipe`` compute with exactly this LoRA (or set of LoRAs) at this scale, or with no LoRA.
 
     Generation calls this before every batch, so switching between base model, LoRA
     strengths and checkpoints never depends on what ran before. A LoRA marked ``fused``
@@ -248,7 +274,8 @@ def activate_lora(pipe, lora: LoraInfo | None, scale: float | None = None) -> No
 
     Args:
         pipe: the pipeline.
-        lora: the LoRA to use, or None for the base model.
+        lora: the LoRA to use, a :class:`lora_helpers.generate.combine.LoraSet` (each LoRA at its weight
+            times ``scale``; the others loaded in the pipeline are off), or None for the base model.
         scale: strength; None: ``lora.scale``.
 
     Raises:
@@ -257,9 +284,11 @@ def activate_lora(pipe, lora: LoraInfo | None, scale: float | None = None) -> No
     """
     if lora is not None:
         scale = check_number(lora.scale if scale is None else scale, "LoRA scale", "1.0")
-        if lora.adapter_name not in _adapter_names(pipe):
-            raise LoraFileError(lora.path, f"adapter {lora.adapter_name!r} is no longer loaded in this pipeline; "
-                                           "call load_lora again")
+        names, weights = lora.adapters(scale)
+        for name in names:
+            if name not in _adapter_names(pipe):
+                raise LoraFileError(lora.path, f"adapter {name!r} is no longer loaded in this pipeline; "
+                                               "call load_lora (or load_loras) again")
     _activate_embeddings(pipe, lora.embeddings if lora is not None else None)
     want = (lora.adapter_name, scale) if lora is not None and lora.fused else None
     have = getattr(pipe, "_lora_helpers_fused", None) if getattr(pipe, "fused_loras", None) else None
@@ -273,7 +302,7 @@ def activate_lora(pipe, lora: LoraInfo | None, scale: float | None = None) -> No
     if want is not None and have == want:
         return  # already fused at this scale; set_adapters would unmerge the layers again
     pipe.enable_lora()
-    pipe.set_adapters([lora.adapter_name], adapter_weights=[scale])
+    pipe.set_adapters(names, adapter_weights=weights)
     if want is not None:
         with quiet_diffusers():
             # set_adapters' weight is applied when fusing, so lora_scale stays 1.0
@@ -303,7 +332,12 @@ def fuse_lora(pipe, lora: LoraInfo, scale: float | None = None) -> None:
         pipe: the pipeline ``lora`` is loaded in.
         lora: from :func:`load_lora`; marked ``fused``.
         scale: strength to fuse at; None keeps ``lora.scale``.
+
+    Raises:
+        ValueError: a set of several LoRAs (fusing mixes them for good; generate with them unfused).
     """
+    if not isinstance(lora, LoraInfo):
+        raise ValueError("fuse_lora fuses one LoRA; a set of several is used unfused (generate with it as it is)")
     if scale is not None:
         lora.scale = check_number(scale, "scale", "1.0")
     lora.fused = True

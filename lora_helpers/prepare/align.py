@@ -197,18 +197,21 @@ def resize_quality(alignment: Alignment) -> float:
     return round(real * density, 4)
 
 
-def warp(image, alignment: Alignment, *, resample: str = "lanczos", pad: str = "blur") -> np.ndarray:
+def warp(image, alignment: Alignment, *, resample: str = "cubic", pad: str = "blur") -> np.ndarray:
     """Render the aligned crop.
 
     Only the photo region under the crop is converted and resampled, so a 12-MP photo
     costs little more than a small one. Shrinking first averages pixels (area
-    resampling) so fine patterns do not alias; the rotation and any enlargement use
-    Lanczos.
+    resampling) so fine patterns do not alias; the rotation and any enlargement then
+    use bicubic interpolation (OpenCV's, a = -0.75). Lanczos-4 takes twice as long on
+    one core (0.1 s for a 1024-px crop, a quarter of preparing a photo) and differs
+    from bicubic by under one grey level: 46-52 dB PSNR on natural photos, 41-45 dB on
+    grass and gravel.
 
     Args:
         image: the upright photo, PIL RGB/L image or ``uint8`` array.
         alignment: from :func:`plan_alignment` or :func:`centre_alignment`.
-        resample: "lanczos" (training images), "cubic" or "linear" (quick measurements).
+        resample: "cubic" (training images), "lanczos", or "linear" (quick measurements).
         pad: "blur" (blurred reflection), "reflect" or "black" for pixels outside the photo.
 
     Returns:
@@ -234,7 +237,7 @@ def warp(image, alignment: Alignment, *, resample: str = "lanczos", pad: str = "
         to_photo = np.array([[1.0, 0.0, x0], [0.0, 1.0, y0], [0.0, 0.0, 1.0]])
     fx = fy = 1.0
     if alignment.scale < 0.8:
-        # Area-average down to the final scale first: Lanczos (like any fixed kernel)
+        # Area-average down to the final scale first: a fixed kernel (bicubic, Lanczos)
         # aliases fine patterns such as fabric when it shrinks; it then only rotates.
         size = (max(1, round(roi.shape[1] * alignment.scale)), max(1, round(roi.shape[0] * alignment.scale)))
         fx, fy = size[0] / roi.shape[1], size[1] / roi.shape[0]
@@ -246,8 +249,10 @@ def warp(image, alignment: Alignment, *, resample: str = "lanczos", pad: str = "
     border = cv2.BORDER_CONSTANT if pad == "black" else cv2.BORDER_REFLECT_101
     out = cv2.warpAffine(roi, m[:2], (w, h), flags=flags, borderMode=border)
     if pad == "blur" and alignment.padding > 0:
-        # Which output pixels come from the photo: warp a white image of the ROI's
-        # size, but only where the ROI is real photo (the ROI was clipped to it).
+        # Which output pixels come from the photo: warp a white image of the ROI's size, but
+        # only where the ROI is real photo (the ROI was clipped to it). Linear interpolation
+        # puts the 50 % line on the photo's edge; OpenCV's anti-aliased polygon fill lies
+        # about half a pixel outside it, and exact coverage in numpy costs more than this.
         ones = np.full(roi.shape[:2], 255, np.uint8)
         valid = cv2.warpAffine(ones, m[:2], (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         if valid.min() < 255:
@@ -255,11 +260,11 @@ def warp(image, alignment: Alignment, *, resample: str = "lanczos", pad: str = "
             small = cv2.resize(out, (max(1, w // k), max(1, h // k)), interpolation=cv2.INTER_AREA)
             small = cv2.GaussianBlur(small, (0, 0), sigmaX=3.0)  # ~5 % of the short side
             blurred = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-            alpha = cv2.GaussianBlur(valid, (0, 0), sigmaX=max(0.5, min(w, h) / 256)).astype(np.float32) / 255.0
-            alpha = np.minimum(alpha, valid.astype(np.float32) / 255.0)
-            if out.ndim == 3:
-                alpha = alpha[..., None]
-            out = (out * alpha + blurred * (1.0 - alpha) + 0.5).astype(np.uint8)
+            # Photo inside, blurred fill outside, a short fade inside the photo's edge; blended
+            # by OpenCV in one pass (float arithmetic on the whole frame took a third of the warp).
+            alpha = cv2.min(cv2.GaussianBlur(valid, (0, 0), sigmaX=max(0.5, min(w, h) / 256)), valid)
+            weight = alpha.astype(np.float32) * np.float32(1.0 / 255.0)
+            out = cv2.blendLinear(out, blurred, weight, 1.0 - weight)
     return out
 
 

@@ -54,7 +54,12 @@ class PrepareConfig:
         hold_out: photos kept out of training for the held-out likeness score: None (or
             "auto") chooses (none below 8 usable photos, 1 from 8, 2 from 12; see
             :mod:`lora_helpers.prepare.holdout`), 0 holds none out, a number holds that many.
-            Per-photo "hold_out" / "train" overrides win over the choice.
+            Per-photo "hold_out" / "train" overrides win over the choice. With several people the
+            rule applies to each person's photos.
+        subjects: whose photos these are (see :mod:`lora_helpers.prepare.subjects`): "auto"
+            (one subfolder per person when the photo folder holds only subfolders, else one
+            person), "one", "folders" (one subfolder per person) or "group" (one mixed folder,
+            grouped by face).
     """
 
     resolution: int = 1024
@@ -87,6 +92,7 @@ class PrepareConfig:
     detect_max_side: int = 1024
     quality_threshold: float = 0.95
     hold_out: int | None = None
+    subjects: str = "auto"
 
     def __post_init__(self):
         if self.padding not in ("blur", "reflect"):
@@ -109,6 +115,9 @@ class PrepareConfig:
             raise ValueError(f"background_weight must be within 0..1, got {self.background_weight}")
         if not 0.0 <= self.quality_threshold <= 1.0:
             raise ValueError(f"quality_threshold must be within 0..1 (default 0.95), got {self.quality_threshold}")
+        if self.subjects not in ("auto", "one", "folders", "group"):
+            raise ValueError(f"subjects must be 'auto', 'one', 'folders' (a subfolder per person) or 'group' "
+                             f"(group a mixed folder by face), got {self.subjects!r}")
         if isinstance(self.hold_out, str):  # a form field or the command line: "auto", "0", "2"
             text = self.hold_out.strip().lower()
             self.hold_out = None if text in ("auto", "") else int(text) if text.isdigit() else self.hold_out

@@ -140,7 +140,9 @@ def detect_faces(image, *, backend: FaceBackend | None = None, max_side: int = 1
     faces: list[Face] = []
     for k, up in passes:
         small = _reduced(image, k) if up == 1 else _upsampled(image, up)
-        faces = backend.detect(small, **detect_kwargs)
+        # dlib's landmarks on a shrunk copy would be recomputed at full size below: skip them.
+        skip = {"landmarks": False} if k > 1 and up == 1 and isinstance(backend, DlibBackend) else {}
+        faces = backend.detect(small, **skip, **detect_kwargs)
         if faces:
             break
     if not faces:

@@ -14,6 +14,9 @@ contents have the lowest SHA-256. The hash makes the choice the same on every ru
 machine, whatever the listing order or file names, and it is blind to quality, so the
 held-out photo is a typical one rather than the best or the worst; adding a photo changes
 the choice only where the new photo's hash ranks first.
+
+Several people: the rule applies to each person's photos on their own (a number given is per
+person), so each person can be scored on a face of theirs the LoRA never saw.
 """
 
 from __future__ import annotations
@@ -46,16 +49,26 @@ def _eligible(rec: PhotoRecord) -> bool:
 
 
 def choose_held_out(records: list[PhotoRecord], *, hold_out: int | None = None) -> str:
-    """Mark the held-out photos (``rec.held_out``) among the accepted records.
+    """Mark the held-out photos (``rec.held_out``) among the accepted records, per person when there are several.
 
     Args:
         records: every record after :func:`lora_helpers.prepare.judge.finalise`; each record's
             ``override`` may be "hold_out" or "train" (or a verdict override).
-        hold_out: None: :func:`auto_count`; 0: none but the forced ones; n: n photos.
+        hold_out: None: :func:`auto_count`; 0: none but the forced ones; n: n photos (per person).
 
     Returns:
-        One line for the summary: which photos are held out, or why none is.
+        The summary: which photos are held out, or why none is (a line per person when there are several).
     """
+    for r in records:
+        r.held_out = False
+    subjects = list(dict.fromkeys(r.subject for r in records))
+    if subjects == [None]:
+        return _choose(records, hold_out)
+    return "\n".join(f"{who}: {_choose([r for r in records if r.subject == who], hold_out)}"
+                     for who in subjects if who is not None and any(r.subject == who and r.accepted for r in records))
+
+
+def _choose(records: list[PhotoRecord], hold_out: int | None) -> str:
     usable = [r for r in records if r.accepted]
     for r in records:
         r.held_out = False

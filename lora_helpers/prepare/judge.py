@@ -96,8 +96,18 @@ def _skip_duplicates(records: list[PhotoRecord], config: PrepareConfig) -> None:
 
 
 def _check_identity(records: list[PhotoRecord], config: PrepareConfig) -> None:
-    """Identity: a face far from the set's own is probably someone else."""
+    """Identity: a face far from its person's other photos is probably someone else.
+
+    With several people each is checked against their own photos only: another person's
+    photos are no evidence about this one.
+    """
+    for subject in dict.fromkeys(r.subject for r in records):
+        _check_one_person([r for r in records if r.subject == subject], config, subject)
+
+
+def _check_one_person(records: list[PhotoRecord], config: PrepareConfig, subject: str | None) -> None:
     threshold = config.identity_threshold or SAME_PERSON_COSINE
+    rest = f"{subject}'s other photos" if subject else "the rest of the set"
     counted = [r for r in records if r.embedding is not None and not _rejected(r) and not r.duplicate_of]
     others = [r for r in records if r.embedding is not None and r not in counted]
     people = counted
@@ -112,9 +122,10 @@ def _check_identity(records: list[PhotoRecord], config: PrepareConfig) -> None:
             r.measures["identity_similarity"] = float(np.median(sims[i, ref])) if ref else 1.0
             if not clear_majority and len(group) < len(people):
                 # No majority (e.g. two photos of two people): which one is wrong is unknowable.
-                r.add("warn", "the photos do not agree on one person; check that they all show the same person")
+                r.add("warn", f"the photos{f' of {subject}' if subject else ''} do not agree on one person; check "
+                              "that they all show the same person")
             elif i not in group:
-                r.add("reject", f"looks like a different person from the rest of the set (similarity {r.measures['identity_similarity']:.2f}; same person >= {threshold:.2f})")
+                r.add("reject", f"looks like a different person from {rest} (similarity {r.measures['identity_similarity']:.2f}; same person >= {threshold:.2f})")
         for r in others:
             r.measures["identity_similarity"] = float(np.median([cosine_similarity(r.embedding, people[j].embedding) for j in group]))
 

@@ -4,7 +4,7 @@ Rotating a 12-MP phone photo upright costs about as much as finding its face, ye
 preparation only needs a reduced copy (for detection) and the few regions under the
 crops. :class:`LazyPhoto` keeps the pixels as stored and offers the PIL methods the
 pipeline uses (``size``, ``mode``, ``crop``, ``reduce``, ``convert``) in upright
-coordinates, rotating only what is asked for. The Lanczos crop goes further and folds
+coordinates, rotating only what is asked for. The aligned crop goes further and folds
 the rotation into its own transform (:meth:`LazyPhoto.region_array`).
 """
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from lora_helpers.core import fileio
-from lora_helpers.core.run_folder import HELD_OUT_FIELD, RESIZE_QUALITY_FIELD, write_metadata
+from lora_helpers.core.run_folder import HELD_OUT_FIELD, RESIZE_QUALITY_FIELD, SUBJECT_FIELD, write_metadata
 from lora_helpers.prepare.manifest import DROPPED_DIR, Manifest
 from lora_helpers.prepare.records import PhotoRecord, PrepareResult
 
@@ -128,6 +128,8 @@ def write_outputs(result: PrepareResult, manifest: Manifest) -> list[str]:
                RESIZE_QUALITY_FIELD: r.resize_quality}
         if r.held_out:  # absent means a training photo, as in datasets from before holding out
             row[HELD_OUT_FIELD] = True
+        if r.subject:  # absent means the dataset's one person
+            row[SUBJECT_FIELD] = r.subject
         earlier = by_source.get(r.file) or manifest.dropped.get(r.file, {}).get("row") or {}
         if "text" in earlier:
             row["text"] = earlier["text"]  # the caption belongs to the photo, hand edits included

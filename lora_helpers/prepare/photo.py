@@ -2,7 +2,7 @@
 the training image and mask.
 
 :func:`process_photo` records every finding on a :class:`PhotoRecord` and stops early
-(before the identity embedding, the Lanczos crop and the PNG encoding, the costly part)
+(before the identity embedding, the aligned crop and the PNG encoding, the costly part)
 once a photo is rejected. Checks that need the whole set come later, in
 :mod:`lora_helpers.prepare.judge`.
 """
@@ -29,13 +29,15 @@ __all__ = ["process_photo"]
 def _encode_png(array: np.ndarray) -> bytes:
     import cv2  # where it is used, as in align and quality, so importing the package stays light
 
+    # Level 1, RLE and one fixed filter: 5x faster than PIL's default, and smaller files
+    # (PNG encoding would otherwise be a fifth of the time per photo). Photos take the Up
+    # filter, a quarter faster than Paeth for files a seventh larger; masks (flat areas and
+    # soft edges) keep Paeth.
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
     if array.ndim == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    # Level 1, RLE and the Paeth filter alone: 5x faster than PIL's default, and smaller
-    # files (PNG encoding would otherwise be a fifth of the time per photo).
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
     if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.10
-        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP if array.ndim == 3 else cv2.IMWRITE_PNG_FILTER_PAETH]
     ok, buf = cv2.imencode(".png", array, params)
     if not ok:  # pragma: no cover - cv2 only fails on invalid arrays
         raise RuntimeError("PNG encoding failed")
@@ -50,15 +52,18 @@ def _peek_mode(path: Path) -> str | None:
         return None
 
 
-def _thumbnail(image, side: int = 256, *, reduce_by: int | None = None):
+def _thumbnail(image, side: int = 256, *, reduce_by: int | None = None) -> Image.Image:
     """A small copy for the contact sheet; ``reduce_by`` matches detection's shrink factor
     so a :class:`~lora_helpers.prepare.lazy_photo.LazyPhoto` reduces a 12-MP frame only once."""
-    im = image if not isinstance(image, np.ndarray) else Image.fromarray(image)
-    k = reduce_by or min(im.size) // (2 * side)
-    im = im.reduce(k) if k >= 2 else im if isinstance(im, Image.Image) else im.convert("RGB")
-    scale = min(1.0, side / max(im.size))
-    size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-    return im.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)  # a new image: cached reductions stay intact
+    import cv2
+
+    if not isinstance(image, np.ndarray):
+        k = reduce_by or min(image.size) // (2 * side)
+        image = np.asarray(image.reduce(k) if k >= 2 else image if isinstance(image, Image.Image) else image.convert("RGB"))
+    scale = min(1.0, side / max(image.shape[:2]))
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    # One area resize: half the time of PIL's bicubic, and the same perceptual hashes on our samples.
+    return Image.fromarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
 
 
 def _align_spec(config: PrepareConfig) -> align.AlignSpec:
@@ -193,7 +198,7 @@ def process_photo(path: Path, name: str, config: PrepareConfig, backend: FaceBac
     rec.crop.update(eye_x=float(eyes[:, 0].mean() + 0.5) / bucket[0], eye_y=float(eyes[:, 1].mean() + 0.5) / bucket[1])
     _judge_resize(rec, alignment, config)
 
-    # The costly part (identity embedding, Lanczos crop, PNG) only for photos still in the running.
+    # The costly part (identity embedding, aligned crop, PNG) only for photos still in the running.
     if any(level == "reject" for level, _ in rec.issues) and override != "accept":
         return rec
     rec.embedding = backend.embed(image, face)

@@ -45,6 +45,8 @@ class PhotoRecord:
     resize_quality: float | None = None
     # Kept out of training so evaluation can score likeness on a face the LoRA never saw.
     held_out: bool = False
+    # Whose photo it is in a dataset of several people (a slug such as "ada"); None: the one person.
+    subject: str | None = None
     crop: dict = field(default_factory=dict)
     duplicate_of: str | None = None
     image_file: str | None = None
@@ -90,6 +92,11 @@ class PrepareResult:
         return [r for r in self.records if r.accepted]
 
     @property
+    def subjects(self) -> list[str]:
+        """The people of a dataset of several, in order of their first photo; [] for one person."""
+        return list(dict.fromkeys(r.subject for r in self.records if r.accepted and r.subject))
+
+    @property
     def rejected(self) -> list[PhotoRecord]:
         return [r for r in self.records if r.verdict == "reject"]
 
@@ -115,7 +122,8 @@ class PrepareResult:
                  + (f" ({len(self.records) - self.reused} photos redone, {self.reused} unchanged)" if self.reused else "")]
         for r in self.records:
             why = "; ".join(r.reasons)
-            lines.append(f"  {r.verdict:6s} {r.file}" + (" [held out]" if r.accepted and r.held_out else "")
+            lines.append(f"  {r.verdict:6s} {r.file}" + (f" [{r.subject}]" if r.subject else "")
+                         + (" [held out]" if r.accepted and r.held_out else "")
                          + (f"  ({why})" if why else ""))
         if self.held_out_message:
             lines.append(self.held_out_message)

@@ -52,16 +52,18 @@ from tqdm.auto import tqdm
 
 from lora_helpers.core import fileio
 from lora_helpers.core.config import default_resolution
-from lora_helpers.core.images import list_images
 from lora_helpers.core.run_folder import check_run_folder
 from lora_helpers.prepare import photo, report
 from lora_helpers.prepare.config import PrepareConfig
-from lora_helpers.prepare.faces import get_backend
+from lora_helpers.prepare.faces import SAME_PERSON_COSINE, get_backend
 from lora_helpers.prepare.holdout import HOLD_OUT, TRAIN, choose_held_out
 from lora_helpers.prepare.judge import finalise, judge_set
 from lora_helpers.prepare.manifest import REPORT_FILES, Manifest
 from lora_helpers.prepare.outputs import name_outputs, record_reports, write_outputs
 from lora_helpers.prepare.records import NoPhotosAcceptedError, PhotoRecord, PrepareResult
+from lora_helpers.prepare.subjects import (
+    assign_subjects, find_photos, merge_subject_overrides, read_subject_overrides, settle_subjects,
+)
 
 __all__ = [
     "prepare_photos",
@@ -139,16 +141,11 @@ def _check_overrides(data, where: str) -> dict[str, str]:
 # The stage
 
 
-def _inputs(photos) -> tuple[list[Path], list[Path]]:
-    """Files to look at and the folders they come from."""
+def _folders(photos, files: list[Path]) -> list[Path]:
+    """The folders the photos come from (the one given, or each listed file's)."""
     if isinstance(photos, (str, os.PathLike)):
-        folder = Path(photos)
-        return list_images(folder, include_all_files=True), [folder.resolve()]
-    files = [Path(p) for p in photos]
-    for p in files:
-        if not p.is_file():
-            raise FileNotFoundError(f"photo not found: {p}")
-    return files, sorted({p.parent.resolve() for p in files})
+        return [Path(photos).resolve()]
+    return sorted({p.parent.resolve() for p in files})
 
 
 def _check_apart(out_dir: Path, folders: list[Path]) -> None:
@@ -180,12 +177,13 @@ def prepare_photos(
     progress: bool = True,
     backend=None,
     previous: PrepareResult | None = None,
+    subject_overrides: dict | None = None,
 ) -> PrepareResult:
     """Check every photo and write the training crops, masks, metadata and report.
 
     Args:
-        photos_dir: a folder (every file in it is reported on, not recursive) or a
-            list of photo files. Sources are only read.
+        photos_dir: a folder (every file in it is reported on; with several people, one
+            subfolder per person, see ``config.subjects``) or a list of photo files. Sources are only read.
         out_dir: the dataset folder to (re)write; must neither be, hold, nor lie inside a
             photo folder. Re-running into the same folder gives the same files. The stage
             overwrites or removes only files it wrote (listed, with their hashes, in
@@ -200,6 +198,9 @@ def prepare_photos(
         previous: the result of an earlier run on the same photos: photos whose file,
             settings and override are unchanged are not processed again (applying an
             override redoes only that photo; the set-level checks are always redone).
+        subject_overrides: with several people, ``{"photos": {file: person}, "names": {group or
+            file: name}}`` merged over ``subjects.json`` in ``out_dir`` (see
+            :mod:`~lora_helpers.prepare.subjects`).
 
     Returns:
         :class:`PrepareResult` with one :class:`PhotoRecord` per input file.
@@ -214,7 +215,8 @@ def prepare_photos(
     """
     config = config or PrepareConfig()
     out_dir = Path(out_dir)
-    files, folders = _inputs(photos_dir)
+    files, folder_subjects, mode, notes = find_photos(photos_dir, config.subjects)
+    folders = _folders(photos_dir, files)
     _check_apart(out_dir, folders)
     check_run_folder(out_dir, what="dataset folder")  # a file in its place, or no write access: say so before the work
     manifest = Manifest.read(out_dir)
@@ -223,6 +225,7 @@ def prepare_photos(
         if (out_dir / name).exists() and name not in manifest.files:
             raise ValueError(f"{out_dir / name} was not written by prepare; move it away or choose another dataset folder")
     merged = {**read_overrides(out_dir), **_check_overrides(overrides or {}, "overrides")}
+    people = merge_subject_overrides(read_subject_overrides(out_dir), subject_overrides)
     backend = backend or get_backend(config.backend)
 
     records: list[PhotoRecord] = []
@@ -253,9 +256,13 @@ def prepare_photos(
         rec.override = override
         records.append(rec)
 
+    notes += assign_subjects(records, mode=mode, overrides=people,
+                             folder_subjects={n: folder_subjects[p] for p, n in zip(files, names)} if folder_subjects else None,
+                             threshold=config.identity_threshold or SAME_PERSON_COSINE)
     judge_set(records, config)
     for rec in records:
         finalise(rec)
+    notes += settle_subjects(records)
     held_out_message = choose_held_out(records, hold_out=config.hold_out)
     result = PrepareResult(out_dir=out_dir, records=records, config=config, processed=processed, reused=reused,
                            held_out_message=held_out_message)
@@ -266,7 +273,7 @@ def prepare_photos(
         report.write_report(result)
         record_reports(manifest, REPORT_FILES)
         raise NoPhotosAcceptedError(result)
-    result.messages = name_outputs(records, manifest)
+    result.messages = notes + name_outputs(records, manifest)
     result.messages += write_outputs(result, manifest)
     report.write_report(result)
     record_reports(manifest, REPORT_FILES)
@@ -279,8 +286,8 @@ def _photo_key(path: Path, config: PrepareConfig, override: str | None) -> tuple
         stamp = (stat.st_size, stat.st_mtime_ns)
     except OSError:
         stamp = None
-    # hold_out is a choice over the set: changing it must not redo every photo
-    return (str(path.resolve()), stamp, repr(dataclasses.replace(config, hold_out=None)), override)
+    # hold_out and subjects are choices over the set: changing them must not redo every photo
+    return (str(path.resolve()), stamp, repr(dataclasses.replace(config, hold_out=None, subjects="auto")), override)
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,6 +315,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="never hold this photo out: always train on it (repeatable)")
     parser.add_argument("--quality-threshold", type=float, default=0.95,
                         help="warn about crops whose resize quality (share of real detail) is below this (default 0.95)")
+    parser.add_argument("--subjects", choices=("auto", "one", "folders", "group"), default="auto",
+                        help="several people: 'folders' (a subfolder per person), 'group' (group a mixed folder by "
+                             "face), 'one', or 'auto' (subfolders when the folder holds only subfolders); corrections "
+                             "go in subjects.json in the dataset folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -330,6 +341,7 @@ def run_cli(args: argparse.Namespace) -> int:
             face_fraction=args.face_fraction,
             quality_threshold=args.quality_threshold,
             hold_out=args.hold_out,
+            subjects=getattr(args, "subjects", "auto"),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

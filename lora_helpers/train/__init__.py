@@ -14,6 +14,7 @@ resume may change), ``outputs``.
 """
 
 from lora_helpers.train.checkpoints import CheckpointError, RunWriteError
+from lora_helpers.train.data import read_subjects, read_training_images
 from lora_helpers.train.config import (PRESETS, TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError,
                                        TrainResult, auto_steps)
 from lora_helpers.train.events import TrainingListener, TrainStart
@@ -40,4 +41,6 @@ __all__ = [
     "TrainStart",
     "ProgressBar",
     "ShowValidation",
+    "read_training_images",
+    "read_subjects",
 ]

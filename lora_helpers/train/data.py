@@ -7,6 +7,10 @@ image's loss is scaled by its score (:func:`loss_weights`).
 
 The batch order is a pure function of (seed, epoch) (:func:`batch_plan`), so a resumed run
 sees at step N exactly the batch an uninterrupted run saw; nothing about it is checkpointed.
+
+Several people in one dataset: each row names its person (``"subject": "ada"``); an epoch then
+draws every person equally often, repeating the photos of those with fewer, so one LoRA learns
+each face equally well whatever their photo counts.
 """
 
 from __future__ import annotations
@@ -22,9 +26,13 @@ from PIL import Image, UnidentifiedImageError
 
 from lora_helpers.caption import load_captions, read_metadata
 from lora_helpers.core.images import list_images
-from lora_helpers.core.run_folder import HELD_OUT_FIELD, METADATA_FILE, RESIZE_QUALITY_FIELD
+from lora_helpers.core.embeddings import pivotal_token_count
+from lora_helpers.core.run_folder import (CAPTION_CONFIG_FILE, HELD_OUT_FIELD, METADATA_FILE, RESIZE_QUALITY_FIELD,
+                                          SUBJECT_FIELD, SUBJECTS_KEY, read_caption_config)
+from lora_helpers.core.subjects import SUBJECT_PLACEHOLDER, expand_subject, fill_subjects
 
-__all__ = ["TrainImage", "read_training_images", "loss_weights", "batch_plan"]
+__all__ = ["TrainImage", "read_training_images", "loss_weights", "batch_plan", "subject_counts", "read_subjects",
+           "common_class_noun", "subject_prompts"]
 
 
 @dataclass
@@ -39,6 +47,7 @@ class TrainImage:
         original_size: (height, width) of the photo it was cut from; None: the image's size.
         crop_top_left: (top, left) of the crop, for SDXL's micro-conditioning.
         resize_quality: share of the crop's detail that is real (1.0 when the dataset does not say).
+        subject: the person's slug in a dataset of several people ("ada"); None: the dataset's one person.
     """
 
     file_name: str
@@ -48,6 +57,7 @@ class TrainImage:
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
     resize_quality: float = 1.0
+    subject: str | None = None
 
 
 def _pair(value, default):
@@ -64,6 +74,17 @@ def _unreadable(path: Path) -> str | None:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return f"not a readable image ({type(exc).__name__})"
     return None
+
+
+def _row_subject(row: dict, dataset_dir: Path) -> str | None:
+    """The person a metadata.jsonl row shows (a slug), or None in a one-person dataset."""
+    subject = row.get(SUBJECT_FIELD)
+    if subject is None:
+        return None
+    if not isinstance(subject, str) or not subject.strip():
+        raise ValueError(f"{dataset_dir / METADATA_FILE}: {row['file_name']}: {SUBJECT_FIELD} must be a person's "
+                         f"name such as \"ada\", got {subject!r}; fix that row or re-run prepare")
+    return subject.strip()
 
 
 def _row_flags(row: dict, dataset_dir: Path) -> tuple[bool, float]:
@@ -159,7 +180,8 @@ def read_training_images(dataset_dir: str | os.PathLike, *, instance_prompt: str
             mask_path = None
         images.append(TrainImage(file_name=name, path=path, caption=caption, mask_path=mask_path,
                                  original_size=_pair(row.get("original_size"), None),
-                                 crop_top_left=_pair(row.get("crop_top_left"), (0, 0)), resize_quality=quality))
+                                 crop_top_left=_pair(row.get("crop_top_left"), (0, 0)), resize_quality=quality,
+                                 subject=_row_subject(row, dataset_dir)))
     if held_out:
         print(f"{len(held_out)} photo(s) held out of training for the likeness score: {', '.join(held_out)}")
     if too_poor:
@@ -191,7 +213,145 @@ def loss_weights(images: Sequence[TrainImage], *, by_resize_quality: bool) -> li
     return None if all(w == 1.0 for w in weights) else weights
 
 
-def batch_plan(sizes: Sequence[tuple[int, int]], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
+def subject_counts(images: Sequence[TrainImage]) -> dict[str, int]:
+    """Training photos per person, in order of first appearance ({} for a one-person dataset)."""
+    counts: dict[str, int] = {}
+    for im in images:
+        if im.subject is not None:
+            counts[im.subject] = counts.get(im.subject, 0) + 1
+    return counts
+
+
+def read_subjects(dataset_dir: str | os.PathLike, images: Sequence[TrainImage], *, trigger: str | None = None,
+                  pivotal_tokens: int = 0) -> dict[str, dict]:
+    """The people of a dataset of several: each one's trigger, class noun and training photos.
+
+    Reads ``caption_config.json``'s "subjects" and checks it against the images' "subject" rows. An
+    instance prompt with ``{subject}`` (images without captions) gets each image's own trigger.
+
+    Args:
+        dataset_dir: the dataset folder.
+        images: from :func:`read_training_images` (their captions may be filled in here).
+        trigger: a trigger phrase set in the training config (it cannot name several people).
+        pivotal_tokens: new tokens of pivotal tuning (they stand for one person).
+
+    Returns:
+        ``{slug: {"trigger", "class_noun", "images"}}`` in caption_config order; {} for one person.
+
+    Raises:
+        ValueError: naming the file and what to do, when rows name people but caption_config.json
+            does not (or the other way round), a row names a person it does not list, a person
+            has no trigger, or the run asks for one trigger or pivotal tuning for several people.
+    """
+    dataset_dir = Path(dataset_dir)
+    config_path = dataset_dir / CAPTION_CONFIG_FILE
+    listed = read_caption_config(dataset_dir).get(SUBJECTS_KEY)
+    named = subject_counts(images)
+    if not listed and not named:
+        return {}
+    if not isinstance(listed, dict) or not listed:
+        raise ValueError(f"{dataset_dir / METADATA_FILE} names several people ({', '.join(named)}) but {config_path} "
+                         f"has no \"{SUBJECTS_KEY}\" with their trigger phrases; run the caption stage again")
+    unnamed = [im.file_name for im in images if im.subject is None]
+    if unnamed:
+        raise ValueError(f"{config_path} lists several people but {len(unnamed)} photo(s) say not whose they are "
+                         f"({', '.join(unnamed[:3])}); set \"{SUBJECT_FIELD}\" in their metadata.jsonl rows "
+                         "or re-run prepare")
+    unknown = sorted(set(named) - set(listed))
+    if unknown:
+        raise ValueError(f"{dataset_dir / METADATA_FILE} names {', '.join(unknown)}, who is not in {config_path} "
+                         f"({', '.join(listed)}); run the caption stage again")
+    if trigger:
+        raise ValueError(f"the dataset holds several people ({', '.join(listed)}), each with their own trigger in "
+                         f"{config_path}; leave the trigger setting empty (--trigger)")
+    subjects: dict[str, dict] = {}
+    for slug, entry in listed.items():
+        phrase = entry.get("trigger") if isinstance(entry, dict) else None
+        if not isinstance(phrase, str) or not phrase.strip():
+            raise ValueError(f"{config_path}: {SUBJECTS_KEY} -> {slug} has no \"trigger\"; run the caption stage again")
+        if pivotal_tokens or pivotal_token_count(phrase.split()[0]):
+            raise ValueError(f"pivotal tuning (new tokens) stands for one person, and this dataset holds several "
+                             f"({', '.join(listed)}); caption with a rare-word identifier per person (TOK1, TOK2) "
+                             "and train with pivotal_tokens=0")
+        if named.get(slug):  # a person whose photos were all held out trains nothing
+            subjects[slug] = {"trigger": phrase.strip(), "class_noun": entry.get("class_noun"), "images": named[slug]}
+    for im in images:  # one instance prompt for every image: each calls its own person
+        im.caption = im.caption.replace(SUBJECT_PLACEHOLDER, subjects[im.subject]["trigger"])
+    return subjects
+
+
+def common_class_noun(subjects: dict[str, dict], *, need_one: bool = False) -> str | None:
+    """The class noun all the people share ("person"), or None when they differ.
+
+    Args:
+        subjects: from :func:`read_subjects`.
+        need_one: prior preservation without a class prompt of its own: differing nouns are refused.
+
+    Raises:
+        ValueError: ``need_one`` and the people have several class nouns (naming them).
+    """
+    nouns = list(dict.fromkeys(s.get("class_noun") or "person" for s in subjects.values()))
+    if need_one and len(nouns) > 1:
+        raise ValueError(f"prior preservation with people of several classes ({', '.join(nouns)}) needs one class "
+                         "prompt: set class_prompt (--class-prompt 'a photo of a person'), or give every person "
+                         "the same class noun when captioning")
+    return nouns[0] if len(nouns) == 1 else None
+
+
+def subject_prompts(prompts: Sequence[str], trigger: str | None, subjects: dict[str, dict]) -> list[str]:
+    """Validation prompts as the model sees them: a ``{subject}`` prompt once per person, ``{<slug>}`` filled.
+
+    Args:
+        prompts: templates ("a photo of {subject}", "{ada} and {grace} at a cafe").
+        trigger: the one person's trigger (None with several people).
+        subjects: from :func:`read_subjects` ({} for one person).
+
+    Returns:
+        The prompts, in order.
+    """
+    triggers = {slug: s["trigger"] for slug, s in subjects.items()}
+    return [fill_subjects(p, triggers, subject=trigger) for p in expand_subject(prompts, list(triggers))]
+
+
+def _shares(total: int, counts: dict[tuple[int, int], int]) -> dict[tuple[int, int], int]:
+    """``total`` split across buckets in proportion to ``counts`` (largest remainder, ties by bucket)."""
+    n = sum(counts.values())
+    quotas = {key: total * c // n for key, c in counts.items()}
+    rest = sorted(counts, key=lambda key: (-(total * counts[key] % n), key))
+    for key in rest[:total - sum(quotas.values())]:
+        quotas[key] += 1
+    return quotas
+
+
+def _balanced_draws(subjects: Sequence[str | None], sizes: Sequence[tuple[int, int]],
+                    rng: np.random.Generator) -> list[int]:
+    """Image indices of one epoch in which every person appears as often as the one with most photos.
+
+    A person with fewer photos has each drawn equally often, plus a few drawn once more: which ones
+    changes with the epoch, how many of each size does not, so every epoch has the same number of
+    batches (the step counter maps to (epoch, batch) with it). 6 photos and 2 give 6 draws of each.
+    """
+    people: dict[str | None, list[int]] = {}
+    for i, subject in enumerate(subjects):
+        people.setdefault(subject, []).append(i)
+    most = max(len(idx) for idx in people.values())
+    draws = []
+    for subject in sorted(people, key=str):  # a fixed order: the draws depend on (seed, epoch) alone
+        idx = people[subject]
+        repeats, extra = divmod(most, len(idx))
+        draws += idx * repeats
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i in idx:
+            buckets.setdefault(tuple(sizes[i]), []).append(i)
+        quotas = _shares(extra, {key: len(members) for key, members in buckets.items()})
+        for key in sorted(buckets):
+            members = buckets[key]
+            draws += [members[j] for j in rng.permutation(len(members))[:quotas[key]]]
+    return draws
+
+
+def batch_plan(sizes: Sequence[tuple[int, int]], batch_size: int, *, seed: int, epoch: int,
+               subjects: Sequence[str | None] | None = None) -> list[list[int]]:
     """One epoch of batches: images of one size per batch, order a function of (seed, epoch).
 
     Being a pure function of its arguments, the data order needs no state in a checkpoint:
@@ -201,14 +361,21 @@ def batch_plan(sizes: Sequence[tuple[int, int]], batch_size: int, *, seed: int, 
         sizes: (width, height) of each image.
         batch_size: images per batch (a bucket's last batch may be smaller).
         seed, epoch: what the order is a function of.
+        subjects: the person of each image (several people in one dataset): the epoch then draws
+            every person as often as the one with most photos, repeating the others' photos.
+            None, or one person: every image once (the order of a one-person run).
 
     Returns:
         Lists of image indices.
     """
     rng = np.random.default_rng([seed, epoch])
+    if subjects is not None and len(subjects) != len(sizes):
+        raise ValueError(f"batch_plan: {len(subjects)} subjects for {len(sizes)} images")
+    draws = (_balanced_draws(subjects, sizes, rng) if subjects is not None and len(set(subjects)) > 1
+             else list(range(len(sizes))))
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, size in enumerate(sizes):
-        groups.setdefault(tuple(size), []).append(i)
+    for i in draws:
+        groups.setdefault(tuple(sizes[i]), []).append(i)
     batches = []
     for key in sorted(groups):
         idx = [groups[key][j] for j in rng.permutation(len(groups[key]))]

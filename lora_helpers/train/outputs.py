@@ -2,7 +2,8 @@
 
 ``config.json`` holds everything needed to reproduce the run (the full training config,
 package versions, SHA-256 of every training image and caption) plus what the later
-stages read: ``trigger``, ``base_model``, ``resolution``, ``lora_rank``.
+stages read: ``trigger``, ``base_model``, ``resolution``, ``lora_rank``; a run of several people has
+``subjects`` (slug -> trigger, class noun, images) instead of ``trigger``.
 """
 
 from __future__ import annotations
@@ -58,30 +59,34 @@ def dataset_hashes(images: Sequence) -> list[dict[str, Any]]:
             "caption_sha256": hashlib.sha256(im.caption.encode("utf-8")).hexdigest(),
             "original_size": im.original_size,
             "crop_top_left": im.crop_top_left,
+            **({"subject": im.subject} if getattr(im, "subject", None) is not None else {}),
         })
     return rows
 
 
-def write_run_config(run_dir: str | os.PathLike, *, config: dict, trigger: str, class_noun: str | None,
+def write_run_config(run_dir: str | os.PathLike, *, config: dict, trigger: str | None, class_noun: str | None,
                      images: Sequence, dataset_dir: str | os.PathLike, status: str,
-                     extra: dict | None = None) -> Path:
+                     extra: dict | None = None, subjects: dict[str, dict] | None = None) -> Path:
     """Write the run's ``config.json``: what later stages read first, then everything to reproduce the run.
 
     Args:
         run_dir: the run folder.
         config: the resolved training config (``dataclasses.asdict``).
-        trigger: the phrase that calls the person.
+        trigger: the phrase that calls the person (None with several people).
         class_noun: "person", "man", ... when the caption stage recorded it.
         images: the ``TrainImage`` list trained on.
         dataset_dir: where they came from.
         status: "training" while running, "finished" at the end.
         extra: more facts (steps done, memory, timings).
+        subjects: several people: slug -> {"trigger", "class_noun", "images"} (written under "subjects",
+            and no top-level "trigger": no one phrase calls them all).
 
     Returns:
         The path.
     """
+    who = {run_folder.SUBJECTS_KEY: subjects} if subjects else {"trigger": trigger}
     data = {
-        "trigger": trigger,
+        **who,
         "class_noun": class_noun,
         "base_model": config.get("model"),
         "vae": config.get("vae"),
@@ -167,8 +172,7 @@ instance_prompt: {trigger}
 
 # {title}
 
-An SDXL LoRA (DreamBooth) of one person. Write **`{trigger}`** in a prompt to call them,
-e.g. `a photo of {trigger} hiking in the mountains`.
+{who}
 
 {samples}
 
@@ -221,7 +225,7 @@ def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, 
                      kohya_path: Path, sample_grid: Path | None, estimated_gb: float,
                      measured_gb: float | None, seconds_per_step: float | None,
                      resumes: Sequence[dict] = (), embedding_path: Path | None = None,
-                     tokens: Sequence[str] = ()) -> Path:
+                     tokens: Sequence[str] = (), subjects: dict[str, dict] | None = None) -> Path:
     """Write the model card ``README.md`` (Hub front matter, trigger, usage, settings, samples).
 
     Args:
@@ -232,6 +236,8 @@ def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, 
         estimated_gb, measured_gb, seconds_per_step: memory and speed figures.
         resumes: ``{"from", "step", "changed"}`` of each resume, so settings changed part-way are stated.
         embedding_path, tokens: the embedding file and token names of pivotal tuning (None: none).
+        subjects: several people (slug -> {"trigger", "images"}): the card names each one's trigger, and
+            ``trigger`` is only the one its examples use.
 
     Returns:
         The path.
@@ -246,7 +252,7 @@ def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, 
         "embeddings_code": "", "embeddings_text": "", "comfy_trigger": trigger, "a1111_trigger": trigger,
         "pivotal": "none (the identifier is a rare word)"}
     text = _CARD.format(
-        base_model=config.get("model"), trigger=trigger, title=f"LoRA: {trigger}", samples=samples,
+        who=_who(trigger, subjects), base_model=config.get("model"), trigger=trigger, title=f"LoRA: {trigger}", samples=samples,
         run_name=run_dir.name, kohya_name=kohya_path.name, kohya_stem=kohya_path.stem, n_images=n_images,
         resolution=config.get("resolution"), steps=steps, batch=config.get("train_batch_size"),
         accum=config.get("gradient_accumulation_steps"), lr=config.get("learning_rate"),
@@ -272,6 +278,18 @@ def _checkpointing_words(setting) -> str:
     if setting is False or setting is None or setting == "none" or setting == 0:
         return "off"
     return f"on {setting} UNet blocks"
+
+
+def _who(trigger: str, subjects: dict[str, dict] | None) -> str:
+    """The card's opening: whom the LoRA shows and the phrase that calls each person."""
+    if not subjects:
+        return (f"An SDXL LoRA (DreamBooth) of one person. Write **`{trigger}`** in a prompt to call them,\n"
+                f"e.g. `a photo of {trigger} hiking in the mountains`.\n")
+    rows = "".join(f"| {slug} | `{s['trigger']}` | {s.get('images', '?')} |\n" for slug, s in subjects.items())
+    a, b = (s["trigger"] for s in list(subjects.values())[:2]) if len(subjects) > 1 else (trigger, trigger)
+    return (f"An SDXL LoRA (DreamBooth) of {len(subjects)} people, trained together with batches balanced across "
+            f"them. Write a person's phrase in a prompt to call them, e.g. `a photo of {a} and {b} at a cafe`.\n\n"
+            f"| person | trigger | photos |\n|---|---|---|\n{rows}")
 
 
 def _pivotal_card(path: Path, tokens: list[str], trigger: str, config: dict) -> dict[str, str]:

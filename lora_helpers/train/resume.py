@@ -39,7 +39,7 @@ class ResumeSettingsError(ValueError):
 
 def dataset_fingerprint(rows: Sequence[dict]) -> list[dict[str, Any]]:
     """The part of :func:`lora_helpers.train.outputs.dataset_hashes` rows that says whether the data changed."""
-    keys = ("file_name", "sha256", "mask_sha256", "caption_sha256")
+    keys = ("file_name", "sha256", "mask_sha256", "caption_sha256", "subject")  # subject: several people
     return [{k: row.get(k) for k in keys} for row in rows]
 
 
@@ -55,9 +55,10 @@ def _dataset_change(old: Sequence[dict], new: Sequence[dict]) -> str | None:
     images = [n for n in after if n in before and (before[n].get("sha256"), before[n].get("mask_sha256"))
               != (after[n].get("sha256"), after[n].get("mask_sha256"))]
     captions = [n for n in after if n in before and before[n].get("caption_sha256") != after[n].get("caption_sha256")]
+    people = [n for n in after if n in before and before[n].get("subject") != after[n].get("subject")]
     added, removed = [n for n in after if n not in before], [n for n in before if n not in after]
-    for items, what in ((images, "image or mask changed"), (captions, "caption changed"), (added, "image added"),
-                        (removed, "image gone")):
+    for items, what in ((images, "image or mask changed"), (captions, "caption changed"), (people, "person changed"),
+                        (added, "image added"), (removed, "image gone")):
         if items:
             parts.append(f"{len(items)} {what} ({_names(items)})")
     return "; ".join(parts) or None

@@ -26,7 +26,8 @@ from lora_helpers.train import outputs as runs
 from lora_helpers.train import validation as samples
 from lora_helpers.train.config import (TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError, TrainResult,
                                        auto_steps)
-from lora_helpers.train.data import loss_weights, read_training_images
+from lora_helpers.train.data import (common_class_noun, loss_weights, read_subjects, read_training_images,
+                                     subject_prompts)
 from lora_helpers.train.events import TrainStart
 from lora_helpers.train.latents import TrainCache, build_cache
 from lora_helpers.train.memory import GB, MemoryPlan
@@ -53,7 +54,7 @@ class TrainingSession:
         cfg: the resolved config (``max_train_steps`` may still be None: set from the images).
         accelerator: the run's ``accelerate.Accelerator``.
         plan: the memory plan (recorded in config.json and the model card).
-        trigger, class_noun: the person's trigger phrase and class ("person").
+        trigger, class_noun: the person's trigger phrase and class ("person"); several people: :attr:`subjects`.
     """
 
     def __init__(self, dataset_dir: Path, run_dir: Path, *, cfg: TrainConfig, accelerator, plan: MemoryPlan,
@@ -70,6 +71,7 @@ class TrainingSession:
         self.resumed_from: Path | None = None
         self.resumes: list[dict] = []  # this run's line of resumes, each with the settings it changed
         self.dataset: list[dict] = []
+        self.subjects: dict[str, dict] = {}  # several people: slug -> {"trigger", "class_noun", "images"}
         # False until set-up has read the log of a resumed run: a failure before that must not
         # overwrite log.jsonl with an empty list
         self._log_ready = False
@@ -102,12 +104,13 @@ class TrainingSession:
         if self.main:
             runs.write_run_config(self.run_dir, config=dataclasses.asdict(cfg), trigger=self.trigger,
                                   class_noun=self.class_noun, images=self.images, dataset_dir=self.dataset_dir,
-                                  status="training", extra={"memory": {"estimate_gb": round(self.plan.peak_gb, 3),
-                                                                       "plan": self.plan.to_dict()},
-                                                            **self._resume_facts()})
+                                  status="training", subjects=self.subjects,
+                                  extra={"memory": {"estimate_gb": round(self.plan.peak_gb, 3), "plan": self.plan.to_dict()},
+                                         **self._resume_facts()})
         self.models = build_models(cfg, self.accelerator, class_noun=self.class_noun or "person")
         weights = loss_weights(self.images, by_resize_quality=cfg.weight_by_resize_quality)
-        self.stepper = TrainStep(cfg, self.accelerator, self.models, self.cache, sample_weights=weights)
+        self.stepper = TrainStep(cfg, self.accelerator, self.models, self.cache, sample_weights=weights,  # balanced:
+                                 subjects=[im.subject for im in self.images] if self.subjects else None)
         if start_from is not None:
             self.resume(start_from)
         self._log_ready = True
@@ -120,6 +123,12 @@ class TrainingSession:
         cfg = self.cfg
         self.images = read_training_images(self.dataset_dir, instance_prompt=cfg.instance_prompt,
                                            use_captions=cfg.use_captions, min_resize_quality=cfg.min_resize_quality)
+        self.subjects = read_subjects(self.dataset_dir, self.images, trigger=cfg.trigger,
+                                      pivotal_tokens=cfg.pivotal_tokens)
+        if self.subjects:  # config.json keeps a top-level trigger for one person only
+            self.trigger = None
+            self.class_noun = common_class_noun(self.subjects, need_one=cfg.with_prior_preservation
+                                                and not cfg.class_prompt)
         if cfg.pivotal_tokens:  # the identifier becomes the new tokens in every caption and the trigger
             self.images, self.trigger = pivotal_captions(self.images, self.trigger, cfg.pivotal_tokens)
         self.dataset = dataset_fingerprint(runs.dataset_hashes(self.images))
@@ -128,7 +137,12 @@ class TrainingSession:
         class_prompt = cfg.class_prompt or (f"a photo of a {self.class_noun or 'person'}"
                                             if cfg.with_prior_preservation else None)
         self.cfg = dataclasses.replace(cfg, max_train_steps=steps, lr_warmup_steps=warmup, class_prompt=class_prompt)
-        self.validation_prompts = [p.replace("{subject}", self.trigger) for p in self.cfg.validation_prompts]
+        self.validation_prompts = subject_prompts(self.cfg.validation_prompts, self.trigger, self.subjects)
+
+    @property
+    def trigger_text(self) -> str:
+        """The trigger phrase, or every person's joined by ", " (for file metadata and logs)."""
+        return self.trigger or ", ".join(s["trigger"] for s in self.subjects.values())
 
     def prepare_data(self) -> None:
         """Make the class images (prior preservation) and encode (or reuse) the cache."""
@@ -272,7 +286,7 @@ class TrainingSession:
                  **self.stepper.state_dict(), "config": dataclasses.asdict(self.cfg), "dataset": self.dataset,
                  "resumes": self.resumes}
         summary = {"step": self.step, "loss": loss, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   "trigger": self.trigger}
+                   "trigger": self.trigger_text}
         acc.wait_for_everyone()
         if self.main:
             folder = ckpt.save_checkpoint(self.run_dir, self.step, write_lora=self.save_lora,
@@ -320,7 +334,7 @@ class TrainingSession:
                 jobs, unet=unet, vae=self._vae, model=cfg.model, device=self.device, text_encoders=(te1, te2),
                 tokenizers=self.models.tokenizers, steps=cfg.validation_inference_steps,
                 guidance=cfg.validation_guidance_scale, resolution=cfg.resolution)
-        params = {"step": self.step, "trigger": self.trigger, "steps": cfg.validation_inference_steps,
+        params = {"step": self.step, "trigger": self.trigger_text, "steps": cfg.validation_inference_steps,
                   "guidance": cfg.validation_guidance_scale, "base_model": cfg.model}
         grid_path = samples.save_validation(self.run_dir, self.step, images, self.validation_prompts,
                                             cfg.validation_seeds, params)
@@ -358,7 +372,7 @@ class TrainingSession:
         Returns:
             The :class:`TrainResult` (on every process; only the main one writes).
         """
-        cfg, run_dir, plan, trigger, acc = self.cfg, self.run_dir, self.plan, self.trigger, self.accelerator
+        cfg, run_dir, plan, trigger, acc = self.cfg, self.run_dir, self.plan, self.trigger_text, self.accelerator
         acc.wait_for_everyone()
         measured = torch.cuda.max_memory_allocated(self.device) / GB if self.device.type == "cuda" else None
         losses = [r["loss"] for r in self.rows if r.get("loss") is not None]
@@ -387,13 +401,14 @@ class TrainingSession:
             if self.models.pivotal is not None:
                 extra["pivotal"] = {"tokens": self.models.pivotal.tokens, "freeze_step": self.models.pivotal.freeze_step,
                                     "file": embedding_file_name(cfg.output_name)}
-            runs.write_run_config(run_dir, config=dataclasses.asdict(cfg), trigger=trigger, class_noun=self.class_noun,
-                                  images=self.images, dataset_dir=self.dataset_dir, status="finished", extra=extra)
+            runs.write_run_config(run_dir, config=dataclasses.asdict(cfg), trigger=self.trigger,
+                                  class_noun=self.class_noun, images=self.images, dataset_dir=self.dataset_dir,
+                                  status="finished", extra=extra, subjects=self.subjects)
             sample = self.samples[-1] if self.samples else None
             runs.write_model_card(run_dir, config=dataclasses.asdict(cfg), trigger=trigger, n_images=len(self.images),
                                   steps=self.step, kohya_path=kohya_path, sample_grid=sample, estimated_gb=plan.peak_gb,
                                   measured_gb=measured, seconds_per_step=s_per_step, resumes=self.resumes,
-                                  **self._pivotal_files())
+                                  subjects=self.subjects, **self._pivotal_files())
             if cfg.hub_repo_id:
                 hub_url = runs.push_to_hub(run_dir, cfg.hub_repo_id, private=cfg.hub_private)
         acc.wait_for_everyone()

@@ -349,7 +349,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how many checkpoints keep the state to resume from (every one keeps its LoRA)")
     parser.add_argument("--validate-every", dest="validation_steps", type=int, default=None)
     parser.add_argument("--validation-prompt", dest="validation_prompts", action="append", default=None,
-                        help="repeatable; use {subject} for the trigger")
+                        help="repeatable; use {subject} for the trigger (several people: once per person), {<name>} for one person")
     parser.add_argument("--budget-gb", dest="memory_budget_gb", type=float, default=None,
                         help="GPU memory budget in GiB (0: none)")
     parser.add_argument("--output-name", default=None, help="stem of the kohya file")

@@ -78,6 +78,7 @@ class TrainStep:
         models: from :func:`lora_helpers.train.models.build_models`.
         cache: the encoded training set.
         sample_weights: a loss scale per cached image (its resize quality), or None for 1.
+        subjects: the person of each cached image (several people: batches balanced across them), or None.
 
     Attributes:
         nonfinite_total, nonfinite_in_a_row: steps skipped for a NaN/inf loss.
@@ -86,9 +87,9 @@ class TrainStep:
     """
 
     def __init__(self, cfg: TrainConfig, accelerator, models: TrainingModels, cache: TrainCache,
-                 sample_weights: list[float] | None = None):
+                 sample_weights: list[float] | None = None, subjects: list[str | None] | None = None):
         self.cfg, self.accelerator, self.models, self.cache = cfg, accelerator, models, cache
-        self.sample_weights = sample_weights
+        self.sample_weights, self.subjects = sample_weights, subjects
         self.device, self.dtype = accelerator.device, weight_dtype(cfg.mixed_precision)
         self.nonfinite_total = self.nonfinite_in_a_row = self.scaler_skips = 0
         self.epoch = 0
@@ -113,12 +114,14 @@ class TrainStep:
         acc = self.accelerator
         index = micro * acc.num_processes + acc.process_index
         if not self._epochs:
-            self._epochs[0] = batch_plan(self.cache.sizes, self.cfg.train_batch_size, seed=self.cfg.seed, epoch=0)
+            self._epochs[0] = batch_plan(self.cache.sizes, self.cfg.train_batch_size, seed=self.cfg.seed, epoch=0,
+                                         subjects=self.subjects)
         per_epoch = len(self._epochs[0])
         epoch, pos = divmod(index, per_epoch)
         if epoch not in self._epochs:
             self._epochs = {0: self._epochs[0], epoch: batch_plan(self.cache.sizes, self.cfg.train_batch_size,
-                                                                  seed=self.cfg.seed, epoch=epoch)}
+                                                                  seed=self.cfg.seed, epoch=epoch,
+                                                                  subjects=self.subjects)}
         self.epoch = epoch
         return self._epochs[epoch][pos]
 

@@ -22,6 +22,7 @@ from lora_helpers.core.config import smoke_mode
 from lora_helpers.generate.images import GenerateConfig, GeneratedImage, generate_images, resolve_size, resolve_steps
 from lora_helpers.core.grids import make_grid, save_png_with_metadata
 from lora_helpers.generate.cache import ImageCache
+from lora_helpers.generate.combine import LoraSet
 from lora_helpers.generate.lora import LoraInfo
 
 __all__ = ["GenerationPanel", "generation_panel"]
@@ -46,7 +47,7 @@ class GenerationPanel(W.VBox):
         saved: paths written by Save.
     """
 
-    def __init__(self, pipe, *, lora_info: LoraInfo | None = None, cache: ImageCache | None = None,
+    def __init__(self, pipe, *, lora_info: LoraInfo | LoraSet | None = None, cache: ImageCache | None = None,
                  out_dir: str | os.PathLike = "outputs/panel", config: GenerateConfig | None = None):
         config = config or GenerateConfig()
         self.pipe = pipe
@@ -59,10 +60,14 @@ class GenerationPanel(W.VBox):
         self.saved: list[Path] = []
 
         trigger = lora_info.trigger if lora_info and lora_info.trigger else None
+        people = list(getattr(lora_info, "subjects", None) or {})  # several people: {name} calls each
         wide = W.Layout(width="98%")
         self.prompt = W.Textarea(
-            value="a photo of {subject}, natural light" if trigger or config.subject else "a photo of a person",
-            description="Prompt", placeholder="one prompt per line; {subject} = the trigger phrase",
+            value="a photo of {subject}, natural light" if trigger or config.subject else
+            "a photo of " + " and ".join("{" + p + "}" for p in people[:2]) + ", natural light" if people else
+            "a photo of a person",
+            description="Prompt", placeholder="one prompt per line; {subject} = the trigger phrase, {name} = one of "
+                                              "several people",
             layout=W.Layout(width="98%", height="60px"))
         self.negative = W.Text(value=config.negative_prompt, description="Negative", layout=wide)
         self.seed = W.BoundedIntText(value=0, min=0, max=_MAX_SEED, description="Seed", layout=W.Layout(width="220px"))
@@ -92,8 +97,11 @@ class GenerationPanel(W.VBox):
         ])
 
     def _intro(self) -> str:
-        who = f"LoRA <b>{self.lora_info.name}</b>, trigger <code>{self.lora_info.trigger}</code>" if self.lora_info \
-            else "base model only"
+        people = getattr(self.lora_info, "subjects", None)
+        who = ("base model only" if self.lora_info is None else
+               f"LoRA <b>{self.lora_info.name}</b>, people " + ", ".join(
+                   f"<code>{{{k}}}</code> = <code>{v}</code>" for k, v in people.items()) if people and not
+               self.lora_info.trigger else f"LoRA <b>{self.lora_info.name}</b>, trigger <code>{self.lora_info.trigger}</code>")
         smoke = f" · smoke mode: every size is generated at {resolve_size(None)} px" if smoke_mode() else ""
         return f"<small>{who}{smoke}</small>"
 
@@ -151,14 +159,15 @@ class GenerationPanel(W.VBox):
             self.status.value = f"<span style='color:#b00'>could not save: {exc}</span>"
 
 
-def generation_panel(pipe, *, lora_info: LoraInfo | None = None, cache: ImageCache | None = None,
+def generation_panel(pipe, *, lora_info: LoraInfo | LoraSet | None = None, cache: ImageCache | None = None,
                      out_dir: str | os.PathLike = "outputs/panel", config: GenerateConfig | None = None) -> GenerationPanel:
     """Build the panel: prompt, negative prompt, seed (+ random), steps, guidance, LoRA scale,
     size (512/1024), Generate, the picture (one image or a prompt × seed grid) and Save.
 
     Args:
         pipe: from :func:`lora_helpers.generate.pipeline.load_pipeline`.
-        lora_info: the loaded LoRA (None: base model; the scale slider is disabled).
+        lora_info: the loaded LoRA, or several (:func:`lora_helpers.generate.combine.load_loras`; the slider
+            scales all of them); None: base model, the scale slider is disabled.
         cache: an :class:`ImageCache` shared with the notebook (repeats are instant).
         out_dir: where Save writes PNGs with their parameters.
         config: starting values (negative prompt, steps, guidance, scheduler).
