@@ -105,6 +105,7 @@ def _config(model: Path, steps: int, precision: str):
 
     cfg = TrainConfig.from_preset("t4-8gb", model=str(model), resolution=1024, max_train_steps=steps, device="cpu",
                                   mixed_precision="bf16" if precision == "bf16" else "no", optimizer="adamw",
+                                  gradient_checkpointing="all", train_batch_size=1,
                                   validation_steps=0, validation_prompts=(), checkpointing_steps=0, progress=False)
     # the 8 GB budget is a GPU budget: on CPU the weights sit in host RAM, which this script measures
     return dataclasses.replace(cfg, memory_budget_gb=None, vae=None)

@@ -18,6 +18,8 @@ Run from the repository root:
     python benchmarks/bench_train.py --models tiny --steps 20 --threads 1
     python benchmarks/bench_train.py --gpu --steps 30     # on a CUDA machine (~7 GB of disk for the model)
     python benchmarks/bench_train.py --trace              # planner check on CPU (about a minute)
+    python benchmarks/bench_train.py --phases --models small --threads 1 --compare /path/to/other/checkout
+                                                          # time to the first step and after the last one
 
 On a machine whose cores are busy with other work, ``--threads 1`` is faster than two
 threads that wait on each other; compare like with like.
@@ -38,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, os.environ.get("BENCH_CODE_ROOT", str(ROOT)))  # --compare: the other checkout's lora_helpers
 
 _SIZES = {"tiny": 64, "small": 128, "full": 1024}
 
@@ -123,6 +125,89 @@ def run_one(name: str, steps: int, work: Path, cache: Path) -> dict:
     return out
 
 
+class _Clock:
+    """A listener that notes when training starts, each step ends, and validations and checkpoints are done."""
+
+    def __init__(self):
+        self.marks: list[tuple[str, float]] = []
+
+    def on_train_start(self, start):
+        self.marks.append(("start", time.perf_counter()))
+
+    def on_step_end(self, step, row):
+        self.marks.append(("step", time.perf_counter()))
+
+
+def run_phases(name: str, steps: int, work: Path, validation: bool) -> dict:
+    """Train ``steps`` steps in this process and time what a person waits for around them.
+
+    Returns:
+        seconds: ``imports`` (torch, diffusers, transformers, peft, accelerate), ``to_first_step`` (train()
+        called until the first step starts: plan, encoding, loading), ``first_step``, ``step`` (median of the
+        later steps), ``after_last_step`` (the last step's end until train() returns: checkpoint, validation
+        images, LoRA files, plot, model card).
+    """
+    import statistics
+
+    start = time.perf_counter()
+    import importlib
+
+    for module in ("diffusers", "transformers", "peft", "accelerate"):  # every run imports these before its first step
+        importlib.import_module(module)
+    for lazy in ("UNet2DConditionModel", "StableDiffusionXLPipeline"):  # diffusers imports its models when first named
+        getattr(importlib.import_module("diffusers"), lazy)
+    from lora_helpers.train import TrainConfig, train
+
+    imports = time.perf_counter() - start
+    size = _SIZES[name]
+    dataset = _dataset(work / f"dataset-{name}", size)
+    config = TrainConfig.from_preset("cpu-smoke", model=str(_model_folder(name, work)), resolution=size,
+                                     max_train_steps=steps, checkpointing_steps=steps, progress=False, device="cpu",
+                                     **({} if validation else {"validation_prompts": ()}))
+    clock = _Clock()
+    start = time.perf_counter()
+    train(dataset, work / f"run-{name}-{time.time_ns()}", config=config, listeners=[clock])
+    end = time.perf_counter()
+    times = [t for kind, t in clock.marks if kind == "step"]
+    first = next(t for kind, t in clock.marks if kind == "start")
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return {"imports": imports, "to_first_step": first - start, "first_step": times[0] - first,
+            "step": statistics.median(gaps), "after_last_step": end - times[-1]}
+
+
+def _phases(args, cache: Path) -> None:
+    """Alternate this tree with ``--compare`` (another checkout), each run in its own process."""
+    import statistics
+
+    roots = {"this": ROOT, **({"compare": Path(args.compare).resolve()} if args.compare else {})}
+    results: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            for label, root in roots.items():
+                for validation in (True, False):
+                    cmd = [sys.executable, __file__, "--one-phases", args.models.split(",")[0], "--steps",
+                           str(args.steps), "--work", tmp] + (["--threads", str(args.threads)] if args.threads else []) + (
+                           [] if validation else ["--no-validation"])
+                    env = {**os.environ, "PYTHONPATH": str(root), "BENCH_CODE_ROOT": str(root)}
+                    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+                    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                    if proc.returncode or line is None:
+                        print(f"{label}: failed\n{proc.stderr[-3000:]}")
+                        continue
+                    results.setdefault((label, "with" if validation else "without"), []).append(
+                        json.loads(line[len("RESULT "):]))
+    print(f"\naround the steps, {args.models.split(',')[0]} model, cpu-smoke preset, {args.steps} steps "
+          f"(min / median of {args.repeats} runs, seconds; 'x step' = after_last_step / median step of the same run)")
+    for (label, validation), runs in results.items():
+        cells = []
+        for key in ("imports", "to_first_step", "first_step", "step", "after_last_step"):
+            values = [r[key] for r in runs]
+            cells.append(f"{key} {min(values):.2f}/{statistics.median(values):.2f}")
+        ratio = [r["after_last_step"] / r["step"] for r in runs]
+        print(f"  {label:>7} {roots[label]} ({validation} validation images): " + ", ".join(cells)
+              + f"; after_last_step = {min(ratio):.1f}/{statistics.median(ratio):.1f} x step")
+
+
 def _trace() -> None:
     from lora_helpers.train.memory import estimate_peak_memory
     from lora_helpers.train.memory_trace import trace_training_memory
@@ -145,7 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="also run the full-size SDXL at 1024 px on CUDA")
     parser.add_argument("--trace", action="store_true", help="trace the full SDXL UNet on CPU (planner check)")
     parser.add_argument("--cache", type=Path, default=None, help="where the full-size model is kept")
+    parser.add_argument("--phases", action="store_true",
+                        help="time what is around the steps (setup, first step, after the last step) instead")
+    parser.add_argument("--repeats", type=int, default=3, help="with --phases: runs of each variant")
+    parser.add_argument("--compare", default=None, help="with --phases: another checkout to alternate with")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one model in this process
+    parser.add_argument("--one-phases", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-validation", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -158,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.cache or cache_dir()
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.steps, args.work, cache)), flush=True)
+        return 0
+    if args.one_phases:
+        print("RESULT " + json.dumps(run_phases(args.one_phases, args.steps, args.work, not args.no_validation)),
+              flush=True)
+        return 0
+    if args.phases:
+        _phases(args, cache)
         return 0
     if args.trace:
         _trace()

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from lora_helpers.core.tiny_models import SDXL_UNET_CONFIG
+from lora_helpers.train.block_memory import block_activation_weights, checkpointed_blocks
 from lora_helpers.train.memory import MemoryBudgetError, check_budget, estimate_peak_memory, inference_activations_gb
 from lora_helpers.train.memory_trace import trace_training_memory
 from lora_helpers.train.model_size import count_unet_parameters
+from lora_helpers.train.step_plan import AUTO_FILL, choose_step
 
 
 def _sdxl(**kwargs):
@@ -98,3 +100,77 @@ def test_activation_estimates_match_the_measured_step():
         estimated = next(v for k, v in plan.items.items() if k.startswith("activations"))
         assert estimated == pytest.approx(figures[mode], rel=0.1), (mode, estimated, figures[mode])
     assert inference_activations_gb(SDXL_UNET_CONFIG, px, 2) == pytest.approx(figures["inference"], rel=0.1)
+
+
+# --------------------------------------------------------------------------- per-block checkpointing
+
+BLOCKS_MEASURED = Path(__file__).resolve().parents[1] / "benchmarks" / "checkpoint_blocks_measured.json"
+
+
+def _choose(budget_gb, **kwargs):
+    inputs = dict(unet_config=SDXL_UNET_CONFIG, resolution=1024, lora_rank=16, weight_dtype="fp16", budget_gb=budget_gb)
+    return choose_step(inputs, budget_gb=budget_gb, **kwargs)
+
+
+def test_block_shares_follow_the_measured_blocks():
+    """Each block's share of what checkpointing saves, against the fake-tensor measurement (bench_blocks.py)."""
+    measured = json.loads(BLOCKS_MEASURED.read_text())
+    for name, run in measured["runs"].items():
+        config = SDXL_UNET_CONFIG if run["model"] == "sdxl" else json.loads(json.dumps(run["unet_config"]))
+        weights = block_activation_weights(config)
+        total, saved = sum(weights.values()), sum(run["delta_gb"].values())
+        assert saved == pytest.approx(run["none_gb"] - run["all_gb"], rel=0.02)  # one block's saving adds to the others'
+        for block, delta in run["delta_gb"].items():
+            assert weights[block] / total == pytest.approx(delta / saved, abs=0.035), (name, block)
+    # no LoRA before the first transformer: nothing is kept for the first block, checkpointed or not
+    assert block_activation_weights(SDXL_UNET_CONFIG)["down_blocks.0"] == 0
+    assert block_activation_weights(SDXL_UNET_CONFIG, ("to_q", "conv1"))["down_blocks.0"] > 0
+
+
+def test_fewer_checkpointed_blocks_need_more_memory():
+    peaks = [_sdxl(gradient_checkpointing=k).train_peak_gb for k in range(8)]
+    assert peaks[0] == pytest.approx(_sdxl(gradient_checkpointing="none").train_peak_gb)
+    assert peaks[7] == pytest.approx(_sdxl(gradient_checkpointing=True).train_peak_gb)
+    assert all(a >= b for a, b in zip(peaks, peaks[1:])) and peaks[0] > peaks[3] > peaks[7]
+    order = checkpointed_blocks(SDXL_UNET_CONFIG, "all")
+    weights = block_activation_weights(SDXL_UNET_CONFIG)
+    assert [weights[b] for b in order] == sorted(weights.values(), reverse=True)
+    assert "4 of 7 blocks" in next(k for k in _sdxl(gradient_checkpointing=4).items if k.startswith("activations"))
+
+
+def test_checkpointing_goes_from_none_to_some_to_all_as_the_budget_shrinks():
+    chosen = {budget: _choose(budget) for budget in (40.0, 9.0, 8.0, 7.6, 6.0)}
+    assert chosen[40.0].settings["gradient_checkpointing"] == "none" and chosen[40.0].checkpointed == []
+    counts = [len(c.checkpointed) for c in chosen.values()]
+    assert counts == sorted(counts) and 0 < counts[1] < counts[3] < 7, counts  # more blocks as the budget shrinks
+    weights = block_activation_weights(SDXL_UNET_CONFIG)
+    for budget, choice in chosen.items():
+        setting = choice.settings["gradient_checkpointing"]
+        fill = AUTO_FILL * budget
+        if choice.checkpointed and setting != "all":
+            left = [weights[b] for b in weights if b not in choice.checkpointed]
+            assert min(weights[b] for b in choice.checkpointed) >= max(left)  # the most memory-hungry first
+            assert _sdxl(gradient_checkpointing=setting).peak_gb <= fill  # they fit ...
+            assert _sdxl(gradient_checkpointing=len(choice.checkpointed) - 1).peak_gb > fill  # ... one fewer would not
+    assert chosen[6.0].settings["gradient_checkpointing"] == "all" and "even so" in chosen[6.0].lines[0]
+    assert "the fewest blocks that fit 7 GB of the 8 GB budget" in chosen[8.0].lines[0]
+    assert "up_blocks.0" in chosen[8.0].lines[0]  # the plan names the blocks
+
+
+def test_a_larger_micro_batch_only_where_memory_allows_and_the_batch_is_not_fixed():
+    roomy = _choose(40.0)
+    assert roomy.settings["train_batch_size"] == 2 and roomy.settings["gradient_accumulation_steps"] == 1
+    # with accumulation the effective batch stays: 1 x 4 -> 4 x 1 where it fits, else 2 x 2
+    assert _choose(80.0, gradient_accumulation_steps=4).settings == {
+        "gradient_checkpointing": "none", "train_batch_size": 4, "gradient_accumulation_steps": 1}
+    assert _choose(40.0, gradient_accumulation_steps=4).settings == {
+        "gradient_checkpointing": "none", "train_batch_size": 2, "gradient_accumulation_steps": 2}
+    assert _sdxl(batch_size=4, gradient_checkpointing="none").peak_gb > AUTO_FILL * 40.0
+    assert _choose(80.0, gradient_accumulation_steps=6).settings["train_batch_size"] == 3
+    assert _choose(40.0, train_batch_size=1).settings["train_batch_size"] == 1  # the person's batch is kept
+    assert _choose(8.0).settings["train_batch_size"] == 1  # the T4 needs checkpointing: no room for batch 2
+    assert _choose(None).settings == {"gradient_checkpointing": "none", "train_batch_size": 1,
+                                      "gradient_accumulation_steps": 1}  # nothing to plan against
+    # checkpointing chosen by the person: a batch that fits with it
+    every = _choose(8.0, gradient_checkpointing="all")
+    assert every.settings["train_batch_size"] == 2 and _sdxl(batch_size=2).peak_gb <= AUTO_FILL * 8.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -10,6 +11,10 @@ from safetensors.torch import load_file
 from train_helpers import image_diff, make_dataset, max_diff
 
 from lora_helpers.train import TrainConfig, TrainingDivergedError, train
+from lora_helpers.train import session as session_module
+from lora_helpers.train.block_memory import checkpointed_blocks, unet_blocks
+from lora_helpers.train.models import enable_block_checkpointing
+from lora_helpers.train.validation import render_validation
 
 
 def _config(tiny_models, **overrides) -> TrainConfig:
@@ -373,3 +378,78 @@ def test_cli_names_a_bad_setting_in_one_line_without_a_traceback(tmp_path):
     assert last == "error: max_train_steps must be at least 1 (or None for 100 steps per photo), not 0"
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_checkpointed_blocks_are_recomputed_and_the_others_are_not(tiny_models):
+    from diffusers import UNet2DConditionModel  # seconds to import: only where needed
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_models / "sdxl", subfolder="unet")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    chosen = checkpointed_blocks(dict(unet.config), 2)
+    assert len(chosen) == 2 and enable_block_checkpointing(unet, chosen)
+    calls: dict[str, int] = {}
+    for block in unet_blocks(dict(unet.config)):
+        unet.get_submodule(block).resnets[-1].conv1.register_forward_hook(
+            lambda *_, block=block: calls.__setitem__(block, calls.get(block, 0) + 1))
+    dim = unet.config.cross_attention_dim
+    text = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    out = unet(torch.randn(1, 4, 8, 8), torch.tensor([500]), encoder_hidden_states=torch.randn(1, 77, dim),
+               added_cond_kwargs={"text_embeds": torch.randn(1, text), "time_ids": torch.randn(1, 6)}).sample
+    out.square().mean().backward()
+    # the last ResNet of a checkpointed block runs again in the backward pass; the other blocks' run once
+    assert {b: calls[b] for b in chosen} == {b: 2 for b in chosen}
+    assert all(n == 1 for b, n in calls.items() if b not in chosen) and len(calls) == 5, calls
+    assert not enable_block_checkpointing(unet, []) and not unet.is_gradient_checkpointing
+
+
+def test_full_partial_and_no_checkpointing_train_the_same_lora(dataset, tiny_models, tmp_path):
+    results = {}
+    for setting in ("all", 2, "none"):
+        cfg = _config(tiny_models, max_train_steps=3, gradient_checkpointing=setting, learning_rate=1e-2)
+        results[setting] = train(dataset, tmp_path / str(setting), config=cfg)
+        saved = json.loads(results[setting].config_path.read_text())
+        assert saved["config"]["gradient_checkpointing"] == setting
+    reference = load_file(results["none"].lora_path)
+    for setting in ("all", 2):
+        weights = load_file(results[setting].lora_path)
+        assert weights.keys() == reference.keys()
+        for key in reference:
+            torch.testing.assert_close(weights[key], reference[key], rtol=1e-5, atol=1e-6, msg=key)
+        assert [r["loss"] for r in _rows(results[setting].run_dir)] == pytest.approx(
+            [r["loss"] for r in _rows(results["none"].run_dir)], rel=1e-5)
+    assert "gradient checkpointing on 2 UNet blocks" in (results[2].run_dir / "README.md").read_text()
+
+
+def test_validation_images_made_together_on_a_cpu_equal_those_made_one_by_one(tiny_models):
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # seconds to import: only where needed
+
+    folder = tiny_models / "sdxl"
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    dim = unet.config.cross_attention_dim
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    torch.manual_seed(0)
+    jobs = [({"prompt_embeds": torch.randn(1, 77, dim), "pooled_prompt_embeds": torch.randn(1, pooled)}, seed)
+            for seed in (3, 4, 5)]
+    settings = dict(unet=unet, vae=vae, model=str(folder), device=torch.device("cpu"), steps=2, guidance=5.0,
+                    resolution=64)
+    together = render_validation(jobs, **settings)
+    alone = [render_validation([job], **settings)[0] for job in jobs]
+    assert len(together) == 3 and all(max_diff(a, b) <= 1 for a, b in zip(together, alone))
+    assert image_diff(alone[0], alone[1]) > 2  # the seeds (and prompts) give different pictures
+
+
+def test_nothing_of_the_trained_models_stays_in_memory_after_training(dataset, tiny_models, tmp_path, monkeypatch):
+    built = []
+
+    def build(*args, **kwargs):
+        models = original(*args, **kwargs)
+        built.extend(weakref.ref(m) for m in (models.unet, models.optimizer))
+        return models
+
+    original = session_module.build_models
+    monkeypatch.setattr(session_module, "build_models", build)
+    train(dataset, tmp_path / "run", config=_config(tiny_models, max_train_steps=1))
+    assert len(built) == 2 and all(ref() is None for ref in built)  # a notebook can go on to generate

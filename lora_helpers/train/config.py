@@ -20,6 +20,7 @@ import torch
 
 from lora_helpers.core.config import HUB_MODELS, resolve_models, smoke_mode
 from lora_helpers.core.lora_files import UNET_TARGET_MODULES
+from lora_helpers.train.block_memory import checkpointing_setting
 
 __all__ = [
     "PRESETS",
@@ -32,19 +33,19 @@ __all__ = [
 ]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Colab's free T4: fp16 only (no bf16), 8 GB of its 15 GB budgeted, 12.7 GB host RAM.
-    "t4-8gb": dict(resolution=1024, train_batch_size=1, lora_rank=16, learning_rate=1e-4, mixed_precision="fp16",
-                   gradient_checkpointing=True, optimizer="auto", memory_budget_gb=8.0, host_memory_budget_gb=12.7,
+    # Colab's free T4: fp16 only (no bf16), 8 GB of its 15 GB budgeted (checkpointing what it requires), 12.7 GB host RAM.
+    "t4-8gb": dict(resolution=1024, train_batch_size="auto", lora_rank=16, learning_rate=1e-4, mixed_precision="fp16",
+                   gradient_checkpointing="auto", optimizer="auto", memory_budget_gb=8.0, host_memory_budget_gb=12.7,
                    checkpointing_steps=200,
                    validation_steps=200, validation_inference_steps=25, max_train_steps=None),
-    # 40/80 GB: no checkpointing (faster), larger batch and rank, bf16 where the GPU has it.
-    "a100": dict(resolution=1024, train_batch_size=2, lora_rank=32, learning_rate=1e-4, mixed_precision="auto",
-                 gradient_checkpointing=False, optimizer="adamw", memory_budget_gb=None, host_memory_budget_gb=None,
+    # 40/80 GB: no checkpointing and batch 2 where they fit (the plan decides), larger rank, bf16 where the GPU has it.
+    "a100": dict(resolution=1024, train_batch_size="auto", lora_rank=32, learning_rate=1e-4, mixed_precision="auto",
+                 gradient_checkpointing="auto", optimizer="adamw", memory_budget_gb=None, host_memory_budget_gb=None,
                  checkpointing_steps=250,
                  validation_steps=250, validation_inference_steps=30, max_train_steps=None),
-    # Tiny random SDXL on CPU: the whole path in seconds (tests, notebooks in CI).
+    # Tiny random SDXL on CPU: the whole path in seconds (tests, notebooks in CI), the same step on any machine.
     "cpu-smoke": dict(resolution=64, train_batch_size=1, lora_rank=4, learning_rate=1e-3, mixed_precision="no",
-                      gradient_checkpointing=False, optimizer="adamw", memory_budget_gb=None, host_memory_budget_gb=None,
+                      gradient_checkpointing="none", optimizer="adamw", memory_budget_gb=None, host_memory_budget_gb=None,
                       max_train_steps=20,
                       checkpointing_steps=10, validation_steps=10, validation_inference_steps=2,
                       validation_seeds=(0,), num_class_images=4, class_inference_steps=2, snr_gamma=5.0),
@@ -62,7 +63,8 @@ class TrainConfig:
         vae: VAE for encoding and validation images: "auto" (the fp16-fix VAE for fp16 on
             CUDA, the model's own VAE in fp32 otherwise), a hub id/folder, or None (model's, fp32).
         resolution: training side in px; images keep their aspect bucket of that area.
-        train_batch_size: images per micro-batch.
+        train_batch_size: images per micro-batch, or "auto": larger where the plan has room and nothing needs
+            checkpointing (the same effective batch with gradient accumulation, else 2), else 1.
         gradient_accumulation_steps: micro-batches per optimizer step.
         max_train_steps: optimizer steps; None: ``steps_per_image`` x images, clamped to
             [min_auto_steps, max_auto_steps].
@@ -79,7 +81,11 @@ class TrainConfig:
         mixed_precision: "fp16", "bf16", "no" or "auto" (bf16 where supported, else fp16); on CPU
             "no", except "bf16" asked for by name (fast on CPUs with AVX-512 BF16 or AMX). The frozen
             UNet takes this dtype; LoRA weights stay fp32.
-        gradient_checkpointing: recompute activations in the backward pass (less memory).
+        gradient_checkpointing: recompute activations in the backward pass (less memory, slower steps): "auto"
+            (the fewest UNet blocks that fit the budget, the most memory-hungry first, as the plan says; none
+            without a budget), "all" (or True), "none" (or False), or a number of UNet blocks.
+        compile_unet: ``torch.compile`` the UNet (a one-time compile of a minute or more; see
+            ``benchmarks/bench_step.py`` for whether it pays off on a machine).
         optimizer: "auto" (8-bit AdamW on CUDA, AdamW elsewhere), "adamw8bit", "adamw".
         unet_8bit: store the frozen UNet in 8 bits (CUDA + bitsandbytes; below 8 GB).
         unet_4bit: store the frozen UNet's Linear layers in 4 bits (bitsandbytes NF4, QLoRA-style;
@@ -122,7 +128,7 @@ class TrainConfig:
     model: str | None = None
     vae: str | None = "auto"
     resolution: int = 1024
-    train_batch_size: int = 1
+    train_batch_size: int | str = "auto"
     gradient_accumulation_steps: int = 1
     max_train_steps: int | None = None
     steps_per_image: int = 100
@@ -141,7 +147,8 @@ class TrainConfig:
     pivotal_lr: float = 3e-4
     pivotal_freeze_fraction: float = 0.5
     mixed_precision: str = "fp16"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: str | int | bool = "auto"
+    compile_unet: bool = False
     optimizer: str = "auto"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -224,6 +231,7 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be fp16, bf16, no or auto, not {self.mixed_precision!r}")
         if self.optimizer not in ("auto", "adamw8bit", "adamw"):
             raise ValueError(f"optimizer must be auto, adamw8bit or adamw, not {self.optimizer!r}")
+        self.gradient_checkpointing = checkpointing_setting(self.gradient_checkpointing)
         if self.unet_8bit and self.unet_4bit:
             raise ValueError("unet_8bit and unet_4bit: choose one (unet_4bit needs less memory)")
         self._check_numbers()
@@ -244,8 +252,10 @@ class TrainConfig:
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"max_train_steps must be at least 1 (or None for {self.steps_per_image} steps per "
                              f"photo), not {self.max_train_steps}")
+        if self.train_batch_size != "auto" and not isinstance(self.train_batch_size, numbers.Integral):
+            raise ValueError(f"train_batch_size must be 'auto' or a whole number (e.g. 1), not {self.train_batch_size!r}")
         for name, example in (("lora_rank", 16), ("train_batch_size", 1), ("gradient_accumulation_steps", 1)):
-            if getattr(self, name) < 1:
+            if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 (e.g. {example}), not {getattr(self, name)}")
         if self.lora_alpha is not None and not positive(self.lora_alpha):
             raise ValueError(f"lora_alpha must be above 0 (or None for the rank, {self.lora_rank}), "

@@ -3,7 +3,8 @@
 The 8 GB recipe only works when every part of the budget is known: the frozen UNet in
 fp16 (~4.8 GiB for SDXL), the LoRA weights, gradients and optimizer state (small, fp32),
 and the activations kept for the backward pass (set by resolution, batch and gradient
-checkpointing). :func:`estimate_peak_memory` adds these up from the model's *config*
+checkpointing, decided per UNet block: :mod:`lora_helpers.train.block_memory`).
+:func:`estimate_peak_memory` adds these up from the model's *config*
 (the UNet is built on the ``meta`` device: no weights, no memory) and
 :func:`check_budget` refuses a plan over budget, naming the settings that would fit.
 
@@ -31,6 +32,7 @@ from typing import Any
 
 from lora_helpers.core.lora_files import UNET_TARGET_MODULES
 from lora_helpers.core.runtime import available_host_memory_gb
+from lora_helpers.train.block_memory import checkpointing_label, checkpointing_setting, unchecked_share
 from lora_helpers.train.model_size import count_unet_parameters, text_encoder_parameters, unet_config_for, vae_parameters
 
 __all__ = [
@@ -86,6 +88,9 @@ class MemoryPlan:
         inputs: the arguments of :func:`estimate_peak_memory` that made it.
         notes: assumptions worth knowing.
         lora_parameters: trainable LoRA parameters (what a checkpoint's size follows from).
+        choices: what the plan decided for the step (checkpointed blocks, micro-batch), in words.
+        step_settings: the ``TrainConfig`` values it decided (``gradient_checkpointing``, ``train_batch_size``,
+            ``gradient_accumulation_steps``); empty for a plan made by :func:`estimate_peak_memory` alone.
     """
 
     items: dict[str, float]
@@ -98,6 +103,8 @@ class MemoryPlan:
     target: str = ""
     host_budget_gb: float | None = None
     lora_parameters: int = 0
+    choices: list[str] = field(default_factory=list)
+    step_settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def peak_gb(self) -> float:
@@ -115,7 +122,8 @@ class MemoryPlan:
                 "validation_peak_gb": round(self.validation_peak_gb, 3), "host_peak_gb": round(self.host_peak_gb, 3),
                 "budget_gb": self.budget_gb, "target": self.target, "host_budget_gb": self.host_budget_gb,
                 "items": {k: round(v, 4) for k, v in self.items.items()},
-                "inputs": {k: v for k, v in self.inputs.items() if k != "unet_config"}, "notes": self.notes}
+                "inputs": {k: v for k, v in self.inputs.items() if k != "unet_config"}, "notes": self.notes,
+                "choices": self.choices, "step_settings": self.step_settings}
 
     def __str__(self) -> str:
         width = max(len(k) for k in self.items) + 2
@@ -129,6 +137,7 @@ class MemoryPlan:
         if self.host_budget_gb:
             host += f" of {self.host_budget_gb:g} GB: {'fits' if self.host_peak_gb <= self.host_budget_gb else 'DOES NOT FIT'}"
         lines.append(host)
+        lines += [f"  {choice}" for choice in self.choices]
         head = f"memory plan for {self.target} (GPU, GiB):" if self.target else "memory plan (GPU, GiB):"
         return head + "\n" + "\n".join(lines)
 
@@ -164,7 +173,7 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
                          batch_size: int = 1, lora_rank: int = 16,
                          target_modules: tuple[str, ...] = UNET_TARGET_MODULES,
                          weight_dtype: str = "fp16", unet_8bit: bool = False, unet_4bit: bool = False,
-                         gradient_checkpointing: bool = True,
+                         gradient_checkpointing: bool | str | int = True,
                          optimizer: str = "adamw8bit", train_text_encoder: bool = False,
                          text_encoder_rank: int | None = None, pivotal_tokens: int = 0,
                          prior_preservation: bool = False,
@@ -182,7 +191,9 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
         unet_8bit: the frozen UNet's Linear layers stored in 8 bits (bitsandbytes).
         unet_4bit: the frozen UNet's Linear layers stored in 4 bits (bitsandbytes NF4 with
             double quantization, QLoRA-style); the LoRA and its optimizer stay in full precision.
-        gradient_checkpointing: recompute block activations in the backward pass.
+        gradient_checkpointing: recompute block activations in the backward pass: "all" (or True),
+            "none" (or False), or the number of UNet blocks checkpointed, the most memory-hungry first
+            (:func:`checkpointed_blocks`).
         optimizer: "adamw8bit" (2 bytes of state per LoRA parameter) or "adamw" (8 bytes).
         train_text_encoder: both text encoders stay on the GPU with their own LoRA.
         text_encoder_rank: their LoRA rank (default ``lora_rank``).
@@ -195,6 +206,7 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
     Returns:
         A :class:`MemoryPlan`.
     """
+    gradient_checkpointing = checkpointing_setting(gradient_checkpointing)  # True/False: "all"/"none"
     inputs = dict(locals())
     if unet_config is None:
         if model is None:
@@ -236,11 +248,10 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
         items["autocast copies of LoRA weights"] = n_lora * 2 / GB
     latent = resolution // 8
     abytes = 4 if weight_dtype == "fp32" else 2
-    per_element = ACTIVATION_ELEMENTS_CHECKPOINTED if gradient_checkpointing else ACTIVATION_ELEMENTS_FULL
-    activations = per_element * abytes * batch_size * _activation_elements(unet_config, latent, latent)
+    activations = _step_activations(unet_config, latent, abytes * batch_size, gradient_checkpointing, target_modules)
     if device_type == "cuda":
         activations *= CUDA_ACTIVATION_FACTOR
-    label = "on" if gradient_checkpointing else "off"
+    label = checkpointing_label(unet_config, gradient_checkpointing, target_modules)
     items[f"activations (batch {batch_size}, {resolution} px, checkpointing {label})"] = activations / GB
     cond = batch_size * (77 * unet_config.get("cross_attention_dim", 2048) * 2 + 4 * latent * latent * 4 * 3)
     items["batch tensors (latents, noise, embeddings)"] = cond * (2 if prior_preservation else 1) / GB
@@ -268,8 +279,19 @@ def estimate_peak_memory(*, unet_config: dict | None = None, model: str | None =
                       host_peak_gb=host_peak, budget_gb=budget_gb, inputs=inputs, notes=notes, lora_parameters=n_lora)
 
 
+def _step_activations(unet_config: dict, latent: int, scale: int, setting: str | int,
+                      target_modules: tuple[str, ...]) -> float:
+    """Bytes of a training step's activations: the measured checkpointed figure, plus each block left
+    un-checkpointed's share (:func:`block_activation_weights`) of what checkpointing saves."""
+    elements = scale * _activation_elements(unet_config, latent, latent)
+    full, checkpointed = ACTIVATION_ELEMENTS_FULL * elements, ACTIVATION_ELEMENTS_CHECKPOINTED * elements
+    left = unchecked_share(unet_config, setting, target_modules)
+    return full if left == 1.0 else checkpointed + (full - checkpointed) * left
+
+
 _ALTERNATIVES: list[tuple[str, dict, str]] = [
-    ("gradient_checkpointing", {"gradient_checkpointing": True}, "turn on gradient checkpointing"),
+    ("gradient_checkpointing", {"gradient_checkpointing": "all"},
+     "turn on gradient checkpointing for every UNet block (gradient_checkpointing='all')"),
     ("optimizer", {"optimizer": "adamw8bit"}, "use 8-bit AdamW (optimizer='adamw8bit', needs CUDA + bitsandbytes)"),
     ("batch_size", {"batch_size": 1}, "batch 1 (keep the effective batch with gradient_accumulation_steps)"),
     ("train_text_encoder", {"train_text_encoder": False}, "train the UNet only (train_text_encoder=False)"),

@@ -19,7 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from lora_helpers.core.lora_files import UNET_TARGET_MODULES
+from lora_helpers.train.block_memory import checkpointed_blocks
 from lora_helpers.train.memory import GB
+from lora_helpers.train.models import enable_block_checkpointing
 
 __all__ = ["trace_training_memory"]
 
@@ -50,7 +52,8 @@ class _LiveBytes(TorchDispatchMode):
 
 def trace_training_memory(unet_config: dict, *, resolution: int = 1024, batch_size: int = 1, lora_rank: int = 16,
                           target_modules: tuple[str, ...] = UNET_TARGET_MODULES,
-                          gradient_checkpointing: bool = True, weight_dtype: str = "fp16") -> dict[str, float]:
+                          gradient_checkpointing: bool | str | int | list[str] = True, weight_dtype: str = "fp16",
+                          backward: bool = True) -> dict[str, float]:
     """Trace one training step of the UNet on fake tensors and count the bytes of live tensors.
 
     Nothing is allocated and no weights are needed (the model lives on the ``meta`` device),
@@ -62,12 +65,14 @@ def trace_training_memory(unet_config: dict, *, resolution: int = 1024, batch_si
         unet_config: a UNet config (``lora_helpers.core.tiny_models.SDXL_UNET_CONFIG`` for SDXL).
         resolution, batch_size: the training step's image side in px and batch.
         lora_rank, target_modules: the LoRA (its gradients are counted).
-        gradient_checkpointing: recompute activations in the backward pass.
+        gradient_checkpointing: recompute activations in the backward pass: "all"/True, "none"/False, a
+            number of blocks (:func:`lora_helpers.train.block_memory.checkpointed_blocks`) or block names.
         weight_dtype: "fp16" (with autocast) or "fp32".
+        backward: also run the backward pass (False: the forward alone, for ``saved_gb``).
 
     Returns:
-        ``{"peak_gb", "activations_gb", "lora_grads_gb"}`` (peak over forward and backward,
-        excluding the weights themselves).
+        ``{"peak_gb", "activations_gb", "lora_grads_gb", "saved_gb"}``: peak over forward and backward
+        (excluding the weights themselves), and what is alive at the end of the forward pass (kept for backward).
     """
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
@@ -79,8 +84,9 @@ def trace_training_memory(unet_config: dict, *, resolution: int = 1024, batch_si
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
                                 target_modules=list(target_modules)))
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    blocks = (list(gradient_checkpointing) if isinstance(gradient_checkpointing, (list, tuple))
+              else checkpointed_blocks(config, gradient_checkpointing, tuple(target_modules)))
+    enable_block_checkpointing(unet, blocks)
     latent = resolution // 8
     text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
     with FakeTensorMode():
@@ -103,6 +109,10 @@ def trace_training_memory(unet_config: dict, *, resolution: int = 1024, batch_si
             with autocast:
                 out = unet(sample, torch.full((batch_size,), 500), encoder_hidden_states=context,
                            added_cond_kwargs=added).sample
-            (out.float() ** 2).mean().backward()
+            loss = (out.float() ** 2).mean()
+            saved = tracker.current
+            if backward:
+                loss.backward()
         grads = sum(p.numel() * 4 for p in unet.parameters() if p.requires_grad)
-    return {"peak_gb": tracker.peak / GB, "activations_gb": max(tracker.peak - grads, 0) / GB, "lora_grads_gb": grads / GB}
+    return {"peak_gb": tracker.peak / GB, "activations_gb": max(tracker.peak - grads, 0) / GB, "lora_grads_gb": grads / GB,
+            "saved_gb": saved / GB}

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from lora_helpers.core.lora_files import TEXT_ENCODER_TARGET_MODULES, add_text_encoder_lora
+from lora_helpers.train.block_memory import checkpointed_blocks
 from lora_helpers.train.config import TrainConfig
 from lora_helpers.train.latents import load_component
 from lora_helpers.train.pivotal import PivotalState, add_pivotal_tokens
 
-__all__ = ["TrainingModels", "weight_dtype", "build_models", "encode_live"]
+__all__ = ["TrainingModels", "weight_dtype", "build_models", "enable_block_checkpointing", "encode_live"]
 
 _TEXT_ENCODER_TARGETS = list(TEXT_ENCODER_TARGET_MODULES)
 
@@ -92,8 +93,8 @@ def build_models(cfg: TrainConfig, accelerator, *, class_noun: str = "person") -
         text_encoders, tokenizers = _load_text_encoders(cfg, device, dtype, lora=False)
     # LoRA weights in fp32 under an fp16 UNet: fp16 gradients cannot be unscaled by the GradScaler
     cast_training_params(models, dtype=torch.float32)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    if enable_block_checkpointing(unet, checkpointed_blocks(dict(unet.config), cfg.gradient_checkpointing,
+                                                            tuple(cfg.target_modules))):
         for te in models[1:]:
             # transformers 5 renamed it; older versions only have the first name
             (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
@@ -112,10 +113,36 @@ def build_models(cfg: TrainConfig, accelerator, *, class_noun: str = "person") -
     prepared = accelerator.prepare(*models, optimizer)
     for m in prepared[:-1]:
         m.train()
+    if cfg.compile_unet:  # the training step runs the compiled UNet; saving and validation unwrap it (accelerate)
+        prepared = (torch.compile(prepared[0]), *prepared[1:])
     encoders = tuple(prepared[1:3]) if cfg.train_text_encoder else tuple(text_encoders or (None, None))
     return TrainingModels(unet=prepared[0], text_encoders=encoders, tokenizers=tokenizers,
                           params=[p for g in groups for p in g["params"]], optimizer=prepared[-1],
                           lr_scheduler=lr_scheduler, noise_scheduler=noise_scheduler, pivotal=pivotal)
+
+
+def enable_block_checkpointing(unet, blocks: list[str]) -> bool:
+    """Checkpoint these top-level UNet blocks only (``down_blocks.1``, ``mid_block``, ...), the rest not.
+
+    diffusers switches checkpointing per module: a block's flag recomputes its ResNets, each
+    transformer's flag its layers. ``enable_gradient_checkpointing`` sets every flag (and the
+    function they call); the flags outside ``blocks`` are then cleared.
+
+    Args:
+        unet: the UNet (peft-wrapped or not).
+        blocks: names from :func:`lora_helpers.train.block_memory.checkpointed_blocks`.
+
+    Returns:
+        True when any block is checkpointed.
+    """
+    unet.disable_gradient_checkpointing()
+    if not blocks:
+        return False
+    unet.enable_gradient_checkpointing()
+    for name, module in unet.named_modules():
+        if hasattr(module, "gradient_checkpointing") and not any(name == b or name.startswith(b + ".") for b in blocks):
+            module.gradient_checkpointing = False
+    return True
 
 
 def _load_text_encoders(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, *,
@@ -146,7 +173,9 @@ def _make_optimizer(cfg: TrainConfig, groups: list[dict]):
             raise ImportError("optimizer='adamw8bit' needs bitsandbytes (pip install bitsandbytes), "
                               "or use optimizer='adamw' (more memory)") from exc
         return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, **kwargs)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, **kwargs)
+    # foreach: one kernel per operation for all LoRA tensors (the default on CUDA); on CPU the default
+    # loops over them in Python, slower for the same result
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, foreach=True, **kwargs)
 
 
 def _load_unet_8bit(model: str, device: torch.device):

@@ -132,8 +132,10 @@ def plot_training(rows: Sequence[dict], path: str | os.PathLike | None = None, *
     gsteps = [r["step"] for r in rows if _finite(r.get("grad_norm"))]
     gnorm = [r["grad_norm"] for r in rows if _finite(r.get("grad_norm"))]
     skipped = [r["step"] for r in rows if r.get("skipped")]
-    fig = Figure(figsize=(10, 3.5), layout="constrained")
+    fig = Figure(figsize=(10, 3.5))
     FigureCanvasAgg(fig)
+    # fixed margins: a constrained layout solves them again at every save, doubling the time at the end of a run
+    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.14, top=0.9, wspace=0.22)
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(steps, loss, lw=0.8, alpha=0.5, label="loss")
     if len(loss) >= window:
@@ -256,7 +258,7 @@ def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, 
         accum=config.get("gradient_accumulation_steps"), lr=config.get("learning_rate"),
         scheduler=config.get("lr_scheduler"), rank=config.get("lora_rank"), alpha=config.get("lora_alpha"),
         targets=", ".join(config.get("target_modules") or []), te=te,
-        precision=config.get("mixed_precision"), gc="on" if config.get("gradient_checkpointing") else "off",
+        precision=config.get("mixed_precision"), gc=_checkpointing_words(config.get("gradient_checkpointing")),
         optimizer=config.get("optimizer"), snr=config.get("snr_gamma"),
         bg=config.get("background_weight") if config.get("use_masks") else "masks off",
         offset=config.get("noise_offset"),
@@ -267,6 +269,15 @@ def write_model_card(run_dir: str | os.PathLike, *, config: dict, trigger: str, 
         resumed="".join(_resume_row(r) for r in resumes), **pivotal,
     )
     return write_text(run_dir / "README.md", text)
+
+
+def _checkpointing_words(setting) -> str:
+    """"on", "off" or "on N UNet blocks" for the card (True/False in configs of older runs)."""
+    if setting is True or setting == "all":
+        return "on"
+    if setting is False or setting is None or setting == "none" or setting == 0:
+        return "off"
+    return f"on {setting} UNet blocks"
 
 
 def _who(trigger: str, subjects: dict[str, dict] | None) -> str:

@@ -8,8 +8,8 @@
 2. encode the images (VAE) and captions (both text encoders) once into ``run/cache``
    and free those models from GPU and host memory (:mod:`lora_helpers.train.latents`);
 3. load the UNet frozen in fp16 (or 8 bits), add a peft LoRA kept in fp32, and train
-   with accelerate (one GPU, CPU, or ``accelerate launch`` on several GPUs), a
-   GradScaler, gradient checkpointing, SDPA attention and 8-bit AdamW on CUDA;
+   with accelerate (one GPU, CPU, or ``accelerate launch`` on several GPUs), a GradScaler,
+   gradient checkpointing of the UNet blocks the plan chose, SDPA attention and 8-bit AdamW on CUDA;
 4. skip non-finite steps (and stop with advice when they repeat), checkpoint every N
    steps atomically (:mod:`lora_helpers.train.checkpoints`), render validation images, log
    every step to ``log.jsonl``, and turn out-of-memory into advice;
@@ -48,6 +48,7 @@ from lora_helpers.train.memory import (
     GB, MemoryBudgetError, MemoryPlan, check_budget, check_host_memory, estimate_peak_memory,
 )
 from lora_helpers.train.outputs import check_hub_access
+from lora_helpers.train.step_plan import keep_resumed_batch, plan_step
 
 __all__ = ["plan_memory", "checkpoint_bytes", "train", "add_cli_arguments", "run_cli"]
 
@@ -80,23 +81,18 @@ def plan_memory(config: TrainConfig, *, device_type: str | None = None) -> Memor
 
     Returns:
         A :class:`lora_helpers.train.memory.MemoryPlan` naming the device it assumes; ``print`` it
-        for a table.
+        for a table. Its ``step_settings`` are the checkpointed UNet blocks and the micro-batch it
+        decided for "auto" (:func:`lora_helpers.train.step_plan.choose_step`), its ``choices`` say
+        them in words.
     """
     if device_type is None:
         device_type, where = _plan_device(config)
     else:
         where = "this CPU" if device_type == "cpu" else "a CUDA GPU"
     cfg = _resolve(config, device_type)  # idempotent: a resolved config stays as it is
-    weight_dtype = {"fp16": "fp16", "bf16": "bf16"}.get(cfg.mixed_precision, "fp32")
-    plan = estimate_peak_memory(
-        model=cfg.model, resolution=cfg.resolution, batch_size=cfg.train_batch_size, lora_rank=cfg.lora_rank,
-        target_modules=tuple(cfg.target_modules), weight_dtype=weight_dtype, unet_8bit=cfg.unet_8bit,
-        unet_4bit=cfg.unet_4bit,
-        gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
-        train_text_encoder=cfg.train_text_encoder, pivotal_tokens=cfg.pivotal_tokens,
-        prior_preservation=cfg.with_prior_preservation,
-        device_type=device_type, budget_gb=cfg.memory_budget_gb,
-    )
+    inputs, choice = plan_step(cfg, device_type)  # "auto" checkpointing and batch decided here
+    plan = estimate_peak_memory(**inputs)
+    plan.step_settings, plan.choices = choice.settings, choice.lines
     weights = "8-bit" if cfg.unet_8bit else "4-bit NF4" if cfg.unet_4bit else {"no": "fp32"}.get(
         cfg.mixed_precision, cfg.mixed_precision)
     plan.target = f"{where}, {weights} UNet, {cfg.optimizer}"
@@ -223,8 +219,11 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
         if not supported:
             raise ValueError(reason)
     device_type = _device_type(config)
+    if resume is not None:
+        config = keep_resumed_batch(config, run_dir)
     cfg = _pivotal_from_captions(_resolve(config, device_type), dataset_dir)
     plan = plan_memory(cfg, device_type=device_type)
+    cfg = dataclasses.replace(cfg, **plan.step_settings)  # "auto" checkpointing and batch, as planned
     if cfg.memory_budget_gb:
         plan = check_budget(plan, cfg.memory_budget_gb)
     check_host_memory(plan)  # Colab ends the whole session when host RAM runs out mid-load
@@ -252,8 +251,25 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
             finally:
                 # accelerate keeps references to the UNet and optimizer: drop them, so a notebook can
                 # generate (or retry with other settings) in the same session without a restart
-                accelerator.free_memory()
-                free_memory()
+                _release(accelerator)
+
+
+_ACCELERATE_HOLDS = ("_models", "_optimizers", "_schedulers", "_dataloaders")
+
+
+def _release(accelerator) -> None:
+    """Drop accelerate's references to the models and optimizer, then collect garbage once.
+
+    ``accelerator.free_memory()`` collects before it lets go of them, so the models survive that
+    collection and a second one is needed: each takes about half a second on the heap a training
+    process has, at the end of every run.
+    """
+    if all(isinstance(getattr(accelerator, name, None), list) for name in _ACCELERATE_HOLDS):
+        for name in _ACCELERATE_HOLDS:
+            getattr(accelerator, name).clear()
+    else:  # another accelerate version: its own way, at the cost of the extra collection
+        accelerator.free_memory()
+    free_memory()
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -282,7 +298,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resume even though the learning rate, batch, resolution, seed, model or dataset "
                              "changed since the checkpoint (recorded in config.json)")
     parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--batch-size", dest="train_batch_size", type=int, default=None)
+    parser.add_argument("--batch-size", dest="train_batch_size", type=_auto_or_int, default=None,
+                        help="images per micro-batch, or 'auto' (a larger one where the memory plan has room)")
     parser.add_argument("--grad-accum", dest="gradient_accumulation_steps", type=int, default=None)
     parser.add_argument("--lr", dest="learning_rate", type=float, default=None)
     parser.add_argument("--lr-scheduler", default=None, help="constant, constant_with_warmup, cosine, linear, ...")
@@ -300,8 +317,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of the steps the new tokens train before they freeze (default 0.5)")
     parser.add_argument("--mixed-precision", choices=["fp16", "bf16", "no", "auto"], default=None)
     parser.add_argument("--optimizer", choices=["auto", "adamw8bit", "adamw"], default=None)
-    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                        default=None)
+    parser.add_argument("--gradient-checkpointing", default=None, metavar="auto|all|none|N",
+                        help="auto: the fewest UNet blocks that fit the budget (default); all; none; or N blocks")
+    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const",
+                        const="none", default=None, help="the same as --gradient-checkpointing none")
+    parser.add_argument("--compile-unet", action="store_true", default=None,
+                        help="torch.compile the UNet (a minute or more to compile; faster steps on some machines)")
     parser.add_argument("--unet-8bit", action="store_true", default=None, help="frozen UNet in 8 bits (below 8 GB)")
     parser.add_argument("--unet-4bit", action="store_true", default=None,
                         help="frozen UNet in 4 bits, NF4 (about 4 GB at 1024 px; may cost a little likeness)")
@@ -335,6 +356,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--push-to-hub", dest="hub_repo_id", default=None, help="Hub repo id to upload the run to")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None)
     parser.add_argument("--plan-only", action="store_true", help="print the memory plan and exit")
+
+
+def _auto_or_int(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else int(text)
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -51,6 +51,24 @@ def _host_peak_gb() -> float:
         return float("nan")
 
 
+class _Resident:
+    """The encoded training set on the training device, in the dtypes a step feeds the UNet.
+
+    Moved and cast once at the start instead of every step: on a GPU each ``.to(device)`` of a
+    CPU tensor is a copy the host waits for. A few MB (latents, masks, one embedding per prompt).
+    """
+
+    def __init__(self, cache: TrainCache, device: torch.device, dtype: torch.dtype):
+        def move(tensors, to_dtype=None):
+            return [None if t is None else t.to(device, to_dtype or t.dtype) for t in tensors]
+
+        self.latents, self.weights = move(cache.latents), move(cache.weights)
+        self.time_ids, self.class_latents = move(cache.time_ids, dtype), move(cache.class_latents)
+        self.class_time_ids = move(cache.class_time_ids, dtype)
+        self.prompt_embeds = None if cache.prompt_embeds is None else cache.prompt_embeds.to(device, dtype)
+        self.pooled_embeds = None if cache.pooled_embeds is None else cache.pooled_embeds.to(device, dtype)
+
+
 class TrainStep:
     """Runs optimizer steps over ``gradient_accumulation_steps`` micro-batches each.
 
@@ -78,6 +96,8 @@ class TrainStep:
         self.nonfinite_total = self.nonfinite_in_a_row = self.scaler_skips = 0
         self.epoch = 0
         self._epochs: dict[int, list[list[int]]] = {}
+        self._resident = _Resident(cache, self.device, self.dtype)
+        self._snr: torch.Tensor | None = None  # min-SNR weight of every timestep, computed once
 
     def state_dict(self) -> dict:
         """The counters a checkpoint keeps."""
@@ -139,13 +159,13 @@ class TrainStep:
 
     def _instance_batch(self, micro: int):
         idx = self._batch_indices(micro)
-        c = self.cache
-        latents = torch.stack([c.latents[i] for i in idx])
-        time_ids = torch.stack([c.time_ids[i] for i in idx])
+        c, r = self.cache, self._resident
+        latents = torch.stack([r.latents[i] for i in idx])
+        time_ids = torch.stack([r.time_ids[i] for i in idx])
         weights = None
-        if any(c.weights[i] is not None for i in idx):
-            weights = torch.stack([c.weights[i] if c.weights[i] is not None else torch.ones_like(latents[0, :1])
-                                   for i in idx]).to(self.device)
+        if any(r.weights[i] is not None for i in idx):
+            weights = torch.stack([r.weights[i] if r.weights[i] is not None else torch.ones_like(latents[0, :1])
+                                   for i in idx])
         # fixed_noise: the same noise and timestep for an image at every step (over-fitting check)
         keys = list(idx) if self.cfg.fixed_noise else [(micro * self.accelerator.num_processes
                                                         + self.accelerator.process_index) * 1024 + j
@@ -158,15 +178,13 @@ class TrainStep:
 
     def _embeds(self, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.models.text_encoders[0] is None:
-            pe, pooled = self.cache.embeds(prompt_ids)
-            return pe.to(self.device), pooled.to(self.device)
+            ids = list(prompt_ids)
+            return self._resident.prompt_embeds[ids], self._resident.pooled_embeds[ids]
         prompts = [self.cache.prompts[i] for i in prompt_ids]
         return encode_live(self.models.text_encoders, self.models.tokenizers, prompts, self.device)
 
     def _loss(self, latents: torch.Tensor, time_ids: torch.Tensor, prompt_ids: list[int],
               weights: torch.Tensor | None, keys: list[int], scales: torch.Tensor | None = None) -> torch.Tensor:
-        from diffusers.training_utils import compute_snr  # diffusers costs seconds to import (loaded by now)
-
         scheduler = self.models.noise_scheduler
         latents = latents.to(self.device)
         noise, timesteps = self._noise(tuple(latents.shape[1:]), keys)
@@ -180,9 +198,20 @@ class TrainStep:
                                                        "time_ids": time_ids.to(self.device, self.dtype)}).sample
         snr_weights = None
         if self.cfg.snr_gamma:
-            snr = compute_snr(scheduler, timesteps)
+            snr = self._snr_of(timesteps)
             snr_weights = torch.clamp(snr, max=self.cfg.snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
         return _diffusion_loss(pred, target, weights, snr_weights, scales)
+
+    def _snr_of(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio of each timestep, looked up in a table made once (the same values as
+        diffusers' ``compute_snr``, which recomputes and copies the whole schedule every call)."""
+        if self._snr is None:
+            from diffusers.training_utils import compute_snr  # diffusers costs seconds to import (loaded by now)
+
+            scheduler = self.models.noise_scheduler
+            every = torch.arange(scheduler.config.num_train_timesteps, device=timesteps.device)
+            self._snr = compute_snr(scheduler, every)
+        return self._snr[timesteps]
 
     def _agree_finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).float().reshape(1)
@@ -197,6 +226,7 @@ class TrainStep:
                          device=self.device, keep_encoders=self.cfg.train_text_encoder)
         if not self.cfg.train_text_encoder:
             models.text_encoders = (None, None)
+        self._resident = _Resident(self.cache, self.device, self.dtype)  # the captions' new embeddings
 
     # ------------------------------------------------------------------ one step
 
@@ -221,8 +251,8 @@ class TrainStep:
             backwards = [("instance_loss", 1.0, lambda: self._loss(latents, time_ids, prompt_ids, weights, keys, scales))]
             if cfg.with_prior_preservation and self.cache.class_latents:
                 ci = self._class_indices(micro, self._batch_indices(micro))
-                c_lat = torch.stack([self.cache.class_latents[i] for i in ci])
-                c_ids = torch.stack([self.cache.class_time_ids[i] for i in ci])
+                c_lat = torch.stack([self._resident.class_latents[i] for i in ci])
+                c_ids = torch.stack([self._resident.class_time_ids[i] for i in ci])
                 c_prompt = [self.cache.class_prompt_ids[i] for i in ci]
                 c_keys = [10**9 + key for key in keys]
                 # its own forward/backward: the activation peak stays that of one batch
