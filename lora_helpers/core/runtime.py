@@ -20,6 +20,8 @@ __all__ = [
     "MachineReport",
     "machine_report",
     "package_report",
+    "is_main_process",
+    "say",
     "in_colab",
     "drive_mount_point",
     "workspace_dir",
@@ -168,6 +170,24 @@ def package_report() -> list[tuple[str, str | None, str]]:
             version = version or "installed"
         rows.append((module, version, pip_name))
     return rows
+
+
+def is_main_process() -> bool:
+    """False in every process but the first of a multi-process launch (``torchrun``, ``accelerate launch``).
+
+    Read from the launcher's ``RANK`` variable, so it can be asked before (and after) accelerate
+    is set up: command-line output must come from one process only.
+    """
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
+def say(message: str) -> None:
+    """Print ``message`` from the main process only (one line, not one per process)."""
+    if is_main_process():
+        print(message)
 
 
 def in_colab() -> bool:

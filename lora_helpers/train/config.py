@@ -21,6 +21,7 @@ import torch
 from lora_helpers.core.config import HUB_MODELS, resolve_models, smoke_mode
 from lora_helpers.core.lora_files import UNET_TARGET_MODULES
 from lora_helpers.train.block_memory import checkpointing_setting
+from lora_helpers.core.runtime import say
 
 __all__ = [
     "PRESETS",
@@ -416,4 +417,4 @@ def bitsandbytes_problem() -> str | None:
 
 @functools.cache
 def _say_once(message: str) -> None:
-    print(message)
+    say(message)

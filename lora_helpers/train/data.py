@@ -30,6 +30,7 @@ from lora_helpers.core.embeddings import pivotal_token_count
 from lora_helpers.core.run_folder import (CAPTION_CONFIG_FILE, HELD_OUT_FIELD, METADATA_FILE, RESIZE_QUALITY_FIELD,
                                           SUBJECT_FIELD, SUBJECTS_KEY, read_caption_config)
 from lora_helpers.core.subjects import SUBJECT_PLACEHOLDER, expand_subject, fill_subjects
+from lora_helpers.core.runtime import say
 
 __all__ = ["TrainImage", "read_training_images", "loss_weights", "batch_plan", "subject_counts", "read_subjects",
            "common_class_noun", "subject_prompts"]
@@ -183,9 +184,9 @@ def read_training_images(dataset_dir: str | os.PathLike, *, instance_prompt: str
                                  crop_top_left=_pair(row.get("crop_top_left"), (0, 0)), resize_quality=quality,
                                  subject=_row_subject(row, dataset_dir)))
     if held_out:
-        print(f"{len(held_out)} photo(s) held out of training for the likeness score: {', '.join(held_out)}")
+        say(f"{len(held_out)} photo(s) held out of training for the likeness score: {', '.join(held_out)}")
     if too_poor:
-        print(f"{len(too_poor)} crop(s) skipped, resize quality below min_resize_quality {min_resize_quality:g}: "
+        say(f"{len(too_poor)} crop(s) skipped, resize quality below min_resize_quality {min_resize_quality:g}: "
               f"{', '.join(too_poor)}")
     if not images:
         if held_out or too_poor:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from lora_helpers.core import run_folder
 from lora_helpers.core.fileio import atomic_path, sha256_file, write_text
+from lora_helpers.core.runtime import say
 
 __all__ = [
     "CURVES_FILE",
@@ -345,7 +346,7 @@ def check_hub_access(repo_id: str, *, private: bool = True, token: str | None = 
         PermissionError: no token, or the token cannot write ``repo_id``; says what to do.
     """
     if _hub_offline():
-        print(f"note: offline (HF_HUB_OFFLINE=1), so the finished run will not be pushed to {repo_id}")
+        say(f"note: offline (HF_HUB_OFFLINE=1), so the finished run will not be pushed to {repo_id}")
         return None
     from huggingface_hub import HfApi, get_token
 

@@ -35,7 +35,7 @@ import torch
 from lora_helpers.core.config import smoke_mode
 from lora_helpers.core.embeddings import pivotal_token_count
 from lora_helpers.core.lora_files import text_encoder_lora_supported
-from lora_helpers.core.runtime import free_memory
+from lora_helpers.core.runtime import free_memory, is_main_process, say
 from lora_helpers.train import checkpoints as ckpt
 from lora_helpers.core.run_folder import DEFAULT_TRIGGER, check_run_folder, read_caption_config
 from lora_helpers.core.run_lock import RunFolderLockedError, lock_run_folder
@@ -130,7 +130,7 @@ def _pivotal_from_captions(cfg: TrainConfig, dataset_dir: Path) -> TrainConfig:
         if cfg.pivotal_tokens:
             raise ValueError(f"the captions use {n} new tokens ({identifier}) but pivotal_tokens={cfg.pivotal_tokens}; "
                              f"set pivotal_tokens={n} (--pivotal {n}) or caption again")
-        print(f"the captions use new tokens {identifier}: training them (pivotal_tokens={n})")
+        say(f"the captions use new tokens {identifier}: training them (pivotal_tokens={n})")
         cfg = dataclasses.replace(cfg, pivotal_tokens=n)
     return cfg
 
@@ -404,6 +404,8 @@ def run_cli(args: argparse.Namespace) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if not is_main_process():  # the other processes of a multi-process launch say nothing
+        return 0
     measured = "not measured (CPU)" if result.measured_peak_gb is None else f"{result.measured_peak_gb:.2f} GB"
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, "
           f"{result.seconds_per_step or float('nan'):.3f} s/step, memory {measured} "

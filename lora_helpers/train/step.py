@@ -219,6 +219,15 @@ class TrainStep:
             finite = self.accelerator.gather(finite).min().reshape(1)
         return bool(finite.item() > 0)
 
+    def _mean_over_processes(self, parts: dict[str, float]) -> tuple[dict[str, float], list[float]]:
+        """The loss parts averaged over processes, and each process's total loss (for the log)."""
+        names = sorted(parts)
+        local = torch.tensor([parts[n] for n in names], dtype=torch.float64, device=self.device)
+        every = self.accelerator.gather(local[None]).reshape(self.accelerator.num_processes, len(names)).cpu()
+        weights = torch.tensor([self.cfg.prior_loss_weight if n == "prior_loss" else 1.0 for n in names],
+                               dtype=torch.float64)
+        return {n: float(every[:, i].mean()) for i, n in enumerate(names)}, [float(x) for x in every @ weights]
+
     def freeze_pivotal(self) -> None:
         """Stop training the new tokens; encode the captions once with them and free the text encoders."""
         models = self.models
@@ -280,6 +289,8 @@ class TrainStep:
             if acc.optimizer_step_was_skipped:  # fp16 overflow in the gradients: the scaler lowers its scale
                 self.scaler_skips += 1
             self.nonfinite_in_a_row = 0
+            if acc.num_processes > 1:  # each process saw its own batch: the step's loss is their mean
+                parts, row["process_losses"] = self._mean_over_processes(parts)
             loss_value = parts["instance_loss"] + cfg.prior_loss_weight * parts.get("prior_loss", 0.0)
             row.update(loss=loss_value, grad_norm=grad_norm if math.isfinite(grad_norm) else None, skipped=False,
                        **({k: v for k, v in parts.items()} if "prior_loss" in parts else {}))
