@@ -6,10 +6,15 @@ decoder. Random weights caption nonsense, but every caption here is forced to th
 length (``--tokens``), so the work per image equals a real caption of that length and
 the timings are those of the real model.
 
-Run from the repository root (CPU, two threads by default; a few minutes):
+The two runners alternate (one-by-one, batched, one-by-one, ...) ``--repeats`` times, so a
+burst of other work on a shared machine hits both; the table gives each one's min and median
+seconds per image, wall-clock and CPU (the CPU time of this process leaves out the time it
+waited for a core), and the speed-up of batching from each.
+
+Run from the repository root (CPU, two threads by default; several minutes):
 
     python benchmarks/bench_caption.py
-    python benchmarks/bench_caption.py --images 16 --batch-size 8 --num-beams 3 --tokens 20
+    python benchmarks/bench_caption.py --images 16 --batch-size 8 --num-beams 3 --tokens 20 --repeats 3
 
 On a machine whose cores are busy with other work, ``--threads 1`` is several times faster
 than two threads (two OpenMP threads then wait on each other), so compare like with like.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -75,6 +81,19 @@ def _photos(n: int) -> list[Image.Image]:
     return out
 
 
+def _plain_generate(images, *, model, processor, batch_size: int, num_beams: int, max_new_tokens: int,
+                    min_new_tokens: int, repetition_penalty: float, progress: bool) -> list[str]:
+    """Captions from ``BlipForConditionalGeneration.generate`` as it comes: what ours must equal."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        inputs = processor(images=images[start:start + batch_size], return_tensors="pt")
+        with torch.inference_mode():
+            ids = model.generate(**inputs, do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
+        out += [c.strip() for c in processor.batch_decode(ids, skip_special_tokens=True)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=16)
@@ -82,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=20, help="caption length in tokens (fixed)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each runner, alternated")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -95,18 +115,35 @@ def main(argv: list[str] | None = None) -> int:
               min_new_tokens=args.tokens, repetition_penalty=1.3, progress=False)
     generate_captions(images[:1], batch_size=1, **kw)  # warm-up: first-call allocations
 
-    results = {}
-    for label, batch_size in (("one-by-one", 1), (f"batched ({args.batch_size})", args.batch_size)):
-        start = time.perf_counter()
-        captions = generate_captions(images, batch_size=batch_size, **kw)
-        seconds = time.perf_counter() - start
-        results[label] = (seconds, captions)
-        print(f"{label:<14} {args.images} images in {seconds:6.1f} s: {args.images / seconds:.2f} images/s "
-              f"({seconds / args.images:.2f} s/image)")
-    (s1, c1), (sb, cb) = results.values()
+    runners = {"one-by-one": 1, f"batched ({args.batch_size})": args.batch_size}
+    wall: dict[str, list[float]] = {label: [] for label in runners}
+    cpu: dict[str, list[float]] = {label: [] for label in runners}
+    captions: dict[str, list[str]] = {}
+    for repeat in range(args.repeats):
+        for label, batch_size in runners.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            captions[label] = generate_captions(images, batch_size=batch_size, **kw)
+            wall[label].append((time.perf_counter() - start) / args.images)
+            cpu[label].append((time.process_time() - start_cpu) / args.images)
+            print(f"  run {repeat + 1}/{args.repeats} {label:<14} {wall[label][-1]:.2f} s/image "
+                  f"({cpu[label][-1]:.2f} s CPU)", flush=True)
+    print(f"{'s/image':<14} {'min':>8} {'median':>8} {'min CPU':>8} {'median CPU':>11}")
+    for label in runners:
+        print(f"{label:<14} {min(wall[label]):8.2f} {statistics.median(wall[label]):8.2f} "
+              f"{min(cpu[label]):8.2f} {statistics.median(cpu[label]):11.2f}")
+    one, batched = runners
+    print(f"speed-up from batching: {min(wall[one]) / min(wall[batched]):.2f}x (min), "
+          f"{statistics.median(wall[one]) / statistics.median(wall[batched]):.2f}x (median); CPU time: "
+          f"{min(cpu[one]) / min(cpu[batched]):.2f}x (min), "
+          f"{statistics.median(cpu[one]) / statistics.median(cpu[batched]):.2f}x (median)")
+    c1, cb = captions[one], captions[batched]
     same = sum(a == b for a, b in zip(c1, cb))
-    print(f"speed-up from batching: {s1 / sb:.2f}x; identical captions: {same}/{args.images} "
-          f"(beam search {args.num_beams}, {args.tokens} tokens per caption)")
+    print(f"identical captions: {same}/{args.images} (beam search {args.num_beams}, {args.tokens} tokens per caption)")
+    start = time.perf_counter()
+    plain = _plain_generate(images, batch_size=args.batch_size, **kw)
+    print(f"transformers' own BLIP generate, batched ({args.batch_size}), once: "
+          f"{(time.perf_counter() - start) / args.images:.2f} s/image; the same captions: "
+          f"{sum(a == b for a, b in zip(plain, cb))}/{args.images}")
     return 0
 
 
