@@ -258,8 +258,13 @@ def test_chosen_tokens_per_person_and_numbers_kept_on_rerun(captioned, tmp_path,
                if "grace" in f) and not any("TOK2" in t for t in result.captions.values())
     with pytest.raises(CaptionError, match="the dataset's people are astronaut, grace"):
         caption_dataset(dataset, config=CaptionConfig(subjects={"ada": {"token": "ADA"}}), tokenizer=None, progress=False)
-    with pytest.raises(CaptionError, match="pivotal tokens for several people"):
-        caption_dataset(dataset, config=CaptionConfig(identifier_format="pivotal"), tokenizer=None, progress=False)
+    # new tokens: a block of its own for each person, each caption with its own person's block once
+    pivotal = caption_dataset(dataset, config=CaptionConfig(identifier_format="pivotal", overwrite=True, num_beams=1,
+                                                            max_new_tokens=8), tokenizer=None, progress=False)
+    assert pivotal.subjects == {"astronaut": "<s0><s1> person", "grace": "<s2><s3> person"}
+    for f, t in pivotal.captions.items():
+        own, other = ("<s2><s3>", "<s0><s1>") if "grace" in f else ("<s0><s1>", "<s2><s3>")
+        assert count_identifier(t, own) == 1 and other not in t, t
     assert parse_subject_settings("ada: ADA woman Ada L; grace: GRACE") == {
         "ada": {"token": "ADA", "class_noun": "woman", "name": "Ada L"}, "grace": {"token": "GRACE"}}
     with pytest.raises(ValueError, match="cannot read"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -67,8 +68,13 @@ def test_each_image_keeps_its_person_and_the_dataset_is_checked_against_caption_
     assert all(TWO_PEOPLE[im.subject]["token"] in im.caption for im in images)
     with pytest.raises(ValueError, match="leave the trigger setting empty"):
         read_subjects(two_people, images, trigger="TOK person")
-    with pytest.raises(ValueError, match="pivotal tuning.*one person"):
-        read_subjects(two_people, images, pivotal_tokens=2)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(two_people, mixed)
+    people = json.loads((mixed / "caption_config.json").read_text())
+    people["subjects"]["astronaut"]["trigger"] = "<s0><s1> person"
+    (mixed / "caption_config.json").write_text(json.dumps(people))
+    with pytest.raises(ValueError, match="some people are called by new tokens"):
+        read_subjects(mixed, images)
     # rows naming a person caption_config.json does not list, and the other way round
     stray = [TrainImage(file_name="images/x.png", path=Path("x"), caption="c", subject="ada")]
     with pytest.raises(ValueError, match="names ada, who is not in .*caption_config.json"):
@@ -184,3 +190,29 @@ def test_prior_preservation_pairs_each_person_with_their_own_class(tiny_models, 
     assert all(len(list((tmp_path / "run" / "class_images" / f).glob("*.png"))) == 2 for f in folders)
     assert len(pairs) == 6 and {p for p, _ in pairs} == {"a photo of a man", "a photo of a woman"}
     assert all(own == drawn for own, drawn in pairs), pairs  # each image with its own class's images
+
+
+def test_pivotal_tokens_for_several_people_give_each_their_own(two_people, tiny_models, tmp_path):
+    from lora_helpers.core.embeddings import read_embeddings
+    from lora_helpers.generate import load_lora, load_pipeline
+
+    cfg = _config(tiny_models, max_train_steps=4, pivotal_tokens=2, validation_prompts=("{astronaut} and {grace}",),
+                  validation_steps=0)
+    result = train(two_people, tmp_path / "run", config=cfg)
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert {k: v["trigger"] for k, v in config["subjects"].items()} == {"astronaut": "<s0><s1> person",
+                                                                      "grace": "<s2><s3> person"}
+    both = read_embeddings(result.run_dir / "lora_emb.safetensors")
+    assert both.tokens == ["<s0>", "<s1>", "<s2>", "<s3>"]
+    for slug, tokens, rows in (("astronaut", ["<s0>", "<s1>"], [0, 1]), ("grace", ["<s2>", "<s3>"], [2, 3])):
+        person = read_embeddings(result.run_dir / "embeddings" / f"{slug}.safetensors")
+        assert person.tokens == tokens
+        torch.testing.assert_close(person.clip_g, both.clip_g[rows], rtol=0, atol=0)
+    assert not (result.run_dir / "checkpoints" / "checkpoint-4" / "embeddings").exists()
+    assert "`embedding:astronaut`" in (result.run_dir / "README.md").read_text()
+    # each person's rows learned something of their own
+    assert (both.clip_l[0] - both.clip_l[2]).abs().max() > 1e-4
+    pipe = load_pipeline(str(tiny_models / "sdxl"))
+    info = load_lora(pipe, result.run_dir)
+    assert info.subjects["grace"] == "<s2><s3> person"
+    assert pipe.tokenizer.tokenize("<s2><s3> person")[:2] == ["<s2>", "<s3>"]

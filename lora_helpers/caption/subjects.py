@@ -25,6 +25,7 @@ from lora_helpers.caption.config import CaptionConfig, parse_subject_settings, s
 from lora_helpers.caption.files import CaptionError, dataset_entries
 from lora_helpers.caption.text import check_identifier, identifier_of
 from lora_helpers.core.run_folder import SUBJECT_FIELD, SUBJECTS_KEY, read_caption_config
+from lora_helpers.core.embeddings import pivotal_identifier, pivotal_token_count, pivotal_tokens
 
 __all__ = ["dataset_subjects", "subject_phrases", "shared_token_warnings", "dataset_identifiers",
            "identifier_warnings", "subject_identifiers", "identifiers_of"]
@@ -51,8 +52,7 @@ def subject_phrases(config: CaptionConfig, people: list[str], previous: dict) ->
             given the same identifier.
     """
     if config.identifier_format == "pivotal":
-        raise ValueError("pivotal tokens for several people are not supported yet: use identifier_format 'tok' "
-                         "(TOK1 person, TOK2 person) or 'at' for a dataset of several people")
+        return _pivotal_phrases(config, people)
     chosen = parse_subject_settings(config.subjects)
     unknown = sorted(set(chosen) - set(people))
     if unknown:
@@ -79,6 +79,21 @@ def subject_phrases(config: CaptionConfig, people: list[str], previous: dict) ->
     return out
 
 
+def _pivotal_phrases(config: CaptionConfig, people: list[str]) -> dict[str, dict[str, str]]:
+    """New tokens for each person, in the dataset's order: ``<s0><s1> person``, ``<s2><s3> person``, ..."""
+    chosen = parse_subject_settings(config.subjects)
+    n = config.pivotal_tokens
+    out = {}
+    for k, who in enumerate(people):
+        mine = chosen.get(who, {})
+        ident = pivotal_identifier(n, start=n * k)
+        noun, name = mine.get("class_noun") or config.class_noun, mine.get("name") or config.name
+        trigger = " ".join(p for p in (ident, noun, (name or "").strip()) if p)
+        out[who] = {"trigger": trigger, "token": ident, "class_noun": noun,
+                    "pivotal_tokens": pivotal_tokens(n, start=n * k), **({"name": name} if name else {})}
+    return out
+
+
 def _pieces(identifier: str, tokenizer) -> set[str]:
     if tokenizer is not None:
         ids = tokenizer(identifier, add_special_tokens=False)["input_ids"]
@@ -96,6 +111,8 @@ def shared_token_warnings(identifiers: dict[str, str], tokenizer=None) -> list[s
     Returns:
         One message per pair that shares a token.
     """
+    # new tokens (pivotal tuning) are each person's own by construction
+    identifiers = {who: ident for who, ident in identifiers.items() if not pivotal_token_count(ident)}
     pieces = {who: _pieces(ident, tokenizer) for who, ident in identifiers.items()}
     how = "" if tokenizer is not None else " (estimated; no CLIP tokenizer at hand)"
     out = []

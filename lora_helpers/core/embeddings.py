@@ -56,16 +56,21 @@ class EmbeddingFileError(ValueError):
         super().__init__(f"{path}: {reason}")
 
 
-def pivotal_tokens(n: int) -> list[str]:
-    """The names of ``n`` new tokens: ``<s0>``, ``<s1>``, ... (as diffusers' advanced SDXL script and cog-sdxl)."""
+def pivotal_tokens(n: int, start: int = 0) -> list[str]:
+    """The names of ``n`` new tokens: ``<s0>``, ``<s1>``, ... (as diffusers' advanced SDXL script and cog-sdxl).
+
+    Args:
+        n: how many.
+        start: the first number (several people: ``<s2><s3>`` for the second of two tokens each).
+    """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of pivotal tokens must be a whole number of at least 1 (e.g. 2), not {n!r}")
-    return [f"<s{i}>" for i in range(n)]
+    return [f"<s{i}>" for i in range(start, start + n)]
 
 
-def pivotal_identifier(n: int) -> str:
+def pivotal_identifier(n: int, start: int = 0) -> str:
     """The identifier the captions carry for ``n`` new tokens: ``"<s0><s1>"`` (one word, no spaces)."""
-    return "".join(pivotal_tokens(n))
+    return "".join(pivotal_tokens(n, start))
 
 
 def pivotal_token_count(identifier: str) -> int:

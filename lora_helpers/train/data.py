@@ -234,7 +234,7 @@ def read_subjects(dataset_dir: str | os.PathLike, images: Sequence[TrainImage], 
         dataset_dir: the dataset folder.
         images: from :func:`read_training_images` (their captions may be filled in here).
         trigger: a trigger phrase set in the training config (it cannot name several people).
-        pivotal_tokens: new tokens of pivotal tuning (they stand for one person).
+        pivotal_tokens: unused (kept for callers); each person's new tokens are checked by training.
 
     Returns:
         ``{slug: {"trigger", "class_noun", "images"}}`` in caption_config order; {} for one person.
@@ -242,7 +242,8 @@ def read_subjects(dataset_dir: str | os.PathLike, images: Sequence[TrainImage], 
     Raises:
         ValueError: naming the file and what to do, when rows name people but caption_config.json
             does not (or the other way round), a row names a person it does not list, a person
-            has no trigger, or the run asks for one trigger or pivotal tuning for several people.
+            has no trigger, the run asks for one trigger, or some people are called by new tokens and
+            others by a word.
     """
     dataset_dir = Path(dataset_dir)
     config_path = dataset_dir / CAPTION_CONFIG_FILE
@@ -270,12 +271,12 @@ def read_subjects(dataset_dir: str | os.PathLike, images: Sequence[TrainImage], 
         phrase = entry.get("trigger") if isinstance(entry, dict) else None
         if not isinstance(phrase, str) or not phrase.strip():
             raise ValueError(f"{config_path}: {SUBJECTS_KEY} -> {slug} has no \"trigger\"; run the caption stage again")
-        if pivotal_tokens or pivotal_token_count(phrase.split()[0]):
-            raise ValueError(f"pivotal tuning (new tokens) stands for one person, and this dataset holds several "
-                             f"({', '.join(listed)}); caption with a rare-word identifier per person (TOK1, TOK2) "
-                             "and train with pivotal_tokens=0")
         if named.get(slug):  # a person whose photos were all held out trains nothing
             subjects[slug] = {"trigger": phrase.strip(), "class_noun": entry.get("class_noun"), "images": named[slug]}
+    kinds = {bool(pivotal_token_count(s["trigger"].split()[0])) for s in subjects.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"{config_path}: some people are called by new tokens (<s0><s1>) and some by a word; "
+                         "caption again with one identifier format for everyone")
     for im in images:  # one instance prompt for every image: each calls its own person
         im.caption = im.caption.replace(SUBJECT_PLACEHOLDER, subjects[im.subject]["trigger"])
     return subjects

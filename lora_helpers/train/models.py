@@ -54,13 +54,14 @@ class TrainingModels:
     pivotal: PivotalState | None = None
 
 
-def build_models(cfg: TrainConfig, accelerator, *, class_noun: str = "person") -> TrainingModels:
+def build_models(cfg: TrainConfig, accelerator, *, class_noun: str = "person", n_tokens: int | None = None) -> TrainingModels:
     """Load the frozen UNet, add the LoRA, and prepare models and optimizer with accelerate.
 
     Args:
         cfg: a resolved config (model, precision, optimizer, steps and warm-up filled in).
         accelerator: the run's ``accelerate.Accelerator``.
         class_noun: the new tokens of pivotal tuning start from this word's embedding.
+        n_tokens: how many new tokens in all (several people: ``pivotal_tokens`` each); None: ``pivotal_tokens``.
 
     Returns:
         A :class:`TrainingModels`, in training mode.
@@ -103,7 +104,8 @@ def build_models(cfg: TrainConfig, accelerator, *, class_noun: str = "person") -
         groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": cfg.text_encoder_lr})
     pivotal = None
     if cfg.pivotal_tokens:
-        pivotal = add_pivotal_tokens(text_encoders, tokenizers, n_tokens=cfg.pivotal_tokens, init_word=class_noun,
+        pivotal = add_pivotal_tokens(text_encoders, tokenizers, n_tokens=n_tokens or cfg.pivotal_tokens,
+                                     init_word=class_noun,
                                      seed=cfg.seed, freeze_step=round(cfg.max_train_steps * cfg.pivotal_freeze_fraction))
         groups.append({"params": pivotal.params, "lr": cfg.pivotal_lr, "name": "pivotal"})
     optimizer = _make_optimizer(cfg, groups)

@@ -315,6 +315,11 @@ def _pivotal_card(path: Path, tokens: list[str], trigger: str, config: dict) -> 
             f"the prompt has `{identifier}`.\n"
             f"- **AUTOMATIC1111 / Forge**: put `{path.name}` in `embeddings/` and write `{stem}` where the prompt "
             f"has `{identifier}`.\n")
+    people = sorted((path.parent / "embeddings").glob("*.safetensors"))
+    if people:  # several people: ComfyUI and A1111 call each by a file of their own
+        text += ("\nSeveral people: `embeddings/` holds one file per person with only their tokens ("
+                 + ", ".join(f"`{p.name}`" for p in people) + "). In ComfyUI and AUTOMATIC1111 use those instead, "
+                 f"e.g. `embedding:{people[0].stem}` (ComfyUI) or `{people[0].stem}` (A1111) for that person.\n")
     return {"embeddings_code": code, "embeddings_text": text,
             "comfy_trigger": trigger.replace(identifier, f"embedding:{stem}"),
             "a1111_trigger": trigger.replace(identifier, stem),

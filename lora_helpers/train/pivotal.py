@@ -13,7 +13,9 @@ so the rest of the run costs what a run without pivotal tuning costs.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -21,13 +23,17 @@ from torch import nn
 
 from lora_helpers.caption.text import identifier_of, identifier_pattern
 from lora_helpers.core.embeddings import (PivotalEmbeddings, pivotal_identifier, pivotal_token_count, pivotal_tokens,
-                                          pool_at_end_token)
-from lora_helpers.core.runtime import free_memory
+                                          pool_at_end_token, save_embeddings)
+from lora_helpers.core.run_folder import SUBJECTS_KEY, read_caption_config
+from lora_helpers.core.runtime import free_memory, say
+from lora_helpers.train.config import TrainConfig
 from lora_helpers.train.data import TrainImage
 
-__all__ = ["PivotalEmbedding", "PivotalState", "pivotal_captions", "add_pivotal_tokens", "freeze_and_cache",
+__all__ = ["PivotalEmbedding", "PivotalState", "pivotal_captions", "pivotal_subject_captions",
+           "pivotal_identifiers", "pivotal_from_captions", "save_person_embeddings", "add_pivotal_tokens", "freeze_and_cache",
            "live_prompt_kwargs", "encoders_off_gpu"]
 
+_TOKEN_RE = re.compile(r"<s\d+>")
 # Noise on the initial rows, as a share of the embedding matrix's spread: enough to tell the
 # tokens apart, small enough that "<s0><s1> person" starts out meaning "person".
 _INIT_NOISE = 0.1
@@ -124,6 +130,53 @@ def pivotal_captions(images: Sequence[TrainImage], trigger: str, n_tokens: int) 
     pattern = identifier_pattern(old)
     out = [replace(im, caption=pattern.sub(new, im.caption)) for im in images]
     return out, pattern.sub(new, trigger, count=1)
+
+
+def pivotal_subject_captions(images: Sequence[TrainImage], subjects: dict[str, dict],
+                             n_tokens: int) -> tuple[list[TrainImage], dict[str, dict], int]:
+    """Several people: each person's identifier becomes their own new tokens (``<s0><s1>``, ``<s2><s3>``, ...).
+
+    Captions written with new tokens (``caption --format pivotal``) keep theirs; rare-word identifiers
+    (TOK1, TOK2) get a block of ``n_tokens`` each, in the order of ``subjects``.
+
+    Args:
+        images: the training images, each with its person.
+        subjects: person -> {"trigger", ...} (from :func:`lora_helpers.train.data.read_subjects`).
+        n_tokens: new tokens per person.
+
+    Returns:
+        ``(images, subjects with their new triggers, how many tokens in all)``.
+
+    Raises:
+        ValueError: the captions were written with another number of tokens per person.
+    """
+    out_subjects, replacements, total = {}, {}, 0
+    for k, (slug, entry) in enumerate(subjects.items()):
+        old = identifier_of(entry["trigger"])
+        if (have := pivotal_token_count(old)):
+            if have != n_tokens:
+                raise ValueError(f"the captions call {slug} {old!r} ({have} tokens) but pivotal_tokens={n_tokens}; "
+                                 f"set pivotal_tokens={have} or caption again")
+            new = old
+        else:
+            new = pivotal_identifier(n_tokens, start=n_tokens * k)
+        total = max(total, 1 + max(int(t[2:-1]) for t in _TOKEN_RE.findall(new)))
+        replacements[slug] = (identifier_pattern(old), new)
+        out_subjects[slug] = {**entry, "trigger": identifier_pattern(old).sub(new, entry["trigger"], count=1)}
+    out = [replace(im, caption=replacements[im.subject][0].sub(replacements[im.subject][1], im.caption))
+           if im.subject in replacements else im for im in images]
+    return out, out_subjects, total
+
+
+def pivotal_identifiers(images: Sequence[TrainImage], trigger: str | None, subjects: dict[str, dict],
+                        n_tokens: int) -> tuple[list[TrainImage], str | None, dict[str, dict], int]:
+    """``(images, trigger, subjects, tokens in all)`` with the identifiers replaced by new tokens: the one
+    person's (:func:`pivotal_captions`), or each person's own (:func:`pivotal_subject_captions`)."""
+    if subjects:
+        images, subjects, total = pivotal_subject_captions(images, subjects, n_tokens)
+        return images, trigger, subjects, total
+    images, trigger = pivotal_captions(images, trigger, n_tokens)
+    return images, trigger, subjects, n_tokens
 
 
 def _initial_rows(base: nn.Embedding, tokenizer, init_word: str, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -247,3 +300,52 @@ def encoders_off_gpu(text_encoders: Sequence, device: torch.device) -> Iterator[
     finally:
         for te in encoders:
             te.to(device)
+
+
+def pivotal_from_captions(cfg: TrainConfig, dataset_dir: Path) -> TrainConfig:
+    """Captions written with new tokens (``caption --format pivotal``) train them, whatever the config says.
+
+    Raises:
+        ValueError: the config asks for another number of tokens (per person) than the captions carry.
+    """
+    if not dataset_dir.is_dir():
+        return cfg
+    caption_cfg = read_caption_config(dataset_dir)
+    people = caption_cfg.get(SUBJECTS_KEY)
+    phrases = ([str(p.get("trigger") or "") for p in people.values() if isinstance(p, dict)]
+               if isinstance(people, dict) and people else [str(cfg.trigger or caption_cfg.get("trigger") or "")])
+    counts = {pivotal_token_count(p.split()[0]) for p in phrases if p.split()}
+    identifier = phrases[0].split()[0] if phrases and phrases[0].split() else ""
+    n = counts.pop() if len(counts) == 1 else 0  # a mix of tokens and words is refused when the data is read
+    if n and cfg.pivotal_tokens != n:
+        if cfg.pivotal_tokens:
+            raise ValueError(f"the captions use {n} new tokens ({identifier}) but pivotal_tokens={cfg.pivotal_tokens}; "
+                             f"set pivotal_tokens={n} (--pivotal {n}) or caption again")
+        say(f"the captions use new tokens {identifier}: training them (pivotal_tokens={n})")
+        cfg = replace(cfg, pivotal_tokens=n)
+    return cfg
+
+
+def save_person_embeddings(folder: Path, embeddings: PivotalEmbeddings, subjects: dict[str, dict]) -> list[Path]:
+    """One embedding file per person, ``embeddings/<name>.safetensors``, for several people.
+
+    AUTOMATIC1111 and ComfyUI read an embedding file as one word (its stem): the combined file beside
+    the LoRA would call everyone at once, so each person gets a file with only their own tokens.
+
+    Args:
+        folder: the run folder.
+        embeddings: every new token's rows.
+        subjects: person -> {"trigger", ...} ({}: one person, nothing to write).
+
+    Returns:
+        The files written.
+    """
+    out = []
+    for slug, entry in subjects.items():
+        mine = _TOKEN_RE.findall(identifier_of(entry["trigger"]))
+        rows = [embeddings.tokens.index(t) for t in mine if t in embeddings.tokens]
+        if not rows:
+            continue
+        person = PivotalEmbeddings(tokens=mine, clip_l=embeddings.clip_l[rows], clip_g=embeddings.clip_g[rows])
+        out.append(save_embeddings(folder / "embeddings" / f"{slug}.safetensors", person, trigger=entry["trigger"]))
+    return out

@@ -33,7 +33,7 @@ from lora_helpers.train.latents import TrainCache, build_cache
 from lora_helpers.train.memory import GB, MemoryPlan
 from lora_helpers.train.models import TrainingModels, build_models, encode_live, weight_dtype
 from lora_helpers.train.priors import class_image_sets, class_prompt_of, prior_prompts
-from lora_helpers.train.pivotal import encoders_off_gpu, live_prompt_kwargs, pivotal_captions
+from lora_helpers.train.pivotal import encoders_off_gpu, live_prompt_kwargs, pivotal_identifiers, save_person_embeddings
 from lora_helpers.train.resume import apply_learning_rates, check_resume, dataset_fingerprint
 from lora_helpers.train.step import TrainStep
 
@@ -108,7 +108,7 @@ class TrainingSession:
                                   status="training", subjects=self.subjects,
                                   extra={"memory": {"estimate_gb": round(self.plan.peak_gb, 3), "plan": self.plan.to_dict()},
                                          **self._resume_facts()})
-        self.models = build_models(cfg, self.accelerator, class_noun=self.class_noun or "person")
+        self.models = build_models(cfg, self.accelerator, class_noun=self.class_noun or "person", n_tokens=self.pivotal_count)
         weights = loss_weights(self.images, by_resize_quality=cfg.weight_by_resize_quality)
         self.stepper = TrainStep(cfg, self.accelerator, self.models, self.cache, sample_weights=weights,  # balanced:
                                  subjects=[im.subject for im in self.images] if self.subjects else None,
@@ -130,8 +130,10 @@ class TrainingSession:
         if self.subjects:  # config.json keeps a top-level trigger for one person only
             self.trigger = None
             self.class_noun = common_class_noun(self.subjects)  # None: several classes, a prior each
-        if cfg.pivotal_tokens:  # the identifier becomes the new tokens in every caption and the trigger
-            self.images, self.trigger = pivotal_captions(self.images, self.trigger, cfg.pivotal_tokens)
+        self.pivotal_count = cfg.pivotal_tokens
+        if cfg.pivotal_tokens:  # the identifier becomes new tokens in every caption and trigger (each person's own)
+            self.images, self.trigger, self.subjects, self.pivotal_count = pivotal_identifiers(
+                self.images, self.trigger, self.subjects, cfg.pivotal_tokens)
         self.dataset = dataset_fingerprint(runs.dataset_hashes(self.images))
         steps = cfg.max_train_steps or auto_steps(len(self.images), cfg)
         warmup = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else round(0.05 * steps)
@@ -261,14 +263,15 @@ class TrainingSession:
                     for t in self.models.text_encoders)
         return unwrap(self.models.unet), te1, te2
 
-    def save_lora(self, folder: Path) -> Path:
-        """Write the LoRA (diffusers format) of the models as they are now into ``folder``, and the new
-        tokens' embeddings beside it (pivotal tuning)."""
+    def save_lora(self, folder: Path, *, final: bool = False) -> Path:
+        """Write the LoRA (diffusers format) into ``folder`` and the new tokens' embeddings beside it (pivotal
+        tuning); ``final``: with several people, also one embedding file each (``embeddings/<name>.safetensors``)."""
         unet, te1, te2 = self._unwrapped(lora_only=True)
         path = save_lora(folder, unet=unet, text_encoder=te1, text_encoder_2=te2)
         if self.models.pivotal is not None:
             save_embeddings(Path(folder) / embedding_file_name(self.cfg.output_name), self.models.pivotal.export(),
-                            trigger=self.trigger)
+                            trigger=self.trigger_text)
+            save_person_embeddings(Path(folder), self.models.pivotal.export(), self.subjects if final else {})
         return path
 
     def checkpoint(self, loss: float | None) -> Path:
@@ -357,10 +360,9 @@ class TrainingSession:
 
     def _pivotal_files(self) -> dict:
         """The model card's arguments about the new tokens ({} without pivotal tuning)."""
-        if self.models.pivotal is None:
-            return {}
-        return {"embedding_path": self.run_dir / embedding_file_name(self.cfg.output_name),
-                "tokens": self.models.pivotal.tokens}
+        pivotal = self.models.pivotal
+        return {} if pivotal is None else {"embedding_path": self.run_dir / embedding_file_name(self.cfg.output_name),
+                                           "tokens": pivotal.tokens}
 
     # ------------------------------------------------------------------ the finished run
 
@@ -384,7 +386,7 @@ class TrainingSession:
         hub_url = None
         nonfinite, scaler_skips = self.stepper.nonfinite_total, self.stepper.scaler_skips
         if self.main:
-            self.save_lora(run_dir)
+            self.save_lora(run_dir, final=True)
             save_kohya(lora_path, kohya_path, output_name=cfg.output_name, trigger=trigger, resolution=cfg.resolution,
                        layers_per_block=self._unwrapped()[0].config.layers_per_block)
             runs.plot_training(self.rows, run_dir / runs.CURVES_FILE)

@@ -33,9 +33,8 @@ from typing import Any, Sequence
 import torch
 
 from lora_helpers.core.config import smoke_mode
-from lora_helpers.core.embeddings import pivotal_token_count
 from lora_helpers.core.lora_files import text_encoder_lora_supported
-from lora_helpers.core.runtime import free_memory, is_main_process, say
+from lora_helpers.core.runtime import free_memory, is_main_process
 from lora_helpers.train import checkpoints as ckpt
 from lora_helpers.core.run_folder import DEFAULT_TRIGGER, check_run_folder, read_caption_config
 from lora_helpers.core.run_lock import RunFolderLockedError, lock_run_folder
@@ -48,6 +47,7 @@ from lora_helpers.train.memory import (
     GB, MemoryBudgetError, MemoryPlan, check_budget, check_host_memory, estimate_peak_memory,
 )
 from lora_helpers.train.outputs import check_hub_access
+from lora_helpers.train.pivotal import pivotal_from_captions
 from lora_helpers.train.step_plan import keep_resumed_batch, plan_step
 
 __all__ = ["plan_memory", "checkpoint_bytes", "train", "add_cli_arguments", "run_cli"]
@@ -120,19 +120,6 @@ def _trigger(config: TrainConfig, dataset_dir: Path) -> tuple[str, str | None]:
     caption_cfg = read_caption_config(dataset_dir)
     trigger = config.trigger or caption_cfg.get("trigger") or caption_cfg.get("subject") or DEFAULT_TRIGGER
     return str(trigger), caption_cfg.get("class_noun")
-
-
-def _pivotal_from_captions(cfg: TrainConfig, dataset_dir: Path) -> TrainConfig:
-    """Captions written with new tokens (``caption --format pivotal``) train them, whatever the config says."""
-    identifier = _trigger(cfg, dataset_dir)[0].split()[0] if dataset_dir.is_dir() else ""
-    n = pivotal_token_count(identifier)
-    if n and cfg.pivotal_tokens != n:
-        if cfg.pivotal_tokens:
-            raise ValueError(f"the captions use {n} new tokens ({identifier}) but pivotal_tokens={cfg.pivotal_tokens}; "
-                             f"set pivotal_tokens={n} (--pivotal {n}) or caption again")
-        say(f"the captions use new tokens {identifier}: training them (pivotal_tokens={n})")
-        cfg = dataclasses.replace(cfg, pivotal_tokens=n)
-    return cfg
 
 
 @contextlib.contextmanager
@@ -221,7 +208,7 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
     device_type = _device_type(config)
     if resume is not None:
         config = keep_resumed_batch(config, run_dir)
-    cfg = _pivotal_from_captions(_resolve(config, device_type), dataset_dir)
+    cfg = pivotal_from_captions(_resolve(config, device_type), dataset_dir)
     plan = plan_memory(cfg, device_type=device_type)
     cfg = dataclasses.replace(cfg, **plan.step_settings)  # "auto" checkpointing and batch, as planned
     if cfg.memory_budget_gb:
