@@ -34,6 +34,18 @@ def sample_data() -> Path:
     return SAMPLE_DATA
 
 
+@pytest.fixture(scope="session")
+def person(sample_data) -> list[Path]:
+    """The sample photos of one person (the astronaut)."""
+    return sorted((sample_data / "person").glob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def hopper(sample_data) -> list[Path]:
+    """The sample photos of another person (Grace Hopper)."""
+    return sorted((sample_data / "other_person").glob("*.jpg"))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerator_state():
     """A second Accelerator with other settings raises; start each test clean."""

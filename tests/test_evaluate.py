@@ -17,11 +17,6 @@ from lora_helpers.core.images import load_image
 
 
 @pytest.fixture(scope="module")
-def person(sample_data):
-    return sorted((sample_data / "person").glob("*.jpg"))
-
-
-@pytest.fixture(scope="module")
 def refs(person):
     # The first four photos are the references; the others are held out as "generated".
     return ev.reference_embeddings(person[:4], progress=False)

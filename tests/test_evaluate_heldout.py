@@ -17,16 +17,6 @@ from lora_helpers.core.run_folder import HELD_OUT_FIELD, read_run_config, write_
 from lora_helpers.evaluate.report import write_evaluation
 
 
-@pytest.fixture(scope="module")
-def person(sample_data):
-    return sorted((sample_data / "person").glob("*.jpg"))
-
-
-@pytest.fixture(scope="module")
-def hopper(sample_data):
-    return sorted((sample_data / "other_person").glob("*.jpg"))
-
-
 def _dataset(folder, training, held_out=(), *, side: int = 384, mark_training: bool = False):
     """A prepared dataset as the prepare stage writes it: images/ and metadata.jsonl with the held-out rows
     marked (training rows carry ``held_out: false`` with ``mark_training``, else no field)."""

@@ -20,16 +20,6 @@ from lora_helpers.evaluate.report import write_evaluation
 TRIGGERS = {"astronaut": "TOK1 person", "grace": "TOK2 person"}
 
 
-@pytest.fixture(scope="module")
-def person(sample_data):
-    return sorted((sample_data / "person").glob("*.jpg"))
-
-
-@pytest.fixture(scope="module")
-def hopper(sample_data):
-    return sorted((sample_data / "other_person").glob("*.jpg"))
-
-
 def _variants(path) -> list[Image.Image]:
     """More photos of the person in ``path``: a crop, a mirror, a warmer and a turned copy."""
     im = load_image(path)
