@@ -164,6 +164,57 @@ def test_blip_captions_are_deterministic_and_batching_does_not_change_them(tiny_
     assert next(model.parameters()).dtype.is_floating_point and not model.training
 
 
+def test_batched_captions_equal_one_by_one_and_transformers_own(tiny_models):
+    import torch
+    from skimage import data
+
+    model, processor = cap.load_blip(str(tiny_models / "blip"))
+    # The tiny model's weights (std 0.02) give every image the same caption; drawn larger, the captions
+    # follow the image, so a batch that mixed up its images would show.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embeddings" not in name:
+                param.normal_(0, 0.1)
+    photo = Image.fromarray(data.astronaut())
+    images = [photo.crop(b) for b in BOXES]
+    for num_beams, prompt in ((3, None), (1, None), (3, "a picture of")):
+        kw = dict(model=model, processor=processor, num_beams=num_beams, max_new_tokens=8, prompt=prompt,
+                  progress=False)
+        batched = cap.generate_captions(images, batch_size=len(images), **kw)
+        assert len(set(batched)) == len(images), batched
+        assert cap.generate_captions(images, batch_size=1, **kw) == batched
+        assert cap.generate_captions(images, batch_size=3, **kw) == batched  # and a shorter last batch
+        if prompt is None:  # what BlipForConditionalGeneration.generate itself says
+            inputs = processor(images=images, return_tensors="pt")
+            with torch.inference_mode():
+                ids = model.generate(**inputs, do_sample=False, num_beams=num_beams, max_new_tokens=8,
+                                     min_new_tokens=5, repetition_penalty=1.3)
+            assert [c.strip() for c in processor.batch_decode(ids, skip_special_tokens=True)] == batched
+    # the decoder's own attention modules are back in place
+    assert {type(layer.crossattention.self).__name__ for layer in model.text_decoder.bert.encoder.layer} == {
+        "BlipTextSelfAttention"}
+
+
+def test_image_attention_is_blips_cross_attention_with_keys_once_per_image(tiny_models):
+    import torch
+
+    from lora_helpers.caption.blip import _ImageAttention
+
+    model, _ = cap.load_blip(str(tiny_models / "blip"))
+    attention = model.text_decoder.bert.encoder.layer[0].crossattention.self
+    torch.manual_seed(0)
+    images = torch.randn(3, 17, model.config.text_config.encoder_hidden_size)
+    hidden = torch.randn(3 * 2, 4, model.config.text_config.hidden_size)  # 3 images x 2 beams, 4 tokens
+    with torch.no_grad():
+        attention.query.weight.mul_(300)  # sharp attention: a beam paired with another row's query would show
+        ours, our_probs = _ImageAttention(attention, images, num_beams=2)(hidden)
+        theirs, their_probs = attention(hidden, encoder_hidden_states=images.repeat_interleave(2, dim=0))
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(our_probs, their_probs)
+    assert their_probs.max() > 0.5  # the attention is sharp indeed
+
+
 # --------------------------------------------------------------------------- dataset folder
 
 

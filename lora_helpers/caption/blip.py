@@ -7,7 +7,9 @@ raw captions happen there and in :mod:`lora_helpers.caption.text`.
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import math
+from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -60,36 +62,63 @@ def load_blip(model: str | None = None, *, device=None, dtype=None):
     return blip, processor
 
 
-def _beam_cache(decoder, image_embeds: torch.Tensor, num_beams: int):
-    """A decoder cache that holds each image's cross-attention keys and values, computed once.
+class _ImageAttention(torch.nn.Module):
+    """A BLIP decoder layer's cross-attention, with each image's keys and values computed once and
+    shared by all its beams.
 
-    transformers' beam search computes the cross-attention keys and values of the image
-    (577 tokens x 12 layers for BLIP-base) once per *beam*, from the image embeddings
-    repeated for every beam, and after each token re-gathers that whole cache along the
-    beams (``reorder_cache``): copying hundreds of MB per token in a batch of 8. Both are
-    wasted: every beam of an image attends to the same image. So the keys and values are
-    computed per image here and repeated for the beams, and only the self-attention half
-    of the cache follows the beams (beam search reorders within an image's own beams,
-    where the cross-attention rows are equal, so the captions are the same).
+    transformers' beam search repeats the image embeddings for every beam, computes the keys and
+    values of all 577 patches per beam, and reads them per beam at every token (and re-gathers
+    them along the beams after each token): in a batch of 8 with 3 beams that is hundreds of MB
+    copied and read per token, for rows that are equal within an image. Here the beams of an
+    image are rows of one query matrix against that image's keys. The arithmetic is the same
+    (scores, scale, softmax, weighted sum), so the captions are transformers' own.
+
+    Args:
+        attention: the layer's ``crossattention.self`` (a ``BlipTextSelfAttention``).
+        image_embeds: the image encoder's output, ``(images, patches, width)``.
+        num_beams: beams per image.
     """
-    # transformers costs seconds to import; only captioning needs these
-    from transformers import DynamicCache, EncoderDecoderCache
 
-    cross = DynamicCache()
-    for index, layer in enumerate(decoder.bert.encoder.layer):
-        attention = layer.crossattention.self
-        shape = (*image_embeds.shape[:-1], -1, attention.attention_head_size)
-        keys, values = (proj(image_embeds).view(shape).transpose(1, 2).repeat_interleave(num_beams, dim=0)
-                        for proj in (attention.key, attention.value))
-        cross.update(keys, values, index)
-    cache = EncoderDecoderCache(DynamicCache(), cross)  # a filled cross-attention cache counts as computed
-    cache.reorder_cache = cache.self_attention_cache.reorder_cache
-    return cache
+    def __init__(self, attention, image_embeds: torch.Tensor, num_beams: int):
+        super().__init__()
+        self.attention, self.num_beams = attention, num_beams
+        heads, size = attention.num_attention_heads, attention.attention_head_size
+        shape = (*image_embeds.shape[:-1], heads, size)
+        # (images, heads, patches, size), contiguous: every token reads them in one pass per image
+        self.keys = attention.key(image_embeds).view(shape).transpose(1, 2).contiguous()
+        self.values = attention.value(image_embeds).view(shape).transpose(1, 2).contiguous()
+
+    def forward(self, hidden_states: torch.Tensor, **_unused) -> tuple[torch.Tensor, torch.Tensor]:
+        # the images have no padding, so no mask; the cache holds no cross-attention (nothing to re-gather)
+        images, heads, patches, size = self.keys.shape
+        rows, length, _ = hidden_states.shape  # rows = images x beams, each image's beams together
+        query = self.attention.query(hidden_states).view(images, self.num_beams, length, heads, size)
+        query = query.permute(0, 3, 1, 2, 4).reshape(images, heads, self.num_beams * length, size)
+        scores = torch.matmul(query, self.keys.transpose(-1, -2)) / math.sqrt(size)
+        probs = torch.softmax(scores, dim=-1)
+        context = torch.matmul(probs, self.values).view(images, heads, self.num_beams, length, size)
+        context = context.permute(0, 2, 3, 1, 4).reshape(rows, length, heads * size)
+        probs = probs.view(images, heads, self.num_beams, length, patches).transpose(1, 2)
+        return context, probs.reshape(rows, heads, length, patches)
+
+
+@contextlib.contextmanager
+def _attend_once_per_image(model, image_embeds: torch.Tensor, num_beams: int) -> Iterator[None]:
+    """While the block runs, BLIP's decoder layers attend to the images through :class:`_ImageAttention`."""
+    layers = [layer.crossattention for layer in model.text_decoder.bert.encoder.layer]
+    originals = [layer.self for layer in layers]
+    try:
+        for layer, attention in zip(layers, originals):
+            layer.self = _ImageAttention(attention, image_embeds, num_beams)
+        yield
+    finally:
+        for layer, attention in zip(layers, originals):
+            layer.self = attention
 
 
 def _generate_ids(model, inputs, *, num_beams: int, **generate_kwargs) -> torch.Tensor:
-    """Token ids of BLIP's captions for one batch: ``BlipForConditionalGeneration.generate`` with the
-    cross-attention work done once per image (:func:`_beam_cache`)."""
+    """Token ids of BLIP's captions for one batch: what ``BlipForConditionalGeneration.generate``
+    returns, with the image attention of :class:`_ImageAttention`."""
     pixels = inputs["pixel_values"]
     # On a CPU the image encoder runs image by image: its attention over 577 patches makes
     # tensors of 16 MB per image, and a batch of them falls out of the CPU's caches (a batch
@@ -106,11 +135,12 @@ def _generate_ids(model, inputs, *, num_beams: int, **generate_kwargs) -> torch.
     input_ids = input_ids.clone()
     input_ids[:, 0] = text.bos_token_id  # [CLS] -> [DEC], and the closing [SEP] goes, as BLIP's generate does
     attention_mask = inputs.get("attention_mask")
-    return model.text_decoder.generate(
-        input_ids=input_ids[:, :-1], attention_mask=None if attention_mask is None else attention_mask[:, :-1],
-        eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id, encoder_hidden_states=image_embeds,
-        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
-        cache=_beam_cache(model.text_decoder, image_embeds, num_beams), num_beams=num_beams, **generate_kwargs)
+    with _attend_once_per_image(model, image_embeds, num_beams):
+        return model.text_decoder.generate(
+            input_ids=input_ids[:, :-1], attention_mask=None if attention_mask is None else attention_mask[:, :-1],
+            eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id, encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
+            num_beams=num_beams, **generate_kwargs)
 
 
 def generate_captions(
