@@ -254,7 +254,7 @@ def write_failure(exc: BaseException, folder: str | os.PathLike) -> str | None:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, write_lora, optimizer_state: dict,
                     training_state: dict, summary: dict, is_main_process: bool = True,
-                    process_index: int = 0) -> Path:
+                    process_index: int = 0, rng_states: list[dict] | None = None) -> Path:
     """Write ``checkpoints/checkpoint-<step>/`` atomically.
 
     Args:
@@ -266,6 +266,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, write_lora, optimi
         summary: small JSON-able facts for people (step, loss, time).
         is_main_process: only the main process writes the shared files.
         process_index: names this process's RNG file.
+        rng_states: the random states of all processes, in process order: the main process writes
+            them all (one ``rng_state_<i>.pt`` each), the others nothing; None: each its own.
 
     Returns:
         The checkpoint folder.
@@ -280,11 +282,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, write_lora, optimi
             with atomic_dir(final) as tmp:
                 write_lora(tmp)
                 _torch_save(optimizer_state, tmp / "optimizer.pt")
-                _torch_save(rng_state(), tmp / f"rng_state_{process_index}.pt")
+                states = enumerate(rng_states) if rng_states is not None else [(process_index, rng_state())]
+                for index, state in states:
+                    _torch_save(state, tmp / f"rng_state_{index}.pt")
                 write_json(tmp / "training_state.json", summary)
                 # written last: its presence marks a complete checkpoint
                 _torch_save(training_state, tmp / "training_state.pt")
-        else:
+        elif rng_states is None:
             # Other processes add their RNG state once the main process has renamed the folder.
             _torch_save(rng_state(), final / f"rng_state_{process_index}.pt")
     except Exception as exc:

@@ -6,7 +6,8 @@ grid, a score written into the log. A listener is any object with some of these 
 (subclass :class:`TrainingListener` to get no-op defaults for the rest)::
 
     on_train_start(start)                           set-up done, before the first step
-    on_step_end(step, row)                          after each optimizer step (row: its log.jsonl row)
+    on_step_end(step, row)                          after each optimizer step (row: its log.jsonl row,
+                                                    the loss averaged over processes)
     on_validation(step, images, grid_path, record)  after each validation grid; add keys to
                                                     ``record`` to log them in that step's row
     on_checkpoint(step, folder)                     after each checkpoint is on disk

@@ -20,7 +20,8 @@ __all__ = ["ProgressBar", "ShowValidation"]
 
 class ProgressBar(TrainingListener):
     """What training prints: the memory plan, where a resumed run continues, and a tqdm bar
-    with the loss, seconds per step and memory of each step.
+    with the loss, seconds per step and memory of each step. When several processes train
+    together it shows on the main process only, with their mean loss.
 
     Args:
         enabled: show the bar; None: as the config's ``progress`` says. The plan and the

@@ -34,6 +34,7 @@ from lora_helpers.train.memory import GB, MemoryPlan
 from lora_helpers.train.models import TrainingModels, build_models, encode_live, weight_dtype
 from lora_helpers.train.priors import class_image_sets, class_prompt_of, prior_prompts
 from lora_helpers.train.pivotal import encoders_off_gpu, live_prompt_kwargs, pivotal_identifiers, save_person_embeddings
+from lora_helpers.train.processes import gather_rng_states
 from lora_helpers.train.resume import apply_learning_rates, check_resume, dataset_fingerprint
 from lora_helpers.train.step import TrainStep
 
@@ -275,7 +276,7 @@ class TrainingSession:
         return path
 
     def checkpoint(self, loss: float | None) -> Path:
-        """Write ``checkpoints/checkpoint-<step>`` (every process), prune old ones, flush the log.
+        """Write ``checkpoints/checkpoint-<step>`` (the main process), prune old ones, flush the log.
 
         Returns:
             The checkpoint folder.
@@ -288,16 +289,13 @@ class TrainingSession:
                  "resumes": self.resumes}
         summary = {"step": self.step, "loss": loss, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                    "trigger": self.trigger_text}
+        rng_states = gather_rng_states(acc, ckpt.rng_state())  # the main process writes every process's
         acc.wait_for_everyone()
-        if self.main:
-            folder = ckpt.save_checkpoint(self.run_dir, self.step, write_lora=self.save_lora,
-                                          optimizer_state=models.optimizer.state_dict(), training_state=state,
-                                          summary=summary)
+        folder = ckpt.save_checkpoint(self.run_dir, self.step, write_lora=self.save_lora,
+                                      optimizer_state=models.optimizer.state_dict() if self.main else {},
+                                      training_state=state, summary=summary, is_main_process=self.main,
+                                      rng_states=rng_states)
         acc.wait_for_everyone()
-        if not self.main:
-            folder = ckpt.save_checkpoint(self.run_dir, self.step, write_lora=self.save_lora, optimizer_state={},
-                                          training_state=state, summary=summary, is_main_process=False,
-                                          process_index=acc.process_index)
         if self.main:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.checkpoints_total_limit)
         self.flush_log()

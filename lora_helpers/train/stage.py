@@ -34,10 +34,10 @@ import torch
 
 from lora_helpers.core.config import smoke_mode
 from lora_helpers.core.lora_files import text_encoder_lora_supported
-from lora_helpers.core.runtime import free_memory, is_main_process
+from lora_helpers.core.runtime import is_main_process
 from lora_helpers.train import checkpoints as ckpt
 from lora_helpers.core.run_folder import DEFAULT_TRIGGER, check_run_folder, read_caption_config
-from lora_helpers.core.run_lock import RunFolderLockedError, lock_run_folder
+from lora_helpers.core.run_lock import RunFolderLockedError
 from lora_helpers.train.config import (PRESETS, TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError,
                                        TrainResult, _device_type, _resolve)
 from lora_helpers.train.events import ValidationHook, ValidationHooks
@@ -48,6 +48,7 @@ from lora_helpers.train.memory import (
 )
 from lora_helpers.train.outputs import check_hub_access
 from lora_helpers.train.pivotal import pivotal_from_captions
+from lora_helpers.train.processes import hold_run_lock, make_accelerator, quiet_other_processes, release_accelerator
 from lora_helpers.train.step_plan import keep_resumed_batch, plan_step
 
 __all__ = ["plan_memory", "checkpoint_bytes", "train", "add_cli_arguments", "run_cli"]
@@ -98,22 +99,6 @@ def plan_memory(config: TrainConfig, *, device_type: str | None = None) -> Memor
     plan.target = f"{where}, {weights} UNet, {cfg.optimizer}"
     plan.host_budget_gb = cfg.host_memory_budget_gb
     return plan
-
-
-def _make_accelerator(mixed_precision: str, cpu: bool):
-    # accelerate is imported only when a run starts: it adds about half a second to every
-    # `import lora_helpers.train` (the CLI imports each stage to list its flags)
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
-
-    try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-    except ValueError:
-        # A notebook that trained before with other settings: reset, unless launched on several processes.
-        if PartialState().num_processes > 1:
-            raise
-        AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 def _trigger(config: TrainConfig, dataset_dir: Path) -> tuple[str, str | None]:
@@ -198,6 +183,15 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
         RunWriteError: the disk filled up while writing; earlier checkpoints are intact.
         FileExistsError: ``run_dir`` has checkpoints and ``resume`` was not given.
     """
+    # several processes (accelerate launch): from here on the others print nothing, not even the
+    # warnings libraries give when they are imported
+    with quiet_other_processes():
+        return _train(dataset_dir, run_dir, config=config, resume=resume, accept_changes=accept_changes,
+                      validation_hook=validation_hook, listeners=listeners)
+
+
+def _train(dataset_dir, run_dir, *, config, resume, accept_changes, validation_hook, listeners) -> TrainResult:
+    """:func:`train`, on every process of a multi-process run."""
     config = config or TrainConfig()
     dataset_dir, run_dir = Path(dataset_dir), Path(run_dir)
     resume = ckpt.check_resume_value(resume, run_dir)  # its form, before anything is planned or written
@@ -218,9 +212,9 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
         check_hub_access(cfg.hub_repo_id, private=cfg.hub_private)
     # a read-only folder, a file in its place or a full disk must fail before the models load
     check_run_folder(run_dir, need_bytes=checkpoint_bytes(plan))
-    accelerator = _make_accelerator(cfg.mixed_precision, cpu=device_type == "cpu")
+    accelerator = make_accelerator(cfg.mixed_precision, cpu=device_type == "cpu")
     main = accelerator.is_main_process
-    with lock_run_folder(run_dir) if main else contextlib.nullcontext():
+    with hold_run_lock(run_dir, accelerator):  # every process waits here until the main one holds the lock
         start_from = None
         if resume is not None:  # a damaged newest checkpoint is skipped with a message, a named one refused
             start_from = ckpt.find_checkpoint(run_dir, resume, say=print if main else _quiet)
@@ -238,25 +232,7 @@ def train(dataset_dir: str | Path, run_dir: str | Path, *, config: TrainConfig |
             finally:
                 # accelerate keeps references to the UNet and optimizer: drop them, so a notebook can
                 # generate (or retry with other settings) in the same session without a restart
-                _release(accelerator)
-
-
-_ACCELERATE_HOLDS = ("_models", "_optimizers", "_schedulers", "_dataloaders")
-
-
-def _release(accelerator) -> None:
-    """Drop accelerate's references to the models and optimizer, then collect garbage once.
-
-    ``accelerator.free_memory()`` collects before it lets go of them, so the models survive that
-    collection and a second one is needed: each takes about half a second on the heap a training
-    process has, at the end of every run.
-    """
-    if all(isinstance(getattr(accelerator, name, None), list) for name in _ACCELERATE_HOLDS):
-        for name in _ACCELERATE_HOLDS:
-            getattr(accelerator, name).clear()
-    else:  # another accelerate version: its own way, at the cost of the extra collection
-        accelerator.free_memory()
-    free_memory()
+                release_accelerator(accelerator)
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -389,8 +365,13 @@ def run_cli(args: argparse.Namespace) -> int:
         # ValueError covers a damaged or missing checkpoint, a changed setting and an unusable run folder
         if getattr(args, "debug", False):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if is_main_process():  # every process of a multi-process launch meets the same error: say it once
+            print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if is_main_process():  # it says where to resume from; the other processes end quietly
+            raise
+        return 130
     if not is_main_process():  # the other processes of a multi-process launch say nothing
         return 0
     measured = "not measured (CPU)" if result.measured_peak_gb is None else f"{result.measured_peak_gb:.2f} GB"
