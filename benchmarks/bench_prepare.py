@@ -8,8 +8,12 @@ a reference version of the package (default: ``main``, taken with ``git archive`
 worker processes pinned to one core take turns, one photo at a time (ABBA order), and the
 table gives min and median of each and the ratio of this tree to the reference.
 
-    python benchmarks/bench_prepare.py [--photo PATH] [--repeats 9] [--resolution 1024]
+    python benchmarks/bench_prepare.py [--photo PATH] [--repeats 9] [--resolution 1024] [--copies 1]
                                        [--reference main | --reference none] [--profile 25]
+
+``--copies N`` prepares N copies of the photo per run and divides by N: the per-photo
+cost inside a set, where the report and contact sheet are shared (the copies are
+processed in full; being duplicates only changes their verdict afterwards).
 
 ``--profile N`` adds the N costliest calls of one run of this tree (cProfile, cumulative).
 """
@@ -100,6 +104,7 @@ class _Worker:
                                      cwd=package_root)
         self.package = self._read()["ready"]
         self.wall, self.cpu = [], []
+        self.copies = args.copies
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -114,8 +119,8 @@ class _Worker:
 
     def run(self) -> None:
         r = self.ask("run")
-        self.wall.append(r["wall"])
-        self.cpu.append(r["cpu"])
+        self.wall.append(r["wall"] / self.copies)
+        self.cpu.append(r["cpu"] / self.copies)
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -138,6 +143,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=9, help="timed runs of each version")
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--reference", default="main", help="git revision to compare with, or 'none'")
+    parser.add_argument("--copies", type=int, default=1, help="copies of the photo per run (time per photo)")
     parser.add_argument("--profile", type=int, default=0, help="print the N costliest calls of this tree")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,7 +155,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         photos = Path(tmp) / "photos"
         photos.mkdir()
-        shutil.copy2(args.photo, photos / args.photo.name)
+        for i in range(args.copies):
+            shutil.copy2(args.photo, photos / (args.photo.name if i == 0 else f"{args.photo.stem}_{i}{args.photo.suffix}"))
         versions = {"this tree": _Worker(ROOT, photos, args)}
         if args.reference != "none":
             tree = _reference_tree(args.reference, Path(tmp) / "reference")
@@ -166,8 +173,11 @@ def main() -> int:
 
     with Image.open(args.photo) as im:
         mp = im.width * im.height / 1e6
-    print(f"photo: {args.photo.name} ({mp:.1f} MP), output {args.resolution} px bucket, 1 thread, "
-          f"{args.repeats} runs each, taking turns")
+    import importlib.util
+
+    print(f"photo: {args.photo.name} ({mp:.1f} MP) x {args.copies} per run, output {args.resolution} px bucket, "
+          f"1 thread, {args.repeats} runs each, taking turns; PNG deflate here: "
+          f"{'ISA-L' if importlib.util.find_spec('isal') else 'OpenCV (zlib)'}")
     for name, w in versions.items():
         print(f"  {name}: {w.package}")
     print(f"{'s/photo':24s} {'wall min':>9s} {'wall median':>12s} {'cpu min':>9s} {'cpu median':>11s}")

@@ -1,16 +1,13 @@
-"""Rendering a crop: sharpness of the resampling, the padding fill at the photo's edge, lossless PNGs."""
+"""Rendering a crop: sharpness of the resampling, the padding fill at the photo's edge."""
 
 from __future__ import annotations
-
-import io
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 from skimage import data
 
-from lora_helpers.prepare import align, photo
+from lora_helpers.prepare import align
 
 
 def _alignment(scale: float, angle: float, eye=(256.0, 200.0), out=(512, 512)) -> align.Alignment:
@@ -57,10 +54,3 @@ def test_a_crop_touching_the_photo_edge_gets_no_fill():
     image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     alignment = _shifted(0.0, 0.01)  # output column 0 is photo column 0
     np.testing.assert_array_equal(align.warp(image, alignment, pad="blur"), image[20:276, 0:256])
-
-
-@pytest.mark.parametrize("shape", [(37, 53, 3), (37, 53)])  # a crop and a mask
-def test_png_files_are_lossless(shape):
-    array = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
-    decoded = np.asarray(Image.open(io.BytesIO(photo._encode_png(array))))
-    np.testing.assert_array_equal(decoded, array)  # RGB order kept, nothing rounded

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator
 
+from lora_helpers.core.png import png_bytes
+
 __all__ = [
     "atomic_path",
     "atomic_dir",
@@ -122,9 +124,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def save_image(path: str | os.PathLike, image, **save_kwargs) -> Path:
-    """Save a PIL image atomically; the format follows the final suffix."""
+    """Save a PIL image atomically; the format follows the final suffix.
+
+    A PNG without extra save options goes through :func:`lora_helpers.core.png.png_bytes`
+    (several times faster than PIL's encoder, same pixels).
+    """
     path = Path(path)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}.get(path.suffix.lower(), None)
+    if fmt == "PNG" and not save_kwargs:
+        return write_bytes(path, png_bytes(image))
     with atomic_path(path) as tmp:
         image.save(tmp, format=fmt, **save_kwargs)
     return path

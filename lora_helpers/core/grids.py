@@ -19,9 +19,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont
 
-from lora_helpers.core.fileio import atomic_path
+from lora_helpers.core.fileio import write_bytes
+from lora_helpers.core.png import png_bytes
 
 __all__ = [
     "GridLayout",
@@ -296,12 +297,7 @@ def save_png_with_metadata(path: str | os.PathLike, image: Image.Image, params: 
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: generation parameters are stored as PNG text; use a .png file name")
-    info = PngImagePlugin.PngInfo()
-    for key, value in params.items():
-        info.add_text(str(key), _to_text(value))
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-    return path
+    return write_bytes(path, png_bytes(image, text={str(key): _to_text(value) for key, value in params.items()}))
 
 
 def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:

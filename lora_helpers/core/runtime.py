@@ -141,7 +141,7 @@ _PACKAGES = {
     "torch": "torch", "diffusers": "diffusers", "transformers": "transformers", "peft": "peft",
     "accelerate": "accelerate", "safetensors": "safetensors", "PIL": "pillow", "cv2": "opencv-python-headless<5",
     "dlib": "dlib-bin", "face_recognition_models": "face-recognition-models", "ipywidgets": "ipywidgets",
-    "matplotlib": "matplotlib", "bitsandbytes": "bitsandbytes",
+    "matplotlib": "matplotlib", "bitsandbytes": "bitsandbytes", "isal": "isal",
 }
 
 
@@ -150,7 +150,8 @@ def package_report() -> list[tuple[str, str | None, str]]:
 
     Returns:
         Rows of (import name, version or None when missing, pip name to install it).
-        ``bitsandbytes`` is only needed for 8-bit AdamW on CUDA.
+        ``bitsandbytes`` is only needed for 8-bit AdamW on CUDA; without ``isal``
+        preparation writes its PNGs more slowly.
     """
     import importlib.metadata
     import importlib.util

@@ -22,9 +22,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from lora_helpers.core.fileio import write_bytes
+from lora_helpers.core.png import png_bytes
 
 __all__ = ["CACHE_FORMAT_VERSION", "ImageCache", "cache_key"]
 
@@ -154,12 +155,9 @@ class ImageCache:
         Returns:
             The cache file, or None when the image alone is larger than ``max_bytes``.
         """
-        info = PngImagePlugin.PngInfo()
-        for k, v in (params or {}).items():
-            info.add_text(str(k), v if isinstance(v, str) else json.dumps(v, default=str, ensure_ascii=False))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", pnginfo=info)
-        data = buffer.getvalue()
+        text = {str(k): v if isinstance(v, str) else json.dumps(v, default=str, ensure_ascii=False)
+                for k, v in (params or {}).items()}
+        data = png_bytes(image, text=text)
         if len(data) > self.max_bytes:
             warnings.warn(f"image of {len(data)} bytes is larger than the cache limit ({self.max_bytes}); not cached")
             return None

@@ -16,7 +16,6 @@ The pipeline comes from :mod:`lora_helpers.generate.pipeline`, the LoRA from
 from __future__ import annotations
 
 import contextlib
-import io
 import re
 import time
 import warnings
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lora_helpers import __version__
 from lora_helpers.core.grids import save_png_with_metadata
+from lora_helpers.core.png import png_bytes
 from lora_helpers.core.subjects import fill_subjects
 from lora_helpers.generate.cache import ImageCache, cache_key
 from lora_helpers.generate.combine import LoraSet
@@ -77,9 +77,7 @@ class PngResult:
         return save_png_with_metadata(path, self.image, self.metadata())
 
     def _repr_png_(self) -> bytes:
-        buffer = io.BytesIO()
-        self.image.save(buffer, format="PNG")
-        return buffer.getvalue()
+        return png_bytes(self.image)
 
 
 @dataclass

@@ -7,13 +7,13 @@ Saving goes through :func:`lora_helpers.caption.save_caption`, so the ``.txt`` s
 from __future__ import annotations
 
 import html
-import io
 from pathlib import Path
 
 from lora_helpers.caption import (
     CLIP_MAX_TOKENS, CaptionError, caption_table, clip_token_count, count_identifier, save_caption,
 )
 from lora_helpers.core.images import ImageLoadError, load_image
+from lora_helpers.core.png import png_bytes
 from lora_helpers.core.run_folder import read_caption_config
 
 __all__ = ["caption_editor"]
@@ -27,9 +27,7 @@ def _thumbnail_png(path: Path, size: int) -> bytes:
 
         image = Image.new("RGB", (size, size), (200, 200, 200))  # placeholder; the status line says why
     image.thumbnail((size, size))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(image)
 
 
 def _status(text: str, identifier: str | None, tokenizer) -> str:

@@ -9,7 +9,6 @@ the panel's status line instead of vanishing inside a button callback.
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import time
@@ -21,6 +20,7 @@ import ipywidgets as W
 from lora_helpers.core.config import smoke_mode
 from lora_helpers.generate.images import GenerateConfig, GeneratedImage, generate_images, resolve_size, resolve_steps
 from lora_helpers.core.grids import make_grid, save_png_with_metadata
+from lora_helpers.core.png import png_bytes
 from lora_helpers.generate.cache import ImageCache
 from lora_helpers.generate.combine import LoraSet
 from lora_helpers.generate.lora import LoraInfo
@@ -28,12 +28,6 @@ from lora_helpers.generate.lora import LoraInfo
 __all__ = ["GenerationPanel", "generation_panel"]
 
 _MAX_SEED = 2**31 - 1
-
-
-def _png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class GenerationPanel(W.VBox):
@@ -133,7 +127,7 @@ class GenerationPanel(W.VBox):
                                     row_labels=[it.prompt for it in items[:: len(seeds)]],
                                     col_labels=[f"seed {s}" for s in seeds])
             self.last, self.last_picture = items, picture
-            self.image.value = _png(picture)
+            self.image.value = png_bytes(picture)
             hits = sum(it.cached for it in items)
             self.status.value = (f"{len(items)} image(s), {items[0].params['width']} px, "
                                  f"{time.perf_counter() - start:.1f} s" + (f", {hits} from the cache" if hits else ""))
