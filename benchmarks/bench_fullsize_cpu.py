@@ -127,7 +127,7 @@ def _phase_cache(args, peaks: _Peaks) -> None:
     import shutil
 
     from bench_train import _dataset
-    from lora_helpers.train.config import _resolve
+    from lora_helpers.train.resolve import resolve_config
     from lora_helpers.train.session import TrainingSession
     from lora_helpers.train.stage import _make_accelerator, _trigger, plan_memory
 
@@ -135,7 +135,7 @@ def _phase_cache(args, peaks: _Peaks) -> None:
     run = args.work / "run"
     shutil.rmtree(run, ignore_errors=True)
     # what train() does before it loads the UNet, step for step (same arguments, so train() reuses this cache)
-    cfg = _resolve(_config(args.work / "sdxl-full", args.steps, args.precision), "cpu")
+    cfg = resolve_config(_config(args.work / "sdxl-full", args.steps, args.precision), "cpu")
     plan = plan_memory(cfg, device_type="cpu")
     accelerator = _make_accelerator(cfg.mixed_precision, cpu=True)
     trigger, class_noun = _trigger(cfg, dataset)

@@ -56,7 +56,7 @@ def _session(work: Path, resolution: int):
     from lora_helpers.core.config import tiny_models_dir
     from lora_helpers.core.tiny_models import build_tiny_models
     from lora_helpers.train import TrainConfig, plan_memory
-    from lora_helpers.train.config import _resolve
+    from lora_helpers.train.resolve import resolve_config
     from lora_helpers.train.session import TrainingSession
     from lora_helpers.train.stage import _make_accelerator
 
@@ -65,7 +65,7 @@ def _session(work: Path, resolution: int):
     cfg = TrainConfig.from_preset("cpu-smoke", model=str(model), resolution=resolution, train_batch_size=1,
                                   gradient_checkpointing="none", max_train_steps=10_000, lr_warmup_steps=0,
                                   validation_prompts=(), progress=False, device="cpu")
-    cfg = _resolve(cfg, "cpu")
+    cfg = resolve_config(cfg, "cpu")
     accelerator = _make_accelerator(cfg.mixed_precision, cpu=True)
     session = TrainingSession(dataset, work / f"run-{resolution}", cfg=cfg, accelerator=accelerator,
                               plan=plan_memory(cfg, device_type="cpu"), trigger="TOK person", class_noun=None)

@@ -125,17 +125,17 @@ def test_gpu_guard_stops_a_cpu_runtime_with_what_to_do(fake_colab, monkeypatch):
 
 
 def test_without_bitsandbytes_8bit_adamw_becomes_adamw_and_the_plan_counts_it(monkeypatch, capsys):
-    from lora_helpers.train import config as train_config
-    from lora_helpers.train import plan_memory
+    from lora_helpers.train import TrainConfig, plan_memory
+    from lora_helpers.train import resolve as train_config
 
-    config = train_config.TrainConfig.from_preset("t4-8gb", mixed_precision="fp16", optimizer="adamw8bit")
+    config = TrainConfig.from_preset("t4-8gb", mixed_precision="fp16", optimizer="adamw8bit")
     with_8bit = plan_memory(config, device_type="cuda")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails, as on a runtime without it
     train_config.bitsandbytes_problem.cache_clear()
     train_config._say_once.cache_clear()
     try:
         plan = plan_memory(config, device_type="cuda")
-        resolved = train_config._resolve(config, "cuda")
+        resolved = train_config.resolve_config(config, "cuda")
     finally:
         train_config.bitsandbytes_problem.cache_clear()
         train_config._say_once.cache_clear()

@@ -39,10 +39,11 @@ from lora_helpers.train import checkpoints as ckpt
 from lora_helpers.core.run_folder import DEFAULT_TRIGGER, check_run_folder, read_caption_config
 from lora_helpers.core.run_lock import RunFolderLockedError
 from lora_helpers.train.config import (PRESETS, TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError,
-                                       TrainResult, _device_type, _resolve)
+                                       TrainResult)
 from lora_helpers.train.events import ValidationHook, ValidationHooks
 from lora_helpers.train.listeners import ProgressBar
 from lora_helpers.train.loop import run_training
+from lora_helpers.train.resolve import device_for, resolve_config
 from lora_helpers.train.memory import (
     GB, MemoryBudgetError, MemoryPlan, check_budget, check_host_memory, estimate_peak_memory,
 )
@@ -60,7 +61,7 @@ _PRESET_TARGETS = {"t4-8gb": "a Colab T4", "a100": "an A100-class GPU"}
 
 def _plan_device(config: TrainConfig) -> tuple[str, str]:
     """(device type to plan for, words for it): this machine's GPU, else the preset's target."""
-    here = _device_type(config)
+    here = device_for(config)
     if here == "cuda":
         return "cuda", f"this GPU ({torch.cuda.get_device_name()})"
     if config.device == "cpu" or (config.preset == "cpu-smoke" and config.device != "cuda"):
@@ -90,7 +91,7 @@ def plan_memory(config: TrainConfig, *, device_type: str | None = None) -> Memor
         device_type, where = _plan_device(config)
     else:
         where = "this CPU" if device_type == "cpu" else "a CUDA GPU"
-    cfg = _resolve(config, device_type)  # idempotent: a resolved config stays as it is
+    cfg = resolve_config(config, device_type)  # idempotent: a resolved config stays as it is
     inputs, choice = plan_step(cfg, device_type)  # "auto" checkpointing and batch decided here
     plan = estimate_peak_memory(**inputs)
     plan.step_settings, plan.choices = choice.settings, choice.lines
@@ -199,10 +200,10 @@ def _train(dataset_dir, run_dir, *, config, resume, accept_changes, validation_h
         supported, reason = text_encoder_lora_supported()
         if not supported:
             raise ValueError(reason)
-    device_type = _device_type(config)
+    device_type = device_for(config)
     if resume is not None:
         config = keep_resumed_batch(config, run_dir)
-    cfg = pivotal_from_captions(_resolve(config, device_type), dataset_dir)
+    cfg = pivotal_from_captions(resolve_config(config, device_type), dataset_dir)
     plan = plan_memory(cfg, device_type=device_type)
     cfg = dataclasses.replace(cfg, **plan.step_settings)  # "auto" checkpointing and batch, as planned
     if cfg.memory_budget_gb:
