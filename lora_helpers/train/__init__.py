@@ -6,10 +6,10 @@
     print(plan_memory(config))
     result = train("dataset", "run", config=config, resume="latest", listeners=[ShowValidation()])
 
-Modules: ``config`` (settings, presets, result, errors), ``resolve`` (a config made concrete for a
-machine), ``stage`` (``train``, the memory
-plan, the CLI), ``loop`` (the loop and its events), ``session`` and ``step`` (what the loop
-runs), ``events`` and ``listeners`` (progress bar, notebook grids), ``data``, ``latents``,
+Modules: ``config`` (settings, presets, result, errors), ``resolve`` (a config made concrete
+for a machine), ``stage`` (``train``, the memory plan, the CLI), ``loop`` (the loop and its
+events), ``session`` and ``step`` (what the loop runs), ``finish`` (the files of a finished
+run), ``events`` and ``listeners`` (progress bar, notebook grids), ``data``, ``latents``,
 ``models``, ``memory``, ``validation``, ``checkpoints`` (saving, finding good ones), ``resume`` (what a
 resume may change), ``outputs``.
 """

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from lora_helpers.train.config import TrainConfig, TrainResult
 from lora_helpers.train.events import TrainingEvents
+from lora_helpers.train.finish import finish_run
 from lora_helpers.train.memory import MemoryPlan
 from lora_helpers.train.session import TrainingSession
 
@@ -72,7 +73,7 @@ def run_training(dataset_dir: Path, run_dir: Path, *, cfg: TrainConfig, accelera
                 session.flush_log()
             elif session.step % 25 == 0:
                 session.flush_log()  # a disconnect loses at most 25 rows of the log
-        result = session.finish()  # LoRA files (diffusers, kohya), config.json, loss plot, model card, Hub
+        result = finish_run(session)  # LoRA files (diffusers, kohya), config.json, loss plot, model card, Hub
     except BaseException as exc:
         session.flush_log(failing=True)  # what was trained so far stays readable (and resumable)
         error = session.explain_failure(exc)  # out of memory: what to change; interrupted: where to resume

@@ -1,5 +1,5 @@
-"""One training run's state and the work around its steps: set-up, resuming, checkpoints,
-validation images, and the files of a finished run.
+"""One training run's state and the work around its steps: set-up, resuming, checkpoints
+and validation images (the files of a finished run: :mod:`lora_helpers.train.finish`).
 
 :func:`lora_helpers.train.loop.run_training` drives it; one optimizer step is
 :class:`lora_helpers.train.step.TrainStep`. Nothing here prints progress: that is the
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import statistics
 import time
 from pathlib import Path
 
@@ -18,14 +17,12 @@ import torch
 
 from lora_helpers.core.embeddings import EmbeddingFileError, embedding_file_name, read_embeddings, save_embeddings
 from lora_helpers.core.fileio import write_jsonl
-from lora_helpers.core.lora_convert import save_kohya
 from lora_helpers.core.lora_files import load_lora_into_models, save_lora
-from lora_helpers.core.run_folder import CONFIG_FILE, LOG_FILE, LORA_WEIGHT_NAME, kohya_file_name, read_log
+from lora_helpers.core.run_folder import LOG_FILE, LORA_WEIGHT_NAME, read_log
 from lora_helpers.train import checkpoints as ckpt
 from lora_helpers.train import outputs as runs
 from lora_helpers.train import validation as samples
-from lora_helpers.train.config import (TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError, TrainResult,
-                                       auto_steps)
+from lora_helpers.train.config import TrainConfig, TrainingDivergedError, TrainingOutOfMemoryError, auto_steps
 from lora_helpers.train.data import (common_class_noun, loss_weights, read_subjects, read_training_images,
                                      subject_prompts)
 from lora_helpers.train.events import TrainStart
@@ -355,64 +352,3 @@ class TrainingSession:
             kwargs.update(negative_prompt_embeds=ne.to(self.device, self.dtype),
                           negative_pooled_prompt_embeds=npooled.to(self.device, self.dtype))
         return kwargs
-
-    def _pivotal_files(self) -> dict:
-        """The model card's arguments about the new tokens ({} without pivotal tuning)."""
-        pivotal = self.models.pivotal
-        return {} if pivotal is None else {"embedding_path": self.run_dir / embedding_file_name(self.cfg.output_name),
-                                           "tokens": pivotal.tokens}
-
-    # ------------------------------------------------------------------ the finished run
-
-    def finish(self) -> TrainResult:
-        """Write the LoRA files, config.json ("finished"), the loss plot and the model card; push to the Hub.
-
-        Returns:
-            The :class:`TrainResult` (on every process; only the main one writes).
-        """
-        cfg, run_dir, plan, trigger, acc = self.cfg, self.run_dir, self.plan, self.trigger_text, self.accelerator
-        acc.wait_for_everyone()
-        measured = torch.cuda.max_memory_allocated(self.device) / GB if self.device.type == "cuda" else None
-        losses = [r["loss"] for r in self.rows if r.get("loss") is not None]
-        final_loss = statistics.fmean(losses[-10:]) if losses else None
-        times = [r["s_per_step"] for r in self.rows if r.get("s_per_step")]
-        s_per_step = statistics.median(times) if times else None
-        if not self.samples:  # resumed at the last step: the grids of the earlier session
-            self.samples = sorted((run_dir / "samples").glob("step-*.png"))
-        lora_path = run_dir / LORA_WEIGHT_NAME
-        kohya_path = run_dir / kohya_file_name(cfg.output_name)
-        hub_url = None
-        nonfinite, scaler_skips = self.stepper.nonfinite_total, self.stepper.scaler_skips
-        if self.main:
-            self.save_lora(run_dir, final=True)
-            save_kohya(lora_path, kohya_path, output_name=cfg.output_name, trigger=trigger, resolution=cfg.resolution,
-                       layers_per_block=self._unwrapped()[0].config.layers_per_block)
-            runs.plot_training(self.rows, run_dir / runs.CURVES_FILE)
-            setup_peak = self.setup_peak_gb
-            extra = {"steps": self.step, "final_loss": final_loss, "nonfinite_steps": nonfinite,
-                     "scaler_skipped_steps": scaler_skips, "seconds_per_step": s_per_step,
-                     "memory": {"estimate_gb": round(plan.peak_gb, 3), "measured_peak_gb":
-                                None if measured is None else round(measured, 3), "budget_gb": cfg.memory_budget_gb,
-                                "setup_peak_gb": None if setup_peak is None else round(setup_peak, 3),
-                                "plan": plan.to_dict()},
-                     "samples": [p.relative_to(run_dir).as_posix() for p in self.samples], **self._resume_facts()}
-            if self.models.pivotal is not None:
-                extra["pivotal"] = {"tokens": self.models.pivotal.tokens, "freeze_step": self.models.pivotal.freeze_step,
-                                    "file": embedding_file_name(cfg.output_name)}
-            runs.write_run_config(run_dir, config=dataclasses.asdict(cfg), trigger=self.trigger,
-                                  class_noun=self.class_noun, images=self.images, dataset_dir=self.dataset_dir,
-                                  status="finished", extra=extra, subjects=self.subjects)
-            sample = self.samples[-1] if self.samples else None
-            runs.write_model_card(run_dir, config=dataclasses.asdict(cfg), trigger=trigger, n_images=len(self.images),
-                                  steps=self.step, kohya_path=kohya_path, sample_grid=sample, estimated_gb=plan.peak_gb,
-                                  measured_gb=measured, seconds_per_step=s_per_step, resumes=self.resumes,
-                                  subjects=self.subjects, **self._pivotal_files())
-            if cfg.hub_repo_id:
-                hub_url = runs.push_to_hub(run_dir, cfg.hub_repo_id, private=cfg.hub_private)
-        acc.wait_for_everyone()
-        return TrainResult(run_dir=run_dir, lora_path=lora_path, kohya_path=kohya_path,
-                           config_path=run_dir / CONFIG_FILE, log_path=run_dir / LOG_FILE, steps=self.step,
-                           final_loss=final_loss, nonfinite_steps=nonfinite, seconds_per_step=s_per_step,
-                           estimated_peak_gb=plan.peak_gb, measured_peak_gb=measured, samples=list(self.samples),
-                           validation=list(self.validation), hub_url=hub_url,
-                           embedding_path=self._pivotal_files().get("embedding_path"))
