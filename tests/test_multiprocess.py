@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +22,12 @@ from train_helpers import make_dataset
 
 from lora_helpers.cli import build_parser
 from lora_helpers.core.run_lock import lock_run_folder
-from lora_helpers.train import train
+from lora_helpers.train import ResumeSettingsError, train
 from lora_helpers.train.stage import _config_from_args
 
 REPO = Path(__file__).resolve().parents[1]
+COMMON = ["--preset", "cpu-smoke", "--device", "cpu", "--validate-every", "0", "--checkpoint-every", "2",
+          "--lr-scheduler", "constant"]
 
 
 def _torchrun(root: Path, name: str, *args: str, script: bool = False) -> tuple[int, dict[int, str]]:
@@ -50,8 +53,7 @@ def _log(run):
 def runs(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("multiprocess")
     make_dataset(root / "ds")
-    common = ["--preset", "cpu-smoke", "--model", str(tiny_models / "sdxl"), "--device", "cpu", "--validate-every", "0",
-              "--checkpoint-every", "2", "--lr-scheduler", "constant", "--steps", "4"]
+    common = [*COMMON, "--model", str(tiny_models / "sdxl"), "--steps", "4"]
     launches = {"straight": _torchrun(root, "straight", "ds", "straight", *common)}
     # stopped after its checkpoint at step 2 (every process interrupted), then resumed to step 4
     launches["stopped"] = _torchrun(root, "stopped", "ds", "resumed", *common, script=True)
@@ -116,6 +118,21 @@ def test_a_locked_run_folder_stops_every_process(runs, tiny_models):
     assert len(errors) == 1 and f"is in use: a test by process {os.getpid()}" in errors[0], output[0][-3000:]
     assert output[1] == ""
     assert not (root / "locked" / "checkpoints").exists()
+
+
+def test_one_process_does_not_silently_continue_a_two_process_checkpoint(runs, tiny_models):
+    root = runs[0]
+    shutil.copytree(root / "straight", root / "one")
+    args = build_parser().parse_args(["train", "ds", "one", *COMMON, "--model", str(tiny_models / "sdxl"),
+                                      "--steps", "6"])
+    cfg = _config_from_args(args)
+    with pytest.raises(ResumeSettingsError, match=r"processes \(.*\) 2 -> 1"):
+        train(root / "ds", root / "one", config=cfg, resume="latest")
+    assert sorted(p.name for p in (root / "one" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    train(root / "ds", root / "one", config=cfg, resume="latest", accept_changes=True)
+    resumes = json.loads((root / "one" / "config.json").read_text())["resumes"]
+    assert resumes[-1]["changed"] == {"processes": [2, 1]}
+    assert "processes 2 -> 1" in (root / "one" / "README.md").read_text()
 
 
 class _StopAfterCheckpoint:

@@ -128,6 +128,23 @@ def test_a_dataset_change_is_described_file_by_file():
     assert resume_changes({"learning_rate": cfg.learning_rate}, old, cfg, old) == {}
 
 
+def test_another_process_count_is_a_change_even_for_checkpoints_that_did_not_record_it(tmp_path):
+    from lora_helpers.train.resume import check_resume
+
+    cfg = _config(Path("/models"))
+    state = {"step": 2, "config": {"learning_rate": cfg.learning_rate}, "dataset": []}
+    old = tmp_path / "checkpoint-2"
+    old.mkdir()
+    for i in range(2):  # written before the count was recorded: one RNG file per process
+        (old / f"rng_state_{i}.pt").write_bytes(b"")
+    with pytest.raises(ResumeSettingsError, match=r"processes \(torchrun --nproc_per_node, accelerate launch "
+                                                  r"--num_processes\) 2 -> 1.*--accept-changes"):
+        check_resume(old, state, cfg, [], run_dir=tmp_path, accept_changes=False, processes=1)
+    assert check_resume(old, state, cfg, [], run_dir=tmp_path, accept_changes=False, processes=2)["changed"] == {}
+    record = check_resume(old, {**state, "processes": 4}, cfg, [], run_dir=tmp_path, accept_changes=True, processes=2)
+    assert record["changed"] == {"processes": [4, 2]}
+
+
 # ----------------------------------------------------------------------------- damaged and missing checkpoints
 
 

@@ -31,6 +31,9 @@ GUARDED: dict[str, str | None] = {
 FIXED: dict[str, str | None] = {"lora_rank": "--rank", "target_modules": "--target-modules",
                                 "train_text_encoder": "--train-text-encoder", "pivotal_tokens": "--pivotal"}
 ACCEPT_FLAG = "--accept-changes (train(..., accept_changes=True))"
+# Not a setting but how the run was launched: each process draws its own batches, so another
+# count changes the data order and the effective batch.
+PROCESSES_HINT = "processes (torchrun --nproc_per_node, accelerate launch --num_processes)"
 
 
 class ResumeSettingsError(ValueError):
@@ -65,7 +68,8 @@ def _dataset_change(old: Sequence[dict], new: Sequence[dict]) -> str | None:
 
 
 def resume_changes(saved_config: dict, saved_dataset: Sequence[dict] | None, cfg: TrainConfig,
-                   dataset: Sequence[dict]) -> dict[str, tuple[Any, Any]]:
+                   dataset: Sequence[dict], *, saved_processes: int | None = None,
+                   processes: int = 1) -> dict[str, tuple[Any, Any]]:
     """What differs between a checkpoint's run and this one.
 
     Args:
@@ -73,6 +77,8 @@ def resume_changes(saved_config: dict, saved_dataset: Sequence[dict] | None, cfg
         saved_dataset: its dataset fingerprint, or None when unknown.
         cfg: this run's resolved config.
         dataset: this run's dataset fingerprint.
+        saved_processes: how many processes trained the checkpoint (None: unknown).
+        processes: how many train now.
 
     Returns:
         ``{field: (old, new)}``, with "dataset" mapped to ``(None, description)`` when the data changed.
@@ -90,6 +96,8 @@ def resume_changes(saved_config: dict, saved_dataset: Sequence[dict] | None, cfg
             changes[key] = (old, new)
     if saved_dataset is not None and (what := _dataset_change(saved_dataset, dataset)):
         changes["dataset"] = (None, what)
+    if saved_processes is not None and saved_processes != processes:
+        changes["processes"] = (saved_processes, processes)
     return changes
 
 
@@ -99,13 +107,23 @@ def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
         if key == "dataset":
             parts.append(f"dataset: {new}")
             continue
+        if key == "processes":
+            parts.append(f"{PROCESSES_HINT} {old} -> {new}")
+            continue
         flag = {**GUARDED, **FIXED}.get(key)
         parts.append(f"{key}{f' ({flag})' if flag else ''} {old!r} -> {new!r}")
     return ", ".join(parts)
 
 
+def _saved_processes(checkpoint: Path, state: dict) -> int | None:
+    """How many processes trained a checkpoint: recorded, or (older checkpoints) one RNG file each."""
+    if "processes" in state:
+        return int(state["processes"])
+    return len(list(Path(checkpoint).glob("rng_state_*.pt"))) or None
+
+
 def check_resume(checkpoint: Path, state: dict, cfg: TrainConfig, dataset: Sequence[dict], *, run_dir: Path,
-                 accept_changes: bool) -> dict[str, Any]:
+                 accept_changes: bool, processes: int = 1) -> dict[str, Any]:
     """Refuse a resume that would silently continue with other settings or data; describe the resume.
 
     Args:
@@ -115,6 +133,7 @@ def check_resume(checkpoint: Path, state: dict, cfg: TrainConfig, dataset: Seque
         dataset: this run's dataset fingerprint (:func:`dataset_fingerprint`).
         run_dir: the run folder; its ``config.json`` knows the dataset of checkpoints older than this check.
         accept_changes: continue with the changed settings (not with a changed LoRA shape).
+        processes: how many processes train now (the checkpoint's count must match unless accepted).
 
     Returns:
         The record for ``config.json``: ``{"from", "step", "changed": {field: [old, new]}}``.
@@ -125,7 +144,8 @@ def check_resume(checkpoint: Path, state: dict, cfg: TrainConfig, dataset: Seque
     saved_dataset = state.get("dataset")
     if saved_dataset is None:  # a checkpoint written before checkpoints kept their dataset
         saved_dataset = (read_run_config(run_dir).get("dataset") or {}).get("images")
-    changes = resume_changes(state.get("config") or {}, saved_dataset, cfg, dataset)
+    changes = resume_changes(state.get("config") or {}, saved_dataset, cfg, dataset,
+                             saved_processes=_saved_processes(checkpoint, state), processes=processes)
     fixed = {k: v for k, v in changes.items() if k in FIXED}
     if fixed:
         raise ResumeSettingsError(

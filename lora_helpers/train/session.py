@@ -96,7 +96,7 @@ class TrainingSession:
         if start_from is not None:
             state = ckpt.read_training_state(start_from)
             record = check_resume(start_from, state, self.cfg, self.dataset, run_dir=self.run_dir,
-                                  accept_changes=accept_changes)
+                                  accept_changes=accept_changes, processes=self.accelerator.num_processes)
             self.resumes = [*state.get("resumes", []), record]
         self.prepare_data()
         cfg = self.cfg
@@ -283,7 +283,7 @@ class TrainingSession:
         state = {"step": self.step, "scheduler": models.lr_scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  **self.stepper.state_dict(), "config": dataclasses.asdict(self.cfg), "dataset": self.dataset,
-                 "resumes": self.resumes}
+                 "resumes": self.resumes, "processes": acc.num_processes}
         summary = {"step": self.step, "loss": loss, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                    "trigger": self.trigger_text}
         rng_states = gather_rng_states(acc, ckpt.rng_state())  # the main process writes every process's
