@@ -118,6 +118,34 @@ def test_best_checkpoint_picks_best_combined_score():
         ev.best_checkpoint(_rows("base", 0, 0.0, 0.8, 0.3))
 
 
+def test_the_choice_compares_held_out_identity_and_drops_near_copies():
+    def rows(ckpt, step, identity, heldout, clip_t, memorised=0):
+        out = _rows(ckpt, step, 0.0 if ckpt == "base" else 1.0, identity, clip_t)
+        for i, r in enumerate(out):
+            r.update(identity_heldout=heldout, memorised=i < memorised)
+        return out
+
+    # checkpoint-300 looks most like the training photos and least like the person's held-out photo:
+    # it learned those photos, not the face
+    data = (rows("base", 0, 0.70, 0.70, 0.30) + rows("checkpoint-200", 200, 0.93, 0.90, 0.29)
+            + rows("checkpoint-300", 300, 0.97, 0.84, 0.29))
+    choice = ev.best_checkpoint(data)
+    assert choice.checkpoint == "checkpoint-200"
+    assert "held-out identity 0.900 vs 0.700 for the base model (training photos 0.930" in choice.reason
+    assert choice.identity_heldout_mean == pytest.approx(0.90)
+    without_heldout = [{k: v for k, v in r.items() if k != "identity_heldout"} for r in data]
+    assert ev.best_checkpoint(without_heldout).checkpoint == "checkpoint-300"  # what it chose before
+
+    # a checkpoint that drew a copy of a training photo is not recommended, whatever its scores
+    copying = rows("base", 0, 0.70, 0.70, 0.30) + rows("checkpoint-200", 200, 0.90, 0.86, 0.29) + rows(
+        "checkpoint-300", 300, 0.95, 0.92, 0.29, memorised=1)
+    choice = ev.best_checkpoint(copying)
+    assert choice.checkpoint == "checkpoint-200" and "1 dropped for near-copies of training photos" in choice.reason
+    only_copies = [r for r in copying if r["checkpoint"] != "checkpoint-200"]
+    choice = ev.best_checkpoint(only_copies)
+    assert choice.checkpoint == "checkpoint-300" and "every candidate drew a near-copy" in choice.reason
+
+
 def test_cli_scores_plain_folder(tmp_path, tiny_models, person, sample_data, capsys):
     from lora_helpers.cli import main
 
