@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from PIL import Image
+
 from lora_helpers.cli import main
 from lora_helpers.core import fileio
 
@@ -138,6 +140,29 @@ def test_captions_of_photos_that_drop_out_are_kept_aside_and_come_back(tmp_path,
     assert texts == {"astronaut_01_headshot.jpg": "a photo of TOK person, astronaut_01_headshot.jpg",
                      "no_face.jpg": "a photo of TOK person, no_face.jpg"}
     assert fileio.sha256_file(dataset / "images" / "my_notes.txt") == kept["notes"]
+
+
+def test_a_photo_keeps_its_crop_name_and_caption_file_when_a_photo_of_the_same_name_arrives(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.open(HEADSHOT).save(photos / "x.png")
+    dataset = tmp_path / "dataset"
+    assert _prepare(capsys, photos, dataset)[0] == 0
+    caption = dataset / "images" / "x.txt"
+    caption.write_text("a photo of TOK person, the PNG photo\n")
+    crop = fileio.sha256_file(dataset / "images" / "x.png")
+
+    (photos / "x.jpg").write_bytes(MIRRORED.read_bytes())  # listed before x.png
+    assert _prepare(capsys, photos, dataset)[0] == 0
+    sources = {r["file_name"]: r["source"] for r in fileio.read_jsonl(dataset / "metadata.jsonl")}
+    assert sources == {"images/x.png": "x.png", "images/x_jpg.png": "x.jpg"}  # x.png's caption stays beside it
+    assert fileio.sha256_file(dataset / "images" / "x.png") == crop
+    assert caption.read_text() == "a photo of TOK person, the PNG photo\n"
+
+    (photos / "x.png").unlink()  # the first photo goes: the second keeps its name, the caption goes aside
+    assert _prepare(capsys, photos, dataset)[0] == 0
+    assert [r["file_name"] for r in fileio.read_jsonl(dataset / "metadata.jsonl")] == ["images/x_jpg.png"]
+    assert not caption.exists() and (dataset / "dropped" / "images" / "x.txt").is_file()
 
 
 def test_a_photo_name_that_is_not_utf8_is_named_and_prepared(tmp_path, capsys):

@@ -25,8 +25,20 @@ def _stem(record: PhotoRecord) -> str:
     return Path(record.file).stem.replace("\ufffd", "_") or "photo"
 
 
+def _earlier_stems(manifest: Manifest) -> dict[str, str]:
+    """Photo file -> the stem its crop had in this dataset (accepted or dropped out since)."""
+    stems = {src: Path(e["row"]["file_name"]).stem for src, e in manifest.dropped.items()
+             if isinstance(e.get("row"), dict) and e["row"].get("file_name")}
+    stems.update({r["source"]: Path(r["file_name"]).stem for r in manifest.rows if "source" in r and r.get("file_name")})
+    return stems
+
+
 def name_outputs(records: list[PhotoRecord], manifest: Manifest) -> list[str]:
     """Give each record its ``images/<stem>.png`` stem: unique, and never a file we did not write.
+
+    A photo keeps the stem its crop had before, so a caption file beside the crop
+    (``images/<stem>.txt``) stays with its photo when photos are added or removed; new
+    photos take the next free name.
 
     Args:
         records: every record, in input order (IMG_1.jpg next to IMG_1.png get distinct stems).
@@ -35,9 +47,19 @@ def name_outputs(records: list[PhotoRecord], manifest: Manifest) -> list[str]:
     Returns:
         One message per accepted photo whose crop had to take another name.
     """
+    earlier = _earlier_stems(manifest)
     taken: set[str] = set()
+    for r in records:
+        stem = earlier.get(r.file)
+        if stem and stem.lower() not in taken and not (r.accepted and _blocked(stem, manifest)):
+            r.stem = stem
+            taken.add(stem.lower())
+        else:
+            r.stem = None
     messages = []
     for r in records:
+        if r.stem is not None:
+            continue
         stem = _stem(r)
         name = stem if stem.lower() not in taken else f"{stem}_{Path(r.file).suffix.lstrip('.').lower()}"
         first, n = name, 2
