@@ -120,6 +120,34 @@ def test_identity_is_high_and_leakage_low_for_the_right_person_and_the_reverse_f
     assert wrong["leak_grace"] == pytest.approx(rows[2]["identity"], abs=1e-4)  # the same picture
 
 
+def test_identity_during_training_counts_each_image_against_the_person_its_prompt_names(dataset, person, hopper,
+                                                                                       tmp_path):
+    from lora_helpers.train.events import TrainStart, ValidationHooks
+    from lora_helpers.train.config import TrainConfig
+
+    hook = ev.identity_validation_hook(dataset)
+    listener = ValidationHooks([hook], tmp_path)
+    # the trainer's validation: one prompt per person, two seeds each (prompts x seeds, row-major)
+    listener.on_train_start(TrainStart(run_dir=tmp_path, config=TrainConfig(validation_seeds=(0, 1)), plan=None,
+                                       start_step=0, resumed_from=None, n_images=8,
+                                       validation_prompts=("a photo of TOK1 person", "a photo of TOK2 person")))
+    right = [load_image(person[5]), load_image(person[6]), *_variants(hopper[1])[:2]]
+    record = {}
+    listener.on_validation(10, right, tmp_path / "grid.png", record)
+    assert record["identity_astronaut"] > 0.9 and record["identity_grace"] > 0.9, record
+    assert record["identity_mean"] > record["leakage"] + 0.05 and record["identity_pass_rate"] == 1.0
+    written = json.loads((tmp_path / "identity-000010.json").read_text())
+    assert [i["people"] for i in written["images"]] == [["astronaut"]] * 2 + [["grace"]] * 2
+
+    swapped = right[2:] + right[:2]  # each person drawn where the other was prompted: it learned the wrong face
+    record = {}
+    listener.on_validation(20, swapped, tmp_path / "grid.png", record)
+    assert record["identity_pass_rate"] == 0.0 and record["leakage"] > record["identity_mean"] + 0.05, record
+    # pooled over both people, as the hook did before, the swap would not show
+    pooled = ev.identity_validation_hook([*person[:4], hopper[0]], write_scores=False)(20, swapped, None)
+    assert pooled["identity_mean"] > record["identity_mean"]
+
+
 def test_two_people_in_one_picture_both_appear_and_one_alone_only_that_one(refs, person, hopper):
     both = _side_by_side(load_image(person[5]), _variants(hopper[1])[0])
     swapped = _side_by_side(_variants(hopper[1])[0], load_image(person[5]))

@@ -20,6 +20,7 @@ GPU is worth more than a print). ``KeyboardInterrupt`` still stops the run.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ class TrainStart:
         start_step: 0, or the step a resumed run continues from.
         resumed_from: the checkpoint folder it resumed from, or None.
         n_images: training images.
+        validation_prompts: the validation prompts as the model sees them (a ``{subject}`` prompt
+            once per person, triggers filled in); the images are these x ``config.validation_seeds``.
     """
 
     run_dir: Path
@@ -53,6 +56,7 @@ class TrainStart:
     start_step: int
     resumed_from: Path | None
     n_images: int
+    validation_prompts: tuple[str, ...] = ()
 
 
 class TrainingListener:
@@ -89,11 +93,20 @@ class TrainingListener:
         """The run stops at ``step`` with ``error`` (raised after the listeners heard it): close what is open."""
 
 
+def _takes_prompts(hook) -> bool:
+    try:
+        params = inspect.signature(hook).parameters
+    except (TypeError, ValueError):  # a builtin or an odd callable: the plain call
+        return False
+    return "prompts" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 class ValidationHooks(TrainingListener):
     """``train(validation_hook=...)`` as a listener: each ``hook(step, images, run_dir)`` in turn.
 
-    A dict a hook returns is added to the validation record (so to that step's log row); a hook
-    that raises is reported as a warning and as ``hook_error`` in the record.
+    A hook with a ``prompts`` keyword also gets each image's prompt (several people: which
+    person it shows). A dict a hook returns is added to the validation record (so to that
+    step's log row); a hook that raises is reported as a warning and as ``hook_error`` in the record.
 
     Args:
         hooks: one hook or several.
@@ -103,11 +116,17 @@ class ValidationHooks(TrainingListener):
     def __init__(self, hooks: ValidationHook | Sequence[ValidationHook], run_dir: Path):
         self.hooks = list(hooks) if isinstance(hooks, (list, tuple)) else [hooks]
         self.run_dir = Path(run_dir)
+        self.prompts: list[str] = []
+
+    def on_train_start(self, start: TrainStart) -> None:
+        self.prompts = [p for p in start.validation_prompts for _ in start.config.validation_seeds]
 
     def on_validation(self, step: int, images: list, grid_path: Path, record: dict) -> None:
+        prompts = self.prompts if len(self.prompts) == len(images) else None
         for hook in self.hooks:
             try:
-                values = hook(step, images, self.run_dir)
+                values = (hook(step, images, self.run_dir, prompts=prompts) if _takes_prompts(hook)
+                          else hook(step, images, self.run_dir))
             except Exception as exc:  # a failing score must not end an hour of training
                 warnings.warn(f"validation hook failed at step {step}: {type(exc).__name__}: {exc}")
                 values = {"hook_error": f"{type(exc).__name__}: {exc}"}

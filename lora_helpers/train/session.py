@@ -203,7 +203,8 @@ class TrainingSession:
     def start_info(self) -> TrainStart:
         """What listeners learn in ``on_train_start``."""
         return TrainStart(run_dir=self.run_dir, config=self.cfg, plan=self.plan, start_step=self.step,
-                          resumed_from=self.resumed_from, n_images=len(self.images))
+                          resumed_from=self.resumed_from, n_images=len(self.images),
+                          validation_prompts=tuple(self.validation_prompts))
 
     # ------------------------------------------------------------------ steps and failures
 
