@@ -4,6 +4,7 @@ Stages (each a module, a notebook and a CLI subcommand):
 prepare -> caption -> train -> generate/inspect -> evaluate.
 """
 
+import logging as _logging
 from importlib import metadata as _metadata
 
 try:
@@ -13,3 +14,9 @@ except _metadata.PackageNotFoundError:  # a source tree on sys.path, not install
     __version__ = "0+unknown"
 
 __all__ = ["__version__"]
+
+# diffusers imports bitsandbytes whenever it is installed, and on CPUs with AVX512-BF16 bitsandbytes
+# then warns that an optional package for its 4-bit CPU kernel ("kernels") is missing: a line asking
+# for a pip install in every notebook, about a path we never take (4-bit weights are for CUDA here).
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward" not in record.getMessage())

@@ -73,3 +73,13 @@ def test_cli_help_lists_stages():
     assert "tiny-models" in out.stdout
     out = subprocess.run([sys.executable, "-m", "lora_helpers"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "SUBCOMMAND" in out.stdout
+
+
+def test_importing_the_stack_after_the_package_prints_no_kernel_install_advice():
+    """bitsandbytes (imported by diffusers) asks CPUs with AVX512-BF16 to `pip install kernels` for 4-bit
+    CPU kernels we never use; that line must not appear in every notebook."""
+    pytest.importorskip("bitsandbytes")
+    code = "import lora_helpers, bitsandbytes, diffusers.quantizers"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kernels-community" not in done.stdout + done.stderr
