@@ -97,7 +97,10 @@ def run_demo(config: DemoConfig | None = None, *, log=print) -> DemoResult:
     result.seconds["prepare"] = time.perf_counter() - t
     result.outputs["dataset"] = dataset
     accepted = sum(1 for r in prepared.records if r.verdict != "reject")
-    log(f"prepare  {accepted}/{len(prepared.records)} photos accepted -> {dataset}/images, report {dataset / 'report.csv'}")
+    held = len(prepared.held_out)
+    log(f"prepare  {accepted}/{len(prepared.records)} photos accepted"
+        + (f" ({held} held out of training for the likeness score)" if held else "")
+        + f" -> {dataset}/images, report {dataset / 'report.csv'}")
 
     t = time.perf_counter()
     caption_dataset(dataset, config=CaptionConfig(model=models.blip, token=config.token))

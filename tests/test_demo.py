@@ -26,5 +26,7 @@ def test_demo_runs_every_stage(tmp_path, sample_data, monkeypatch):
     assert grid.width > 2 * 64 and grid.height > 3 * 64  # 3 prompts x 2 seeds, with labels
     config = json.loads((tmp_path / "demo" / "run" / "config.json").read_text())
     assert config["trigger"] == "TOK person"
-    # Every stage prints where its output went.
+    # Every stage prints where its output went; the photo kept for the likeness score is counted.
     assert any(str(result.outputs["lora"]) in line for line in lines)
+    held = [r["file_name"] for r in rows if r.get("held_out")]
+    assert held and any(f"({len(held)} held out of training for the likeness score)" in line for line in lines)
