@@ -292,6 +292,15 @@ def test_summary_and_leakage_plot_written_for_rows_with_known_leakage(tmp_path, 
                                for r in rows], refs.subjects["astronaut"], ev.EvaluateConfig(use_clip=False),
                               tmp_path / "one", extra={})
     assert set(single.files) == {"scores", "summary", "report", "plot"} and single.subjects is None
+    # Again into the first folder: the per-person table and plot of the earlier evaluation go, so
+    # they cannot be read as this one's; a file of the same name that no evaluation wrote stays.
+    (tmp_path / "one" / "subjects.csv").write_text("mine\n")
+    for folder in (tmp_path, tmp_path / "one"):
+        write_evaluation([{k: v for k, v in r.items() if k in ("checkpoint", "step", "scale", "identity")}
+                          for r in rows], refs.subjects["astronaut"], ev.EvaluateConfig(use_clip=False), folder,
+                         extra={})
+    assert not (tmp_path / "subjects.csv").exists() and not (tmp_path / "identity_vs_leakage.png").exists()
+    assert (tmp_path / "identity_vs_prompt.png").is_file() and (tmp_path / "one" / "subjects.csv").read_text() == "mine\n"
 
 
 def test_held_out_photos_are_kept_per_person(tmp_path, person, hopper):

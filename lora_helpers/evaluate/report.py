@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,6 +95,7 @@ def write_evaluation(rows: list[dict], refs: ReferenceSet | SubjectReferences, c
         if any(s["subject"] and "+" not in s["subject"] for s in people):
             names["leakage_plot"] = "identity_vs_leakage.png"
     files = {key: Path(out_dir) / name for key, name in names.items()}
+    stale = _earlier_outputs(Path(out_dir) / names["report"]) - set(names.values())
     for path in files.values():  # a rename onto a folder would fail after the others were renamed
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "a folder stands where this output goes; move it away", str(path))
@@ -111,7 +113,7 @@ def write_evaluation(rows: list[dict], refs: ReferenceSet | SubjectReferences, c
         "memorised": {"threshold": refs.copies.threshold if refs.copies else None, "count": len(copies),
                       "images": copies},
         "choice": asdict(choice) if choice else None, "summary": summary,
-        "config": asdict(config),
+        "config": asdict(config), "files": sorted(names.values()),
     }
     if people is not None:
         report["people"] = {s: {"trigger": refs.triggers.get(s), "references": r.names,
@@ -132,9 +134,25 @@ def write_evaluation(rows: list[dict], refs: ReferenceSet | SubjectReferences, c
             plot_identity_vs_leakage(people, tmp["leakage_plot"], threshold=refs.threshold,
                                      upper_bounds={s: r.upper_bound for s, r in refs.subjects.items()})
         write_json(tmp["report"], report)
+    # A plot or per-person table of an earlier evaluation that this one does not make would be
+    # taken for this one's: remove what the earlier evaluation.json lists as its own.
+    for name in stale:
+        (Path(out_dir) / name).unlink(missing_ok=True)
     run_dir = extra.get("run_dir")
     return EvaluationResult(rows=rows, summary=summary, choice=choice, references=refs, out_dir=out_dir, files=files,
                             run_dir=Path(run_dir) if run_dir else None, subjects=people)
+
+
+_OPTIONAL_OUTPUTS = {"identity_vs_prompt.png", "subjects.csv", "identity_vs_leakage.png"}
+
+
+def _earlier_outputs(report: Path) -> set[str]:
+    """The optional outputs an earlier ``evaluation.json`` in this folder says it wrote."""
+    try:
+        listed = json.loads(report.read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {name for name in listed if isinstance(name, str)} & _OPTIONAL_OUTPUTS
 
 
 def held_out_line(refs: ReferenceSet | SubjectReferences) -> str:
