@@ -10,7 +10,9 @@ On the full-size SDXL with random weights (written once by
    UNet blocks the budget requires, so the same run with every block checkpointed follows (its s/step
    is what the budget-aware plan saves);
 2. the 8-bit and the 4-bit (NF4) frozen UNet: peak against their plans, a few steps each;
-3. one 1024 px image from the trained LoRA in fp16 (no NaN, not black). Offline the
+3. pivotal tuning (``--pivotal 2``): both text encoders on the GPU until the new tokens freeze
+   half-way, the plan's 7.84 GiB against the enforced 8; an out-of-memory error is a row, not the end;
+4. one 1024 px image from the trained LoRA in fp16 (no NaN, not black). Offline the
    fp16-fix VAE cannot be downloaded, so the model's own VAE decodes in fp32 (what
    ``load_pipeline`` does without it); with ``--vae`` pointing at a local copy of
    madebyollin/sdxl-vae-fp16-fix the image is decoded in fp16 as in Colab.
@@ -50,14 +52,21 @@ from lora_helpers.core.config import tiny_models_dir  # noqa: E402
 from lora_helpers.core.runtime import free_memory  # noqa: E402
 from lora_helpers.core.tiny_models import build_full_sdxl  # noqa: E402
 from lora_helpers.generate import GenerateConfig, generate_images, load_lora, load_pipeline  # noqa: E402
-from lora_helpers.train import TrainConfig, plan_memory, train  # noqa: E402
+from lora_helpers.train import TrainConfig, TrainingOutOfMemoryError, plan_memory, train  # noqa: E402
 
 
 def _train_row(name: str, config: TrainConfig, dataset: Path, run: Path) -> dict:
     plan = plan_memory(config)
     shutil.rmtree(run, ignore_errors=True)  # this script's own scratch run from an earlier check
     start = time.perf_counter()
-    result = train(dataset, run, config=config)
+    try:
+        result = train(dataset, run, config=config)
+    except TrainingOutOfMemoryError as exc:  # the plan was wrong: that is the finding, and the checks go on
+        free_memory()
+        return {"check": name, "planned_gb": round(plan.peak_gb, 2), "measured_gb": None, "s_per_step": None,
+                "steps": 0, "nonfinite_steps": 0, "scaler_skipped_steps": None, "optimizer": config.optimizer,
+                "seconds": round(time.perf_counter() - start, 1), "lora": None,
+                "out_of_memory": str(exc).splitlines()[0]}
     record = json.loads((run / "config.json").read_text())
     return {"check": name, "planned_gb": round(plan.peak_gb, 2),
             "measured_gb": None if result.measured_peak_gb is None else round(result.measured_peak_gb, 2),
@@ -115,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             continue  # bitsandbytes' 8-bit matmuls need a GPU; the 4-bit path runs on CPU
         rows.append(_train_row(f"t4-8gb {flag}", TrainConfig.from_preset(
             "t4-8gb", max_train_steps=5, **{flag: True}, **common), dataset, work / f"run-{flag}"))
+    rows.append(_train_row("t4-8gb --pivotal 2", TrainConfig.from_preset(
+        "t4-8gb", max_train_steps=6, pivotal_tokens=2, **common), dataset, work / "run-pivotal"))
     rows.append(_image_row(model, rows[0]["lora"], size, args.vae))
 
     print(f"{'check':<34} {'plan GB':>8} {'peak GB':>8} {'s/step':>7} {'NaN':>4}  notes")
@@ -122,15 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         if "planned_gb" in r:
             peak = "-" if r["measured_gb"] is None else f"{r['measured_gb']:.2f}"
             sps = "-" if r["s_per_step"] is None else f"{r['s_per_step']:.2f}"
-            print(f"{r['check']:<34} {r['planned_gb']:>8.2f} {peak:>8} {sps:>7} {r['nonfinite_steps']:>4}  "
-                  f"{r['steps']} steps, {r['optimizer']}, scaler skipped {r['scaler_skipped_steps']}")
+            notes = (f"OUT OF MEMORY: {r['out_of_memory']}" if r.get("out_of_memory") else
+                     f"{r['steps']} steps, {r['optimizer']}, scaler skipped {r['scaler_skipped_steps']}")
+            print(f"{r['check']:<34} {r['planned_gb']:>8.2f} {peak:>8} {sps:>7} {r['nonfinite_steps']:>4}  {notes}")
         else:
             print(f"{r['check']:<34} {'':>8} {'':>8} {'':>7} {'' if r['finite'] else 'yes':>4}  "
                   f"{r['seconds']} s, mean pixel {r['mean_pixel']}, {'not black' if r['not_black'] else 'BLACK'}")
     (work / "gpu_check.json").write_text(json.dumps({"device": torch.cuda.get_device_name() if torch.cuda.is_available()
                                                      else "cpu", "rows": rows}, indent=1))
     print("written", work / "gpu_check.json")
-    ok = all(math.isfinite(r.get("measured_gb") or 0) and not r.get("nonfinite_steps") for r in rows) and rows[-1]["finite"]
+    ok = all(math.isfinite(r.get("measured_gb") or 0) and not r.get("nonfinite_steps") and not r.get("out_of_memory")
+             for r in rows) and rows[-1]["finite"]
     return 0 if ok else 1
 
 
