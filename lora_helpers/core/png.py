@@ -5,8 +5,8 @@ level 1, took a seventh of preparing a 12-MP photo. ISA-L's deflate (the ``isal`
 package, wheels for Linux, macOS and Windows) does the same job four times faster for
 files 2 % larger, so :func:`encode_png` writes the file itself around it: one fixed
 row filter, one IDAT chunk, and text chunks for generation parameters. A generated
-1024-px image takes 0.02 s instead of PIL's 0.6 s at its default level, for a file about
-15 % larger. Where ``isal`` is missing it falls back to OpenCV's encoder (zlib level 1,
+1024-px image takes about 0.01 s instead of PIL's 0.4 s at its default level, for a file
+about 15 % larger (``benchmarks/bench_png.py``). Where ``isal`` is missing it falls back to OpenCV's encoder (zlib level 1,
 run-length strategy) or, for text, to PIL's; all decode to the same pixels.
 """
 

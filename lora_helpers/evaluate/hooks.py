@@ -17,6 +17,7 @@ from lora_helpers.core.fileio import write_json
 from lora_helpers.evaluate.identity import (ReferenceSet, dataset_subjects, identity_scores, identity_summary,
                                             reference_embeddings)
 from lora_helpers.evaluate.subjects import SubjectReferences, SubjectScore, subject_references, subject_scores
+from lora_helpers.evaluate.summary import rounded
 
 __all__ = ["identity_validation_hook"]
 
@@ -51,28 +52,27 @@ def identity_validation_hook(
         person's images to the others) are added.
     """
     state: dict[str, ReferenceSet | SubjectReferences] = {}
-    several = bool(dataset_subjects(references))
 
     def hook(step: int, images: list[Image.Image], folder: Path | None = None,
              prompts: Sequence[str] | None = None) -> dict:
         if "refs" not in state:
             state["refs"] = (subject_references(references, backend=backend, threshold=threshold, progress=False)
-                             if several else
+                             if dataset_subjects(references) else
                              reference_embeddings(references, backend=backend, threshold=threshold, progress=False))
         refs = state["refs"]
         if isinstance(refs, SubjectReferences):
             named = [refs.named(p) for p in prompts] if prompts is not None else [()] * len(images)
             people = subject_scores(images, refs, named=named, progress=False)
             stats = _people_summary(people, refs)
-            per_image = [{"people": list(s.subjects), "identity": _round(s.identity), "passed": s.passed,
-                          "face_found": s.face_found, "identity_heldout": _round(s.heldout_similarity),
-                          "leakage": {k: _round(v) for k, v in s.leakage.items()}} for s in people]
+            per_image = [{"people": list(s.subjects), "identity": rounded(s.identity), "passed": s.passed,
+                          "face_found": s.face_found, "identity_heldout": rounded(s.heldout_similarity),
+                          "leakage": {k: rounded(v) for k, v in s.leakage.items()}} for s in people]
         else:
             scores = identity_scores(images, refs, progress=False)
             stats = identity_summary(scores)
             stats["identity_upper_bound"] = refs.upper_bound
-            per_image = [{"identity": _round(s.similarity), "passed": s.passed, "face_found": s.face_found,
-                          "identity_heldout": _round(s.heldout_similarity), "memorised": s.memorised}
+            per_image = [{"identity": rounded(s.similarity), "passed": s.passed, "face_found": s.face_found,
+                          "identity_heldout": rounded(s.heldout_similarity), "memorised": s.memorised}
                          for s in scores]
         if write_scores and folder is not None:
             folder = Path(folder) / "samples" if (Path(folder) / "samples").is_dir() else Path(folder)
@@ -81,10 +81,6 @@ def identity_validation_hook(
         return {k: v if isinstance(v, int) else None if math.isnan(v) else round(float(v), 5) for k, v in stats.items()}
 
     return hook
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None or math.isnan(value) else round(float(value), 5)
 
 
 def _people_summary(scores: Sequence[SubjectScore], refs: SubjectReferences) -> dict[str, float]:
